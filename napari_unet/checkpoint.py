@@ -1,0 +1,189 @@
+"""Checkpoints that carry their own architecture, inference settings and history.
+
+A checkpoint is a ``torch.save`` of plain data and tensors only, so it loads with
+``torch.load(weights_only=True)``; files that need pickled code are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import UNet, UNetConfig
+
+FORMAT = "napari-unet/1"
+TASKS = ("foreground", "foreground_boundary", "membranes", "semantic")
+PRETRAINED_PACKAGE = "napari_unet.pretrained"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit the data."""
+
+
+@dataclass
+class SegmentationModel:
+    """A network plus everything inference and fine-tuning need to use it.
+
+    Parameters
+    ----------
+    network : UNet
+    task : str
+        What the output channels mean: ``foreground`` (1 channel), ``foreground_boundary``
+        (foreground and touching-boundary channels), ``membranes`` (1 channel) or ``semantic``
+        (softmax over ``class_names``, index 0 = background).
+    normalization : dict
+        ``{"mode": "percentile", "low": 1, "high": 99.8}``, ``{"mode": "window",
+        "center": c, "width": w}`` (CT, Hounsfield units) or ``{"mode": "none"}``.
+    """
+
+    network: UNet
+    task: str = "foreground"
+    name: str = "model"
+    version: int = 1
+    parent: str | None = None
+    class_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    normalization: dict[str, Any] = field(
+        default_factory=lambda: {"mode": "percentile", "low": 1.0, "high": 99.8})
+    voxel_size: list[float] | None = None
+    unit: str | None = None
+    description: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise CheckpointError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        expected = expected_channels(self.task, len(self.class_names))
+        if self.network.config.out_channels != expected:
+            raise CheckpointError(
+                f"task {self.task!r} needs {expected} output channels, the network has "
+                f"{self.network.config.out_channels}")
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.network.config
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.network.config.spatial_dims
+
+    @property
+    def label(self) -> str:
+        """``name v<version>``, as shown in model lists."""
+        return f"{self.name} v{self.version}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "parent": self.parent, "task": self.task,
+            "class_names": list(self.class_names), "normalization": dict(self.normalization),
+            "voxel_size": None if self.voxel_size is None else [float(v) for v in self.voxel_size],
+            "unit": self.unit, "description": self.description,
+            "history": copy.deepcopy(self.history),
+        }
+
+    def copy(self) -> "SegmentationModel":
+        """An independent copy (own weights), e.g. to fine-tune without touching the parent."""
+        network = UNet(self.network.config)
+        network.load_state_dict(self.network.state_dict())
+        return SegmentationModel(network=network, **copy.deepcopy(self.metadata()))
+
+
+def expected_channels(task: str, n_classes: int) -> int:
+    """Output channels a network needs for ``task``."""
+    if task == "semantic":
+        return n_classes
+    return 2 if task == "foreground_boundary" else 1
+
+
+def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "config": model.network.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.network.state_dict().items()},
+        "metadata": {**model.metadata(), "saved": _dt.datetime.now(_dt.timezone.utc).isoformat()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SegmentationModel:
+    """Load a checkpoint saved by :func:`save_checkpoint`, safely.
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, corrupt file, a file that carries pickled code, or one that is not a
+        napari-unet checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path.name}: it contains pickled Python objects, which could run "
+            "code; only checkpoints saved by napari-unet (tensors and plain data) are loaded"
+        ) from err
+    except Exception as err:  # zip/EOF/runtime errors from a damaged file
+        raise CheckpointError(f"cannot read model file {path.name}: corrupt or not a checkpoint "
+                              f"({type(err).__name__})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name} is not a napari-unet checkpoint")
+    try:
+        network = UNet(UNetConfig.from_dict(payload["config"]))
+        network.load_state_dict(payload["state_dict"])
+        meta = {k: v for k, v in payload["metadata"].items() if k != "saved"}
+        model = SegmentationModel(network=network, **meta)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path.name} is damaged: {err}") from err
+    network.eval()
+    return model
+
+
+def _pretrained_dir() -> Path:
+    return Path(str(resources.files(PRETRAINED_PACKAGE)))
+
+
+def list_pretrained() -> dict[str, Path]:
+    """Shipped models by name."""
+    folder = _pretrained_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.pt"))}
+
+
+def pretrained_card(name: str) -> str:
+    """The model card (Markdown) shipped next to a pretrained model."""
+    card = _pretrained_dir() / f"{name}.md"
+    return card.read_text(encoding="utf-8") if card.is_file() else ""
+
+
+def load_model(name_or_path: str | os.PathLike) -> SegmentationModel:
+    """A shipped model by name, or a checkpoint file by path."""
+    shipped = list_pretrained()
+    if str(name_or_path) in shipped:
+        return load_checkpoint(shipped[str(name_or_path)])
+    path = Path(name_or_path)
+    if path.suffix or path.exists() or os.sep in str(name_or_path):
+        return load_checkpoint(path)
+    names = ", ".join(shipped) or "none installed"
+    raise CheckpointError(f"unknown model {str(name_or_path)!r}: not a file and not a shipped model ({names})")

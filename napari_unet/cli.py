@@ -1,0 +1,415 @@
+"""Command line: ``napari-unet predict|models|...``.
+
+Every command drains one of the core generators with a terminal progress bar. Bad arguments
+and unreadable inputs end with a one-line error and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,256,256, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 64,256,256, got {text!r}")
+    return values
+
+
+def _progress_bar(total: int, desc: str, unit: str = "tile"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
+
+
+# --- predict -------------------------------------------------------------------------------
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("predict", help="segment an image or stack with a model",
+                                 description="Segment a 2D image or 3D stack, tile by tile.")
+    parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file or DICOM series folder")
+    parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
+                        help="output file (.tif)")
+    parser.add_argument("--model", required=True, help="shipped model name (see 'napari-unet models') or .pt file")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--output", default="labels", choices=["probabilities", "labels", "instances"],
+                        help="probabilities, labels (binary or classes) or instances (one id per object)")
+    parser.add_argument("--tile", type=_parse_ints, default=None,
+                        help="largest tile read at once, e.g. 64,256,256 (default: from free memory)")
+    parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--min-size", type=int, default=0, help="remove objects smaller than this (voxels)")
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .inference import segment
+    from .io import read_image, write_image_tiff, write_labels_tiff
+
+    output_path = Path(args.output_file)
+    if output_path.suffix.lower() not in (".tif", ".tiff"):
+        raise UsageError(f"output must be a .tif file, got {output_path.name!r}")
+    model = load_model(args.model)
+    image = read_image(args.input, allow_channels=model.config.in_channels > 1)
+    if output_path.exists() and image.path is not None and output_path.resolve() == Path(image.path).resolve():
+        raise UsageError("refusing to overwrite the input image; choose another output file")
+    job = segment(image.data, model, output=args.output, device=args.device, tile_shape=args.tile,
+                  batch_size=args.batch_size, threshold=args.threshold, min_size=args.min_size,
+                  voxel_size=image.voxel_size)
+    bar = None
+    result = None
+    try:
+        while True:
+            try:
+                update = next(job)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if bar is None:
+                bar = _progress_bar(update.total, f"{model.label}")
+            if update.stage == "postprocess":
+                bar.set_postfix_str("post-processing")
+            else:
+                bar.total = update.total
+                bar.n = update.done
+                bar.refresh()
+            if update.message:
+                bar.write(f"note: {update.message}")
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.output == "probabilities":
+        data = result.data if result.data.shape[0] > 1 else result.data[0]
+        axes = ("C" if data.ndim > image.data.ndim else "") + image.spatial_axes
+        write_image_tiff(output_path, data.astype("float32"), voxel_size=image.voxel_size,
+                         unit=image.unit or "um", input_path=image.path, axes=axes)
+    else:
+        write_labels_tiff(output_path, result.data, voxel_size=image.voxel_size,
+                          unit=image.unit or "um", input_path=image.path)
+    summary = f"wrote {output_path}"
+    if args.output == "instances":
+        summary += f" ({int(result.data.max())} objects)"
+    print(summary)
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("models", help="list the shipped models, one per line, name first")
+    parser.set_defaults(handler=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from .checkpoint import list_pretrained, load_checkpoint
+
+    for name, path in list_pretrained().items():
+        model = load_checkpoint(path)
+        print(f"{name}\t{model.spatial_dims}D\t{model.task}\t{model.description}")
+    return 0
+
+
+# --- train ---------------------------------------------------------------------------------
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
+
+
+def _parse_slices(text: str) -> list[int]:
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                values.extend(range(int(lo), int(hi) + 1))
+            else:
+                values.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected slice numbers like 3,17,40 or 0-23, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected slice numbers like 3,17,40, got {text!r}")
+    return values
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train or fine-tune a model on images with (corrected) labels",
+        description="Train a new model (--dims) or fine-tune one (--from) on image/label pairs. "
+                    "Only annotated voxels count: --mask (nonzero = annotated) or --slices; "
+                    "default everything. --image/--labels may be folders of files with the same names.")
+    parser.add_argument("--image", action="append", required=True,
+                        help="image file (or folder of images); repeat for several")
+    parser.add_argument("--labels", action="append", required=True,
+                        help="label file (or folder) for the --image at the same position")
+    annotated = parser.add_mutually_exclusive_group()
+    annotated.add_argument("--mask", action="append", help="annotation mask per --image (nonzero = annotated)")
+    annotated.add_argument("--slices", type=_parse_slices, default=None,
+                           help="annotated slices of each stack, e.g. 3,17,40 or 0-23")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", help="model to fine-tune: shipped name or .pt file")
+    source.add_argument("--dims", type=int, choices=[2, 3], help="train a new 2D or 3D model from scratch")
+    parser.add_argument("--task", choices=["foreground", "foreground_boundary", "membranes", "semantic"],
+                        default=None, help="what a new model predicts (default foreground_boundary)")
+    parser.add_argument("--classes", default=None,
+                        help="semantic: class names for 1..K, comma separated (default class_1..K)")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--norm", choices=["batch", "group", "instance"], default="batch")
+    parser.add_argument("--anisotropic", type=int, default=None, metavar="LEVELS",
+                        help="3D: pool only in y/x for the first LEVELS poolings "
+                             "(default: from the voxel size, 1 when z spacing >= 1.7x the pixel size)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--time-limit", type=float, default=None, help="seconds of training (default 60)")
+    budget.add_argument("--iterations", type=int, default=None, help="number of training iterations")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--patch", type=_parse_ints, default=None, help="training patch shape, e.g. 16,64,64")
+    parser.add_argument("--validation-fraction", type=float, default=0.0)
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--freeze-norm", choices=["auto", "yes", "no"], default="auto",
+                        help="keep batch-norm statistics fixed (auto: when fine-tuning)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--name", default=None, help="model name (default: the parent's, or the file name)")
+    parser.add_argument("--description", default=None, help="one line shown by 'napari-unet models'")
+    parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the file size)")
+    parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True, help="new model (.pt)")
+    parser.set_defaults(handler=_run_train)
+
+
+def _expand_pairs(images: list[str], labels: list[str]) -> list[tuple[Path, Path]]:
+    if len(images) != len(labels):
+        raise UsageError(f"got {len(images)} --image but {len(labels)} --labels; give one --labels per --image")
+    pairs: list[tuple[Path, Path]] = []
+    for image, label in zip(images, labels):
+        ip, lp = Path(image), Path(label)
+        if ip.is_dir() and not _is_dicom_dir(ip):
+            if not lp.is_dir():
+                raise UsageError(f"--image {ip} is a folder, so --labels must be one too")
+            files = sorted(p for p in ip.iterdir() if p.name.lower().endswith(_IMAGE_SUFFIXES))
+            if not files:
+                raise UsageError(f"no image files in {ip}")
+            for f in files:
+                if not (lp / f.name).is_file():
+                    raise UsageError(f"no labels for {f.name} in {lp}")
+                pairs.append((f, lp / f.name))
+        else:
+            pairs.append((ip, lp))
+    return pairs
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import list_pretrained, load_model, save_checkpoint
+    from .io import read_image
+    from .training import Trainer, TrainingConfig, TrainingPair, new_model
+
+    output_path = Path(args.output_file)
+    if output_path.suffix.lower() != ".pt":
+        raise UsageError(f"output must be a .pt file, got {output_path.name!r}")
+    parent_path = None
+    if args.source is not None:
+        shipped = list_pretrained()
+        parent_path = shipped.get(args.source, Path(args.source))
+        if output_path.resolve() == Path(parent_path).resolve():
+            raise UsageError("refusing to overwrite the model being fine-tuned; choose another -o file")
+    file_pairs = _expand_pairs(args.image, args.labels)
+    masks = args.mask or []
+    if masks and len(masks) != len(file_pairs):
+        raise UsageError(f"got {len(masks)} --mask for {len(file_pairs)} images; give one --mask per image")
+
+    pairs = []
+    voxel_size = None
+    for index, (image_path, label_path) in enumerate(file_pairs):
+        image = read_image(image_path)
+        labels = read_image(label_path)
+        if image.data.shape != labels.data.shape:
+            raise UsageError(f"{image_path.name} has shape {image.data.shape} but {label_path.name} "
+                             f"has {labels.data.shape}")
+        if not np.issubdtype(labels.data.dtype, np.integer) and labels.data.dtype != bool:
+            raise UsageError(f"{label_path.name}: labels must be integers, got {labels.data.dtype}")
+        if not labels.data.any():
+            raise UsageError(f"{label_path.name}: the labels are empty (all zero)")
+        annotated = None
+        if masks:
+            annotated = read_image(masks[index]).data
+        voxel_size = voxel_size or image.voxel_size
+        pairs.append(TrainingPair(image=image.data, labels=labels.data, annotated=annotated,
+                                  slices=args.slices))
+
+    if args.source is not None:
+        model = load_model(args.source)
+        if args.task is not None and args.task != model.task:
+            raise UsageError(f"--task {args.task} differs from the model's task {model.task}; "
+                             "train a new model with --dims instead")
+    else:
+        task = args.task or "foreground_boundary"
+        class_names = None
+        if task == "semantic":
+            n_classes = int(max(int(p.labels.max()) for p in pairs))
+            names = [c.strip() for c in args.classes.split(",")] if args.classes else \
+                [f"class_{i}" for i in range(1, n_classes + 1)]
+            if len(names) < n_classes:
+                raise UsageError(f"labels go up to {n_classes} but only {len(names)} class names were given")
+            class_names = ["background", *names]
+        levels: tuple[int, ...] = ()
+        if args.dims == 3:
+            n_aniso = args.anisotropic
+            if n_aniso is None:
+                n_aniso = 0
+                if voxel_size and len(voxel_size) == 3 and voxel_size[0] >= 1.7 * min(voxel_size[1:]):
+                    n_aniso = 1
+            levels = tuple(range(min(n_aniso, args.depth - 1)))
+        model = new_model(args.dims, task, class_names, base_channels=args.base_channels, depth=args.depth,
+                          norm=args.norm, inplane_only_levels=levels, name=args.name or output_path.stem,
+                          voxel_size=voxel_size if voxel_size and len(voxel_size) == args.dims else None)
+    freeze = {"auto": None, "yes": True, "no": False}[args.freeze_norm]
+    config = TrainingConfig(iterations=args.iterations, time_limit=args.time_limit,
+                            learning_rate=args.learning_rate, batch_size=args.batch_size,
+                            patch_shape=args.patch, augment=not args.no_augment,
+                            validation_fraction=args.validation_fraction, seed=args.seed,
+                            device=args.device, freeze_norm=freeze)
+    trainer = Trainer(model, pairs, config)
+    result = _drain_training(trainer, model.label)
+    if args.name:
+        result.name = args.name
+    if args.description is not None:
+        result.description = args.description
+    if parent_path is not None and Path(parent_path).suffix:
+        result.parent = f"{model.label} ({Path(parent_path).name})"
+    if args.half:
+        result.network.half()
+    save_checkpoint(result, output_path)
+    entry = result.history[-1]
+    score = "" if entry.get("best_score") is None else f", validation dice {entry['best_score']:.3f}"
+    print(f"wrote {output_path} ({result.label}, {entry['iterations']} iterations in "
+          f"{entry['seconds']:.0f} s, loss {entry['final_loss']}{score})")
+    return 0
+
+
+def _drain_training(trainer, label: str):
+    job = trainer.run()
+    limit = trainer.time_limit
+    total = trainer.config.iterations
+    bar = _progress_bar(total if total else int(round(limit)), f"training {label}",
+                        unit="it" if total else "s")
+    try:
+        while True:
+            try:
+                stats = next(job)
+            except StopIteration as stop:
+                return stop.value
+            bar.n = stats.iteration if total else min(int(stats.elapsed), int(round(limit)))
+            postfix = f"loss={stats.loss:.4f} it={stats.iteration}"
+            if stats.best_score is not None:
+                postfix += f" val_dice={stats.best_score:.3f}"
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.refresh()
+    except KeyboardInterrupt:
+        job.close()
+        best = trainer.best_model()
+        if best is None:
+            raise
+        bar.write("interrupted: saving the best model so far")
+        return best
+    finally:
+        bar.close()
+
+
+# --- eval ----------------------------------------------------------------------------------
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="score a segmentation against ground truth",
+                                 description="Pixel Dice/IoU and, for instance labels, object "
+                                             "precision/recall/F1 and mean IoU of matches.")
+    parser.add_argument("pred", help="predicted labels (file)")
+    parser.add_argument("gt", help="ground-truth labels (file)")
+    parser.add_argument("--iou-threshold", type=float, default=0.5)
+    parser.add_argument("--instances", choices=["auto", "yes", "no"], default="auto",
+                        help="also score objects (auto: when the ground truth has several ids)")
+    parser.add_argument("--slices", type=_parse_slices, default=None,
+                        help="score only these slices of a stack, e.g. 24-29")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .io import read_image
+    from .metrics import evaluate, format_scores
+
+    pred = read_image(args.pred).data
+    gt = read_image(args.gt).data
+    if pred.shape != gt.shape:
+        raise UsageError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    if args.slices is not None:
+        if gt.ndim < 3:
+            raise UsageError("--slices only applies to stacks")
+        bad = [s for s in args.slices if not 0 <= s < gt.shape[0]]
+        if bad:
+            raise UsageError(f"slices {bad} outside 0..{gt.shape[0] - 1}")
+        pred, gt = pred[args.slices], gt[args.slices]
+    instances = {"auto": None, "yes": True, "no": False}[args.instances]
+    print(format_scores(evaluate(pred, gt, instances=instances, iou_threshold=args.iou_threshold)))
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_models]
+COMMANDS += [_add_train, _add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="napari-unet", description="UNet segmentation for microscopy and CT.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add_command in COMMANDS:
+        add_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    from .checkpoint import CheckpointError
+    from .io import ImageReadError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args) or 0)
+    except (UsageError, CheckpointError, ImageReadError, ValueError, FileNotFoundError) as err:
+        print(f"napari-unet: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as err:
+        print(f"napari-unet: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("napari-unet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

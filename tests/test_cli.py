@@ -1,0 +1,94 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unet.checkpoint import save_checkpoint
+from napari_unet.cli import main
+from napari_unet.inference import segment
+from napari_unet.io import read_image, write_labels_tiff
+from napari_unet.progress import drain
+
+from .conftest import tiny_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_checkpoint(tiny_model(2, depth=2, base=2), tmp_path / "tiny.pt")
+
+
+@pytest.fixture
+def stack_file(tmp_path):
+    rng = np.random.default_rng(0)
+    data = (rng.random((4, 40, 50)) * 1000).astype(np.uint16)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
+                     metadata={"spacing": 1.5, "unit": "um", "axes": "ZYX"})
+    return path
+
+
+@pytest.mark.parametrize("output", ["labels", "instances", "probabilities"])
+def test_predict_writes_what_the_engine_computes(tmp_path, model_file, stack_file, output, capsys):
+    out = tmp_path / f"out_{output}.tif"
+    assert main(["predict", str(stack_file), "-o", str(out), "--model", str(model_file),
+                 "--device", "cpu", "--output", output, "--tile", "32,32"]) == 0
+    written = read_image(out)
+    assert written.voxel_size == pytest.approx((1.5, 0.2, 0.2))
+    image = read_image(stack_file)
+    from napari_unet.checkpoint import load_checkpoint
+
+    expected = drain(segment(image.data, load_checkpoint(model_file), output=output, device="cpu",
+                             tile_shape=(32, 32), voxel_size=image.voxel_size)).data
+    if output == "probabilities":
+        np.testing.assert_allclose(written.data, expected[0].astype(np.float32), atol=1e-3)
+    else:
+        np.testing.assert_array_equal(written.data, expected)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_models_lists_names_first(capsys):
+    assert main(["models"]) == 0
+    from napari_unet.checkpoint import list_pretrained
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert [line.split("\t")[0] for line in lines] == list(list_pretrained())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["predict", "missing.tif", "-o", "x.tif", "--model", "MODEL"], "file not found"),
+    (["predict", "IMAGE", "-o", "x.tif", "--model", "no-such-model"], "unknown model"),
+    (["predict", "IMAGE", "-o", "x.tif", "--model", "MODEL", "--device", "tpu"], "invalid choice"),
+    (["predict", "IMAGE", "-o", "x.tif", "--model", "MODEL", "--tile", "0,-3"], "positive integers"),
+    (["predict", "IMAGE", "-o", "x.png", "--model", "MODEL"], "must be a .tif"),
+    (["predict", "IMAGE", "-o", "IMAGE", "--model", "MODEL"], "overwrite the input"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, model_file, stack_file, args, message, capsys):
+    args = [str(stack_file) if a == "IMAGE" else str(model_file) if a == "MODEL" else a for a in args]
+    args = [str(tmp_path / a) if a in ("x.tif", "x.png") else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_3d_model_on_2d_image_is_a_clear_error(tmp_path, capsys):
+    model = save_checkpoint(tiny_model(3, depth=2, base=2), tmp_path / "m3.pt")
+    image = tmp_path / "flat.tif"
+    tifffile.imwrite(image, np.zeros((32, 32), np.uint8))
+    assert main(["predict", str(image), "-o", str(tmp_path / "o.tif"), "--model", str(model)]) == 2
+    assert "needs a 3D stack" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "napari_unet.cli", "predict", "nope.tif", "-o",
+                             str(tmp_path / "o.tif"), "--model", "x.pt"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("napari-unet: error:") and "Traceback" not in result.stderr
+
+
+def test_input_file_is_not_modified(tmp_path, model_file, stack_file):
+    before = stack_file.read_bytes()
+    main(["predict", str(stack_file), "-o", str(tmp_path / "o.tif"), "--model", str(model_file), "--device", "cpu"])
+    assert stack_file.read_bytes() == before

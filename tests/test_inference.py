@@ -1,0 +1,272 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from napari_unet import inference
+from napari_unet.checkpoint import SegmentationModel
+from napari_unet.inference import (
+    Progress,
+    auto_tile_settings,
+    autocast_dtype,
+    predict_probabilities,
+    segment,
+    select_device,
+)
+from napari_unet.models import UNet, UNetConfig
+from napari_unet.normalization import Normalizer, fit_normalizer
+from napari_unet.progress import drain
+
+from .conftest import tiny_model
+
+MODEL_2D = tiny_model(2, depth=3, base=4)
+MODEL_3D = tiny_model(3, depth=3, base=2, inplane_only_levels=(0,))
+
+
+def untiled(image: np.ndarray, model: SegmentationModel) -> np.ndarray:
+    """Reference: one plain forward pass of the unfused network on the whole image."""
+    normalizer = fit_normalizer(image, model.normalization)
+    x = torch.from_numpy(normalizer(image))
+    x = x[:, None] if (model.spatial_dims == 2 and image.ndim == 3) else x[None, None]
+    with torch.inference_mode():
+        probs = torch.sigmoid(model.network.eval()(x)).numpy()
+    return np.moveaxis(probs, 1, 0)[:, :] if image.ndim == 3 and model.spatial_dims == 2 else probs[0]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(st.integers(9, 90), st.integers(9, 90)),
+       tile=st.tuples(st.integers(8, 80), st.integers(8, 80)),
+       halo_steps=st.integers(0, 2), batch=st.integers(1, 4))
+def test_tiled_equals_untiled_2d(shape, tile, halo_steps, batch):
+    image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    halo = tuple(h + d * halo_steps for h, d in zip(MODEL_2D.config.halo(), MODEL_2D.config.divisor()))
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=tile, halo=halo,
+                                        batch_size=batch, dtype=np.float32))
+    assert np.abs(tiled - untiled(image, MODEL_2D)).max() <= 1e-4
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(st.integers(3, 20), st.integers(9, 48), st.integers(9, 48)),
+       tile=st.tuples(st.integers(2, 24), st.integers(8, 40), st.integers(8, 40)))
+def test_tiled_equals_untiled_3d_anisotropic(shape, tile):
+    image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    tiled = drain(predict_probabilities(image, MODEL_3D, device="cpu", tile_shape=tile, dtype=np.float32))
+    assert np.abs(tiled - untiled(image, MODEL_3D)).max() <= 1e-4
+
+
+def test_too_small_halo_makes_seams():
+    """The halo is what makes tiling exact: without it the test above would fail."""
+    image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(32, 32),
+                                        halo=(0, 0), dtype=np.float32))
+    assert np.abs(tiled - untiled(image, MODEL_2D)).max() > 1e-3
+
+
+def test_2d_model_on_stack_runs_slice_by_slice_in_batches():
+    stack = np.random.default_rng(1).random((5, 40, 37), dtype=np.float32)
+    progress = []
+    result = drain(predict_probabilities(stack, MODEL_2D, device="cpu", batch_size=2,
+                                         dtype=np.float32), progress.append)
+    assert result.shape == (1, 5, 40, 37)
+    normalizer = fit_normalizer(stack, MODEL_2D.normalization)
+    for z in (0, 4):
+        single = drain(predict_probabilities(stack[z], MODEL_2D, device="cpu", dtype=np.float32,
+                                             normalizer=normalizer))
+        assert np.abs(result[:, z] - single).max() <= 1e-5
+    assert [p.region[0] for p in progress] == [slice(z, z + 1) for z in range(5)]
+
+
+def test_progress_reports_regions_and_views_of_finished_tiles():
+    image = np.random.default_rng(2).random((70, 50), dtype=np.float32)
+    updates: list[Progress] = []
+    out = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(48, 48)), updates.append)
+    assert [u.done for u in updates] == list(range(1, len(updates) + 1))
+    assert all(u.total == len(updates) for u in updates)
+    assert updates[-1].fraction == 1.0 and updates[-1].eta == 0.0
+    covered = np.zeros(image.shape, bool)
+    for u in updates:
+        covered[u.region] = True
+        np.testing.assert_array_equal(u.probabilities, out[(slice(None), *u.region)])
+    assert covered.all()
+
+
+def test_output_is_compact_and_preallocated():
+    image = np.random.default_rng(3).random((33, 47), dtype=np.float32)
+    half = drain(predict_probabilities(image, MODEL_2D, device="cpu"))
+    assert half.dtype == np.float16
+    as_bytes = drain(predict_probabilities(image, MODEL_2D, device="cpu", dtype=np.uint8))
+    assert as_bytes.dtype == np.uint8
+    assert np.abs(as_bytes / 255 - half.astype(np.float32)).max() <= 1 / 255 + 1e-3
+    target = np.zeros((1, 33, 47), np.float32)
+    returned = drain(predict_probabilities(image, MODEL_2D, device="cpu", out=target))
+    assert returned is target and target.any()
+    with pytest.raises(ValueError, match="expected"):
+        drain(predict_probabilities(image, MODEL_2D, device="cpu", out=np.zeros((2, 33, 47))))
+
+
+def test_wrong_model_for_data_has_clear_message():
+    with pytest.raises(ValueError, match="3D model and needs a 3D stack"):
+        drain(predict_probabilities(np.zeros((32, 32)), MODEL_3D, device="cpu"))
+    with pytest.raises(ValueError, match="2D model takes"):
+        drain(predict_probabilities(np.zeros((2, 3, 32, 32)), MODEL_2D, device="cpu"))
+
+
+def test_closing_the_generator_stops_at_the_next_tile():
+    image = np.random.default_rng(4).random((96, 96), dtype=np.float32)
+    calls = []
+    job = predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(40, 40), batch_size=1)
+    original = inference._TileRunner.run
+
+    def counting_run(self, tiles):
+        calls.append(len(tiles))
+        return original(self, tiles)
+
+    inference._TileRunner.run = counting_run
+    try:
+        first = next(job)
+        job.close()
+        with pytest.raises(StopIteration):
+            next(job)
+    finally:
+        inference._TileRunner.run = original
+    assert first.done == 1 and len(calls) == 1 and first.total > 1
+
+
+class _OutOfMemoryNet(UNet):
+    """Raises CUDA's out-of-memory error for inputs above ``limit`` voxels (per forward)."""
+
+    def __init__(self, limit: int, fail_until_moves: int = 0):
+        super().__init__(UNetConfig(spatial_dims=2, base_channels=2, depth=2))
+        self.limit = limit
+        self.moves = 0
+        self.fail_until_moves = fail_until_moves
+        self.seen: list[tuple[int, ...]] = []
+
+    def to(self, *args, **kwargs):
+        self.moves += 1
+        return super().to(*args, **kwargs)
+
+    def forward_low_memory(self, x, slab_voxels=0):
+        self.seen.append(tuple(x.shape))
+        if x.numel() > self.limit or self.moves < self.fail_until_moves:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.forward(x)
+
+
+def test_out_of_memory_halves_batch_then_tile_and_gives_same_result():
+    image = np.random.default_rng(5).random((64, 64), dtype=np.float32)
+    model = SegmentationModel(_OutOfMemoryNet(limit=10**9).eval())
+    reference = drain(predict_probabilities(image, SegmentationModel(model.network), device="cpu",
+                                            tile_shape=(64, 64), dtype=np.float32, fuse=False))
+    model.network.limit = 40 * 40
+    model.network.seen.clear()
+    messages = []
+    result = drain(predict_probabilities(image, model, device="cpu", tile_shape=(64, 64), batch_size=1,
+                                         dtype=np.float32, fuse=False),
+                   lambda p: p.message and messages.append(p.message))
+    assert any("tile reduced" in m for m in messages)
+    assert max(math.prod(s) for s in model.network.seen[1:]) <= 40 * 40
+    assert np.abs(result - reference).max() <= 1e-5
+
+
+def test_out_of_memory_everywhere_falls_back_to_cpu_and_says_so():
+    image = np.random.default_rng(6).random((32, 32), dtype=np.float32)
+    network = _OutOfMemoryNet(limit=10**9, fail_until_moves=2).eval()  # fine once moved again
+    messages = []
+    result = drain(predict_probabilities(image, SegmentationModel(network), device="cpu", fuse=False,
+                                         dtype=np.float32),
+                   lambda p: p.message and messages.append(p.message))
+    assert any("continuing on the CPU" in m for m in messages)
+    assert result.shape == (1, 32, 32) and np.isfinite(result).all()
+
+
+def test_out_of_memory_that_never_ends_is_a_clear_memory_error():
+    network = _OutOfMemoryNet(limit=0).eval()
+    with pytest.raises(MemoryError, match="not enough memory"):
+        drain(predict_probabilities(np.zeros((16, 16), np.float32), SegmentationModel(network),
+                                    device="cpu", fuse=False))
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in inference.available_devices()
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            select_device("cuda")
+
+
+def test_mixed_precision_only_on_cuda(monkeypatch):
+    assert autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_auto_tile_settings_follow_free_memory(monkeypatch):
+    network = MODEL_3D.network
+    monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**30)
+    big, _ = auto_tile_settings(network, (40, 256, 256), torch.device("cpu"), slicewise=False)
+    assert big == (40, 256, 256)
+    monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**20)
+    small, batch = auto_tile_settings(network, (40, 256, 256), torch.device("cpu"), slicewise=False)
+    assert math.prod(small) < math.prod(big) and batch >= 1
+    assert all(s % d == 0 or s == n for s, d, n in zip(small, network.config.divisor(), (40, 256, 256)))
+    tile, slices = auto_tile_settings(MODEL_2D.network, (30, 64, 64), torch.device("cpu"), slicewise=True)
+    assert tile[0] == 1 and slices >= 1
+
+
+def test_normalization_percentile_and_hounsfield_window():
+    image = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    norm = fit_normalizer(image, {"mode": "percentile", "low": 1, "high": 99})
+    out = norm(image)
+    assert abs(np.percentile(out, 1)) < 1e-3 and abs(np.percentile(out, 99) - 1) < 1e-3
+    window = fit_normalizer(image, {"mode": "window", "center": 40, "width": 400})
+    hu = np.array([-1000, -160, 40, 240, 3000], np.float32)
+    np.testing.assert_allclose(window(hu), [0, 0, 0.5, 1, 1])
+    assert isinstance(fit_normalizer(image, {"mode": "none"}), Normalizer)
+    constant = fit_normalizer(np.ones((5, 5)), None)
+    assert np.isfinite(constant(np.ones((5, 5)))).all()
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        fit_normalizer(image, {"mode": "zscore-ish"})
+
+
+def test_inputs_are_never_modified():
+    image = np.random.default_rng(7).random((40, 40)).astype(np.float32)
+    before = image.copy()
+    drain(segment(image, MODEL_2D, output="instances", device="cpu"))
+    np.testing.assert_array_equal(image, before)
+
+
+def test_segment_outputs():
+    yy, xx = np.mgrid[:64, :64]
+    image = (((yy - 20) ** 2 + (xx - 20) ** 2 < 80) | ((yy - 44) ** 2 + (xx - 44) ** 2 < 80)).astype(np.float32)
+    model = tiny_model(2, depth=2, base=2)
+    # a one-layer "model": sigmoid(k * (x - 0.5)) via the head; weights set by hand
+    with torch.no_grad():
+        for p in model.network.parameters():
+            p.zero_()
+    steps = list(segment(image, model, output="labels", device="cpu"))
+    assert steps[-1].stage == "postprocess"
+    result = drain(segment(image, model, output="labels", device="cpu"))
+    assert result.output == "labels" and result.data.shape == image.shape
+    assert result.probabilities.shape == (1, 64, 64)
+    probabilities = drain(segment(image, model, output="probabilities", device="cpu"))
+    assert probabilities.data.shape == (1, 64, 64)
+    with pytest.raises(ValueError, match="unknown output"):
+        next(segment(image, model, output="meshes"))
+
+
+def test_instances_from_foreground_probabilities_split_touching_objects():
+    yy, xx = np.mgrid[:64, :80]
+    two_disks = ((yy - 32) ** 2 + (xx - 26) ** 2 < 15 ** 2) | ((yy - 32) ** 2 + (xx - 52) ** 2 < 15 ** 2)
+    probabilities = two_disks[None].astype(np.float16)
+    instances = inference.probabilities_to_output(probabilities, "foreground", "instances")
+    assert instances.max() == 2
+    binary = inference.probabilities_to_output(probabilities, "foreground", "labels")
+    assert set(np.unique(binary)) == {0, 1}
