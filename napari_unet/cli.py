@@ -45,9 +45,11 @@ def _progress_bar(total: int, desc: str, unit: str = "tile"):
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("predict", help="segment an image or stack with a model",
                                  description="Segment a 2D image or 3D stack, tile by tile.")
-    parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file or DICOM series folder")
+    parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file, DICOM series folder, "
+                                      "zarr / OME-Zarr folder, or a folder of images (batch run)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
-                        help="output file (.tif)")
+                        help="output file: .tif, or .zarr (streamed tile by tile with bounded "
+                             "memory, resumable); for a batch run an output folder")
     parser.add_argument("--model", required=True, help="shipped model name (see 'napari-unet models') or .pt file")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--output", default="labels", choices=["probabilities", "labels", "instances"],
@@ -57,24 +59,51 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--min-size", type=int, default=0, help="remove objects smaller than this (voxels)")
+    parser.add_argument("--hu-window", type=_parse_window, default=None, metavar="CENTER,WIDTH",
+                        help="CT: normalise with this Hounsfield window (e.g. 40,400) instead of the model's setting")
+    big = parser.add_argument_group("big data (zarr output, dask, batch)")
+    big.add_argument("--dask", nargs="?", const="local", default=None, metavar="SCHEDULER_ADDRESS",
+                     help="run on dask: a LocalCluster on this machine, or the scheduler at this "
+                          "address (e.g. tcp://host:8786 from dask-jobqueue)")
+    big.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
+    big.add_argument("--save-probabilities", action="store_true",
+                     help=".zarr output: also store the probabilities")
+    big.add_argument("--overwrite", action="store_true",
+                     help="replace a .zarr output made with another model or other settings")
+    big.add_argument("--zarr-outputs", action="store_true",
+                     help="batch run: write one streamed .zarr per input instead of a .tif")
     parser.set_defaults(handler=_run_predict)
+
+
+def _parse_window(text: str) -> dict:
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CENTER,WIDTH like 40,400, got {text!r}") from None
+    if width <= 0:
+        raise argparse.ArgumentTypeError(f"window width must be positive, got {width:g}")
+    return {"mode": "window", "center": center, "width": width}
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .inference import segment
     from .io import read_image, write_image_tiff, write_labels_tiff
+    from .normalization import fit_normalizer
 
     output_path = Path(args.output_file)
+    if _is_big_data_run(args):
+        return _run_predict_big(args)
     if output_path.suffix.lower() not in (".tif", ".tiff"):
-        raise UsageError(f"output must be a .tif file, got {output_path.name!r}")
+        raise UsageError(f"output must be a .tif or .zarr file, got {output_path.name!r}")
     model = load_model(args.model)
     image = read_image(args.input, allow_channels=model.config.in_channels > 1)
     if output_path.exists() and image.path is not None and output_path.resolve() == Path(image.path).resolve():
         raise UsageError("refusing to overwrite the input image; choose another output file")
+    normalizer = fit_normalizer(image.data, args.hu_window) if args.hu_window else None
     job = segment(image.data, model, output=args.output, device=args.device, tile_shape=args.tile,
                   batch_size=args.batch_size, threshold=args.threshold, min_size=args.min_size,
-                  voxel_size=image.voxel_size)
+                  voxel_size=image.voxel_size, normalizer=normalizer)
     bar = None
     result = None
     try:
@@ -108,6 +137,109 @@ def _run_predict(args: argparse.Namespace) -> int:
     summary = f"wrote {output_path}"
     if args.output == "instances":
         summary += f" ({int(result.data.max())} objects)"
+    print(summary)
+    return 0
+
+
+def _is_batch_input(path: Path) -> bool:
+    from .cluster import batch_inputs
+    from .io import is_zarr_path
+
+    return path.is_dir() and not is_zarr_path(path) and bool(batch_inputs(path))
+
+
+def _is_big_data_run(args: argparse.Namespace) -> bool:
+    """Streamed (.zarr output), dask or batch runs; plain .tif runs keep the in-memory path."""
+    return (Path(args.output_file).suffix.lower() == ".zarr" or args.dask is not None
+            or _is_batch_input(Path(args.input).expanduser()))
+
+
+def _drain_with_bar(job, desc: str, unit: str = "tile"):
+    """Run a core generator with a progress bar (a second one for merging); returns its result."""
+    bar, stage = None, None
+    try:
+        while True:
+            try:
+                update = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if bar is None or update.stage != stage:
+                if bar is not None:
+                    bar.close()
+                stage = update.stage
+                merging = stage == "postprocess"
+                bar = _progress_bar(update.total, f"{desc} (merging)" if merging else desc,
+                                    "chunk" if merging else unit)
+            bar.total = update.total
+            bar.n = update.done
+            bar.refresh()
+            if update.message and update.stage != "postprocess":
+                bar.write(f"note: {update.message}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_predict_big(args: argparse.Namespace) -> int:
+    """``.zarr`` outputs (lazy input, streamed, resumable), ``--dask`` and folder batch runs."""
+    import contextlib
+    import dataclasses
+
+    from .checkpoint import load_model
+    from .cluster import batch_inputs, dask_client, predict_batch, predict_to_zarr_distributed
+    from .io import ImageReadError, open_lazy
+    from .streaming import predict_to_zarr
+
+    source, target = Path(args.input).expanduser(), Path(args.output_file).expanduser()
+    if not source.exists():
+        raise ImageReadError(f"file not found: {source}")
+    batch = _is_batch_input(source)
+    if not batch and target.suffix.lower() != ".zarr":
+        raise UsageError(f"--dask needs a .zarr output for a single image (streamed by tiles), "
+                         f"got {target.name!r}")
+    if batch and target.suffix.lower() in (".tif", ".tiff", ".zarr"):
+        raise UsageError("a folder of images is a batch run: -o must be an output folder")
+    if not batch and target.resolve() == source.resolve():
+        raise UsageError("refusing to overwrite the input image; choose another output")
+    model = load_model(args.model)
+    if getattr(args, "hu_window", None):
+        model = dataclasses.replace(model, normalization=dict(args.hu_window))
+    allow_channels = model.config.in_channels > 1
+    context = (dask_client(args.dask, n_workers=args.workers) if args.dask is not None
+               else contextlib.nullcontext(None))
+    with context as client:
+        if client is not None:
+            workers = len(client.scheduler_info().get("workers", {}))
+            print(f"dask: scheduler {client.scheduler.address}, {workers} workers", file=sys.stderr)
+        try:
+            if batch:
+                job = predict_batch(batch_inputs(source), model, target, client=client,
+                                    suffix=".zarr" if args.zarr_outputs else ".tif",
+                                    output=args.output, threshold=args.threshold,
+                                    min_size=args.min_size, device=args.device,
+                                    tile_shape=args.tile, overwrite=args.overwrite)
+                written = _drain_with_bar(job, f"{model.label} batch", unit="file")
+                print(f"wrote {len(written)} files to {target}")
+                return 0
+            options = dict(output=args.output, probabilities=args.save_probabilities,
+                           threshold=args.threshold, min_size=args.min_size, device=args.device,
+                           tile_shape=args.tile, overwrite=args.overwrite)
+            image = open_lazy(source, allow_channels=allow_channels)
+            if client is not None:
+                job = predict_to_zarr_distributed(client, str(source), model, target,
+                                                  voxel_size=image.voxel_size, unit=image.unit,
+                                                  allow_channels=allow_channels, **options)
+            else:
+                job = predict_to_zarr(image.data, model, target, voxel_size=image.voxel_size,
+                                      unit=image.unit, input_path=source, **options)
+            result = _drain_with_bar(job, model.label)
+        except FileExistsError as err:
+            raise UsageError(str(err)) from None
+    summary = f"wrote {target}"
+    if result.tiles_skipped:
+        summary += f" (resumed: {result.tiles_skipped} of {result.tiles_total} tiles were already done)"
+    if result.n_objects is not None:
+        summary += f" ({result.n_objects} objects)"
     print(summary)
     return 0
 
@@ -254,7 +386,7 @@ def _run_train(args: argparse.Namespace) -> int:
                              f"has {labels.data.shape}")
         if not np.issubdtype(labels.data.dtype, np.integer) and labels.data.dtype != bool:
             raise UsageError(f"{label_path.name}: labels must be integers, got {labels.data.dtype}")
-        if not labels.data.any():
+        if len(file_pairs) == 1 and not labels.data.any():
             raise UsageError(f"{label_path.name}: the labels are empty (all zero)")
         annotated = None
         if masks:
@@ -378,10 +510,34 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- gui -----------------------------------------------------------------------------------
+
+def _add_gui(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("gui", help="open napari with the napari-unet docks",
+                                 description="Open napari with the Segment, Edit, Fine-tune and "
+                                             "Export docks and FILE loaded (a sample without FILE).")
+    parser.add_argument("file", nargs="?", default=None,
+                        help="image to open (TIFF/OME-TIFF, PNG/JPEG, NIfTI, DICOM folder)")
+    parser.add_argument("--sample", default="nuclei_3d",
+                        choices=["em_2d", "nuclei_2d", "nuclei_3d", "cells_3d", "ct_small"],
+                        help="sample opened when no FILE is given (default: nuclei_3d)")
+    parser.set_defaults(handler=_run_gui)
+
+
+def _run_gui(args: argparse.Namespace) -> int:
+    if args.file is not None and not Path(args.file).exists():
+        raise UsageError(f"file not found: {args.file}")
+    from ._widgets._launch import run_gui  # lazily: napari is imported only for this command
+
+    run_gui(args.file, sample=args.sample)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_models]
 COMMANDS += [_add_train, _add_eval]
+COMMANDS += [_add_gui]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,14 +122,17 @@ def _bytes_per_voxel(network: UNet, device: torch.device) -> float:
 
 
 def auto_tile_settings(network: UNet, work_shape: Sequence[int], device: torch.device,
-                       slicewise: bool) -> tuple[tuple[int, ...], int]:
+                       slicewise: bool, max_bytes: float | None = None) -> tuple[tuple[int, ...], int]:
     """Tile shape (per work axis) and tile batch size that fit this device's free memory.
 
-    Uses a quarter of free memory (at most 1.5 GB on the CPU, where larger tiles are no faster).
+    Uses a quarter of free memory (at most 1.5 GB on the CPU, where larger tiles are no faster),
+    and at most ``max_bytes`` when given (streamed inference bounds its working set this way).
     """
     budget = _available_memory(device) / 4
     if device.type == "cpu":
         budget = min(budget, 1.5 * 2**30)
+    if max_bytes is not None:
+        budget = min(budget, float(max_bytes))
     max_voxels = max(4096, int(budget / _bytes_per_voxel(network, device)))
     spatial = list(work_shape[1:] if slicewise else work_shape)
     divisor = network.config.divisor()
@@ -207,6 +210,11 @@ class _TileRunner:
             if self.slicewise:
                 values = values[:, None]
             self.out[(slice(None), *tile.write)] = _to_output_dtype(values, self.out.dtype)
+
+    def free_memory(self) -> None:
+        """Give cached accelerator memory back after an out-of-memory error."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def fall_back_to_cpu(self, reason: str) -> None:
         previous = self.device
@@ -324,6 +332,7 @@ def predict_probabilities(
         try:
             runner.run(tiles)
         except torch.OutOfMemoryError:
+            runner.free_memory()
             if len(tiles) > 1:  # smaller batch first
                 half = len(tiles) // 2
                 pending[:0] = [(tiles[:half], halvings), (tiles[half:], halvings)]

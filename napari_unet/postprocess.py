@@ -29,6 +29,8 @@ from scipy.spatial import cKDTree
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
+from .io import smallest_label_dtype
+
 TASKS = ("foreground", "foreground_boundary", "membranes", "semantic")
 METHODS = ("watershed", "connected_components")
 
@@ -45,26 +47,8 @@ _MAX_LUT_ID = 1 << 26
 # ----------------------------------------------------------------------------------------------
 
 
-def smallest_uint_dtype(max_value: int) -> np.dtype:
-    """Smallest unsigned integer dtype that holds ``max_value``.
-
-    Parameters
-    ----------
-    max_value : int
-        Largest value to store (non-negative).
-
-    Returns
-    -------
-    numpy.dtype
-        ``uint8``, ``uint16``, ``uint32`` or ``uint64``.
-    """
-    max_value = int(max_value)
-    if max_value < 0:
-        raise ValueError(f"max_value must be non-negative, got {max_value}")
-    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if max_value <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise ValueError(f"max_value {max_value} does not fit in uint64")
+# one rule for label dtypes across the package (io writes what postprocess makes)
+smallest_uint_dtype = smallest_label_dtype
 
 
 def _as_label_array(labels: np.ndarray) -> np.ndarray:

@@ -351,6 +351,7 @@ class Trainer:
         raw: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         summary_pairs = []
         n_annotated = 0
+        any_labels = False
         for index, pair in enumerate(pairs):
             what = f"training pair {index + 1}"
             image = np.asarray(pair.image)
@@ -365,8 +366,7 @@ class Trainer:
                 raise ValueError(f"{what}: image must be numeric, got {image.dtype}")
             mask = annotation_mask(pair, index)
             annotated_labels = labels if mask is None else labels[mask]
-            if not np.any(annotated_labels):
-                raise ValueError(f"{what}: the labels are empty (no object in the annotated region)")
+            any_labels = any_labels or bool(np.any(annotated_labels))
             if self.task == "semantic" and int(labels.max()) >= len(model.class_names):
                 raise ValueError(f"{what}: label value {int(labels.max())} but the model has only "
                                  f"{len(model.class_names)} classes ({', '.join(model.class_names)})")
@@ -390,6 +390,9 @@ class Trainer:
             else:
                 m = None if mask is None or mask.all() else mask
                 raw.append((norm_image, target, m))
+        if not any_labels:
+            raise ValueError("the labels are empty: no object in the annotated region of any image"
+                             if len(pairs) > 1 else "the labels are empty (no object in the annotated region)")
         self._summary = {"pairs": len(pairs), "annotated_voxels": n_annotated, "images": summary_pairs}
 
         device = self.device

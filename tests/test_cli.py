@@ -64,6 +64,7 @@ def test_models_lists_names_first(capsys):
     (["predict", "IMAGE", "-o", "x.png", "--model", "MODEL"], "must be a .tif"),
     (["predict", "IMAGE", "-o", "IMAGE", "--model", "MODEL"], "overwrite the input"),
     (["frobnicate"], "invalid choice"),
+    (["predict", "IMAGE", "-o", "x.tif", "--model", "MODEL", "--hu-window", "40"], "CENTER,WIDTH"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, model_file, stack_file, args, message, capsys):
     args = [str(stack_file) if a == "IMAGE" else str(model_file) if a == "MODEL" else a for a in args]
@@ -92,3 +93,16 @@ def test_input_file_is_not_modified(tmp_path, model_file, stack_file):
     before = stack_file.read_bytes()
     main(["predict", str(stack_file), "-o", str(tmp_path / "o.tif"), "--model", str(model_file), "--device", "cpu"])
     assert stack_file.read_bytes() == before
+
+
+def test_hounsfield_window_overrides_model_normalisation(tmp_path, model_file):
+    ct = np.random.default_rng(1).integers(-1000, 1500, (3, 32, 32)).astype(np.int16)
+    path = tmp_path / "ct.tif"
+    tifffile.imwrite(path, ct, photometric="minisblack")
+    outs = []
+    for window in ("40,400", "500,2000"):
+        out = tmp_path / f"p_{window.replace(',', '_')}.tif"
+        assert main(["predict", str(path), "-o", str(out), "--model", str(model_file), "--device", "cpu",
+                     "--output", "probabilities", "--hu-window", window]) == 0
+        outs.append(read_image(out).data)
+    assert not np.allclose(outs[0], outs[1])

@@ -1,0 +1,29 @@
+"""napari plugin: docks (Segment, Edit, Fine-tune, Export), reader, writer and sample data.
+
+The only place in the package that imports napari, qtpy or magicgui. Importing this package is
+cheap: the docks are imported when napari opens them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SegmentWidget", "EditWidget", "FineTuneWidget", "ExportWidget"]
+
+
+def __getattr__(name: str):
+    if name == "SegmentWidget":
+        from ._segment import SegmentWidget
+
+        return SegmentWidget
+    if name == "EditWidget":
+        from ._edit import EditWidget
+
+        return EditWidget
+    if name == "FineTuneWidget":
+        from ._finetune import FineTuneWidget
+
+        return FineTuneWidget
+    if name == "ExportWidget":
+        from ._export import ExportWidget
+
+        return ExportWidget
+    raise AttributeError(name)

@@ -96,3 +96,19 @@ def form(parent: QWidget) -> QFormLayout:
     layout = QFormLayout()
     layout.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
     return layout
+
+
+def connect_until_destroyed(widget: QWidget, signal: Any, slot: Any) -> None:
+    """Connect a psygnal ``signal`` to ``slot`` and disconnect it when ``widget`` is deleted.
+
+    The registry outlives the docks; a closed dock must not be called again.
+    """
+    signal.connect(slot)
+
+    def disconnect(*_args: Any) -> None:
+        try:
+            signal.disconnect(slot)
+        except (ValueError, RuntimeError):
+            pass
+
+    widget.destroyed.connect(disconnect)

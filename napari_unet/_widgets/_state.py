@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, CheckpointError,
 MAIN_THREAD_IMPORTS = ("torch", "torch._dynamo", "triton", "scipy.ndimage", "skimage.segmentation",
                        "skimage.measure", "napari_unet.postprocess", "napari_unet.training")
 _imported_on_main: set[str] = set()
+_import_module = importlib.import_module  # a seam for tests
 
 
 def import_heavy_modules_on_main_thread(modules: tuple[str, ...] = MAIN_THREAD_IMPORTS) -> list[str]:
@@ -62,7 +64,7 @@ def import_heavy_modules_on_main_thread(modules: tuple[str, ...] = MAIN_THREAD_I
         if name in _imported_on_main:
             continue
         try:
-            importlib.import_module(name)
+            _import_module(name)
         except ImportError:
             continue
         except Exception as err:  # noqa: BLE001 - a broken optional module must not stop the GUI
@@ -318,12 +320,20 @@ def mark_painted(layer: Any, atoms: Any) -> None:
             set_corrected_slices(layer, now | slices)
 
 
+_TRACKED_LAYERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_TRACKED_VIEWERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _on_paint(event: Any) -> None:
+    mark_painted(event.source, event.value)
+
+
 def track_corrections(layer: Any) -> None:
     """Connect a labels layer's paint events to correction tracking (idempotent)."""
-    if getattr(layer, "_napari_unet_tracking", False):
+    if layer in _TRACKED_LAYERS:
         return
-    layer.events.paint.connect(lambda event: mark_painted(layer, event.value))
-    layer._napari_unet_tracking = True
+    layer.events.paint.connect(_on_paint)
+    _TRACKED_LAYERS.add(layer)
     layer.metadata.setdefault(CORRECTED_KEY, [])
 
 
@@ -334,7 +344,7 @@ def install_correction_tracking(viewer: Any) -> None:
     for layer in viewer.layers:
         if isinstance(layer, Labels):
             track_corrections(layer)
-    if getattr(viewer, "_napari_unet_tracking", False):
+    if viewer in _TRACKED_VIEWERS:
         return
 
     def on_insert(event: Any) -> None:
@@ -342,7 +352,7 @@ def install_correction_tracking(viewer: Any) -> None:
             track_corrections(event.value)
 
     viewer.layers.events.inserted.connect(on_insert)
-    viewer._napari_unet_tracking = True
+    _TRACKED_VIEWERS.add(viewer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +396,6 @@ def connect_layer_list(viewer: Any, callback: Callable[[Any], None]) -> None:
         emitter = getattr(events, name, None)
         if emitter is not None:
             emitter.connect(callback)
-
-    import weakref
 
     watched: weakref.WeakSet = weakref.WeakSet()
 

@@ -1,0 +1,430 @@
+"""Edit dock: proofreading operations on a labels layer, undo/redo, corrected-slice tracking.
+
+napari's brush, fill and eraser stay the main tools; this dock adds the object-level operations
+(from :mod:`napari_unet.postprocess`) and keeps track of which slices the user corrected.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QLineEdit,
+                            QListWidget, QListWidgetItem, QSpinBox, QVBoxLayout, QWidget)
+
+from .. import postprocess
+from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
+from ._history import EditHistory
+from ._state import (corrected_slices, corrections_changed, current_slice_index,
+                     install_correction_tracking, notify_error, set_corrected_slices,
+                     set_current_slice)
+
+SCOPES = ("current slice (2D)", "whole stack (3D)")
+SEEDS_LAYER = "split seeds"
+
+_HISTORIES: "weakref.WeakKeyDictionary[Any, EditHistory]" = weakref.WeakKeyDictionary()
+
+
+def history_for(layer: Any) -> EditHistory:
+    """The undo/redo history of a labels layer (created on first use, with its key bindings)."""
+    history = _HISTORIES.get(layer)
+    if history is None:
+        history = EditHistory(layer)
+        _HISTORIES[layer] = history
+        from app_model.types import KeyCode, KeyMod
+
+        # instance bindings take precedence over napari's class bindings (which only undo paint)
+        layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, lambda lyr: history_for(lyr).undo(),
+                       overwrite=True)
+        layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ,
+                       lambda lyr: history_for(lyr).redo(), overwrite=True)
+    return history
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"3, 7 12"`` → ``[3, 7, 12]``; raises ValueError on anything else."""
+    parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"label ids must be whole numbers like '3, 7', got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise ValueError("label ids must be positive")
+    return ids
+
+
+class EditWidget(QWidget):
+    """Merge, split, delete, fill holes, remove small objects, relabel, binary ⇄ instances."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari.layers import Labels, Points
+
+        self.viewer = napari_viewer
+        install_correction_tracking(napari_viewer)
+        layout = QVBoxLayout(self)
+        fields = QFormLayout()
+        layout.addLayout(fields)
+
+        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Labels layer to edit")
+        fields.addRow("Labels", self.labels_combo)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(list(SCOPES))
+        self.scope_combo.setToolTip("current slice (2D): only the slice on screen; "
+                                    "whole stack (3D): objects in 3D")
+        fields.addRow("Scope", self.scope_combo)
+        self.ids_edit = QLineEdit()
+        self.ids_edit.setPlaceholderText("selected label")
+        self.ids_edit.setToolTip("Label ids to merge/delete/split, e.g. '3, 7'. Empty: the labels "
+                                 "under the seed points, else the layer's selected label")
+        fields.addRow("Label ids", self.ids_edit)
+        self.seeds_combo = LayerCombo(napari_viewer, (Points,), "Points layer with seeds for "
+                                      "Split (one click per piece); (none) = automatic split",
+                                      allow_none=True)
+        self.seeds_combo.refresh()
+        fields.addRow("Seeds", row(self.seeds_combo, button(
+            "Add seeds", "Add a points layer for split seeds and start clicking seeds",
+            self.add_seeds_layer)))
+
+        ops = QGroupBox("Operations")
+        grid = QGridLayout(ops)
+        self.min_size_spin = QSpinBox()
+        self.min_size_spin.setRange(1, 10_000_000)
+        self.min_size_spin.setValue(50)
+        self.min_size_spin.setToolTip("Objects smaller than this many pixels/voxels are removed")
+        self.buttons: dict[str, Any] = {}
+        specs = [
+            ("Merge", "Merge the listed labels (or those under the seeds) into one (Alt+M)", self.merge),
+            ("Split", "Split a label: seeded watershed from the seed points, or automatic (Alt+X)", self.split),
+            ("Delete", "Delete the listed labels, or the selected one (Alt+D)", self.delete),
+            ("Fill holes", "Fill holes inside every object", self.fill_holes),
+            ("Remove small", "Remove objects smaller than the size on the right", self.remove_small),
+            ("Relabel", "Renumber objects 1..N (always the whole stack)", self.relabel),
+            ("Binary → instances", "Split a binary mask into connected objects", self.to_instances),
+            ("Instances → binary", "Turn all objects into foreground = 1", self.to_binary),
+        ]
+        for index, (text, tip, slot) in enumerate(specs):
+            widget = button(text, tip, slot)
+            self.buttons[text] = widget
+            grid.addWidget(widget, index // 2, index % 2)
+        grid.addWidget(self.min_size_spin, 4, 0)
+        self.undo_button = button("Undo", "Undo the last edit or paint stroke (Ctrl+Z)", self.undo)
+        self.redo_button = button("Redo", "Redo (Ctrl+Shift+Z)", self.redo)
+        grid.addWidget(self.undo_button, 5, 0)
+        grid.addWidget(self.redo_button, 5, 1)
+        layout.addWidget(ops)
+
+        corrections = QGroupBox("Corrected slices (training data for Fine-tune)")
+        box = QVBoxLayout(corrections)
+        self.slice_list = QListWidget()
+        self.slice_list.setToolTip("Slices you corrected (painting marks them). Double-click to go "
+                                   "there")
+        self.slice_list.itemDoubleClicked.connect(self._jump_to_item)
+        box.addWidget(self.slice_list)
+        self.mark_button = button("Mark current", "Mark the slice on screen as corrected (Alt+C)",
+                                  self.mark_current)
+        self.unmark_button = button("Unmark", "Remove the selected slices from the list",
+                                    self.unmark_selected)
+        self.goto_button = button("Go to", "Show the selected slice", self.goto_selected)
+        box.addWidget(row(self.mark_button, self.unmark_button, self.goto_button))
+        layout.addWidget(corrections)
+
+        self.status = status_label("Select a labels layer; paint with napari's tools, use the "
+                                   "operations above for whole objects.")
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.labels_combo.currentIndexChanged.connect(self._layer_changed)
+        connect_until_destroyed(self, corrections_changed, self._corrections_changed)
+        self._layer_changed()
+        bindings: dict[str, Callable[[], Any]] = {"Alt-M": self.merge, "Alt-X": self.split,
+                                                   "Alt-D": self.delete, "Alt-C": self.mark_current}
+        for key, slot in bindings.items():
+            napari_viewer.bind_key(key, lambda _viewer, slot=slot: slot(), overwrite=True)
+
+    # helpers ----------------------------------------------------------------------------------
+    def layer(self) -> Any:
+        layer = self.labels_combo.layer()
+        if layer is None:
+            raise ValueError("no labels layer: segment an image or add a labels layer first")
+        return layer
+
+    def _layer_changed(self, *_args: Any) -> None:
+        layer = self.labels_combo.layer()
+        if layer is not None:
+            history_for(layer)
+        self._fill_slices()
+
+    def _corrections_changed(self, layer: Any) -> None:
+        try:
+            if layer is self.labels_combo.layer():
+                self._fill_slices()
+        except RuntimeError:  # dock closed
+            pass
+
+    def _slice_region(self, layer: Any) -> tuple[tuple[slice, ...], int | None]:
+        """Region of the layer the operation works on, and the slice index for 2D scope."""
+        full = tuple(slice(0, n) for n in layer.data.shape)
+        if layer.ndim >= 3 and self.scope_combo.currentText() == SCOPES[0]:
+            z = current_slice_index(self.viewer, layer)
+            region = list(full)
+            region[-3] = slice(z, z + 1)
+            return tuple(region), z
+        return full, None
+
+    def _ids(self, layer: Any, region: tuple[slice, ...], z: int | None) -> list[int]:
+        text = self.ids_edit.text().strip()
+        if text:
+            return parse_ids(text)
+        under = self._labels_under_seeds(layer, z)
+        if under:
+            return under
+        return [int(layer.selected_label)]
+
+    def _seeds(self, layer: Any, z: int | None) -> list[tuple[float, ...]]:
+        """Seed points in the layer's data coordinates (2D scope: only those on slice ``z``)."""
+        points = self.seeds_combo.layer()
+        if points is None or len(points.data) == 0:
+            return []
+        seeds = []
+        for point in points.data:
+            coords = np.asarray(layer.world_to_data(points.data_to_world(point)))[-layer.ndim:]
+            index = np.round(coords).astype(int)
+            if np.any(index < 0) or np.any(index >= layer.data.shape):
+                continue
+            if z is not None:
+                if index[-3] != z:
+                    continue
+                coords = coords.copy()
+                coords[-3] = 0
+            seeds.append(tuple(float(c) for c in coords))
+        return seeds
+
+    def _labels_under_seeds(self, layer: Any, z: int | None) -> list[int]:
+        ids = []
+        for seed in self._seeds(layer, z):
+            index = tuple(int(round(c)) for c in seed)
+            if z is not None:
+                index = (*index[:-3], z, *index[-2:])
+            value = int(layer.data[index])
+            if value and value not in ids:
+                ids.append(value)
+        return ids
+
+    def _apply(self, description: str, operation: Callable[[np.ndarray], np.ndarray],
+               force_3d: bool = False) -> bool:
+        """Run ``operation`` on the scope's data and record it (undoable); errors → notifications."""
+        from napari.utils.notifications import show_info
+
+        try:
+            layer = self.layer()
+            region, z = self._slice_region(layer)
+            if force_3d:
+                region, z = tuple(slice(0, n) for n in layer.data.shape), None
+            before = np.asarray(layer.data[region])
+            block = before[..., 0, :, :] if z is not None else before  # 2D: the slice itself
+            result = np.asarray(operation(block))
+            after = result[..., None, :, :] if z is not None else result
+            patch = history_for(layer).apply(region, after, description)
+        except (ValueError, TypeError) as err:
+            notify_error(err, description)
+            return False
+        if patch is None:
+            show_info(f"{description}: nothing changed")
+            self.status.setText(f"{description}: nothing changed.")
+            return False
+        if z is not None:
+            set_corrected_slices(layer, set(corrected_slices(layer)) | {z})
+        where = f"slice {z}" if z is not None else ("whole stack" if layer.ndim >= 3 else "image")
+        self.status.setText(f"{description} ({where}). Ctrl+Z undoes it.")
+        return True
+
+    # operations -------------------------------------------------------------------------------
+    def merge(self) -> bool:
+        layer = self.labels_combo.layer()
+        ids = self._ids(layer, *self._slice_region(layer)) if layer is not None else []
+        if len(set(ids) - {0}) < 2:
+            notify_error(ValueError("list at least two label ids, e.g. '3, 7', or put a seed on "
+                                    "each label"), "Merge")
+            return False
+        ok = self._apply(f"Merge {sorted(set(ids))}", lambda a: postprocess.merge_labels(a, ids))
+        if ok:
+            self._clear_seeds()
+        return ok
+
+    def split(self) -> bool:
+        layer = self.labels_combo.layer()
+        if layer is None:
+            notify_error(ValueError("no labels layer"), "Split")
+            return False
+        region, z = self._slice_region(layer)
+        seeds = self._seeds(layer, z)
+        text = self.ids_edit.text().strip()
+        try:
+            if text:
+                label_id = parse_ids(text)[0]
+            elif seeds:
+                label_id = self._labels_under_seeds(layer, z)[0]
+            else:
+                label_id = int(layer.selected_label)
+        except (ValueError, IndexError):
+            notify_error(ValueError("the seeds are not on a label"), "Split")
+            return False
+        spacing = tuple(float(s) for s in layer.scale[-layer.ndim:])
+        if z is not None:
+            spacing = spacing[:-3] + spacing[-2:]
+            local = [tuple(s[:-3] + s[-2:]) for s in seeds]
+        else:
+            local = seeds
+        local = [s for s in local if int(layer.data[self._global(s, z)]) == label_id] or None
+        how = f"{len(local)} seeds" if local else "automatic"
+
+        def operation(block: np.ndarray) -> np.ndarray:
+            return postprocess.split_label(block, label_id, local, sampling=spacing)
+
+        ok = self._apply(f"Split label {label_id} ({how})", operation)
+        if ok:
+            self._clear_seeds()
+        return ok
+
+    @staticmethod
+    def _global(seed: tuple[float, ...], z: int | None) -> tuple[int, ...]:
+        index = tuple(int(round(c)) for c in seed)
+        if z is not None:
+            index = (*index[:-2], z, *index[-2:])
+        return index
+
+    def delete(self) -> bool:
+        layer = self.labels_combo.layer()
+        try:
+            ids = [i for i in self._ids(layer, *self._slice_region(layer)) if i] if layer else []
+        except ValueError as err:
+            notify_error(err, "Delete")
+            return False
+        if not ids:
+            notify_error(ValueError("no label to delete: type its id or select it"), "Delete")
+            return False
+
+        def operation(block: np.ndarray) -> np.ndarray:
+            for label_id in ids:
+                block = postprocess.delete_label(block, label_id)
+            return block
+
+        ok = self._apply(f"Delete {ids}", operation)
+        if ok:
+            self._clear_seeds()
+        return ok
+
+    def fill_holes(self) -> bool:
+        return self._apply("Fill holes", postprocess.fill_holes)
+
+    def remove_small(self) -> bool:
+        size = self.min_size_spin.value()
+        return self._apply(f"Remove objects < {size}",
+                           lambda a: postprocess.remove_small_objects(a, size))
+
+    def relabel(self) -> bool:
+        return self._apply("Relabel 1..N", postprocess.relabel_sequential, force_3d=True)
+
+    def to_instances(self) -> bool:
+        layer = self.labels_combo.layer()
+        region, z = self._slice_region(layer) if layer is not None else ((), None)
+
+        def operation(block: np.ndarray) -> np.ndarray:
+            out = postprocess.binary_to_instances(block > 0)
+            if z is not None:  # new ids after those of the other slices
+                others = np.asarray(layer.data).copy()
+                others[..., z, :, :] = 0
+                offset = int(others.max())
+                out = out.astype(np.promote_types(out.dtype, layer.data.dtype))
+                out[out > 0] += offset
+            return out
+
+        return self._apply("Binary → instances", operation)
+
+    def to_binary(self) -> bool:
+        return self._apply("Instances → binary",
+                           lambda a: postprocess.instances_to_binary(a).astype(np.uint8))
+
+    def undo(self) -> None:
+        try:
+            what = history_for(self.layer()).undo()
+        except ValueError as err:
+            notify_error(err, "Undo")
+            return
+        self.status.setText(f"Undid: {what}." if what else "Nothing to undo.")
+
+    def redo(self) -> None:
+        try:
+            what = history_for(self.layer()).redo()
+        except ValueError as err:
+            notify_error(err, "Redo")
+            return
+        self.status.setText(f"Redid: {what}." if what else "Nothing to redo.")
+
+    # seeds ------------------------------------------------------------------------------------
+    def add_seeds_layer(self) -> Any:
+        layer = self.labels_combo.layer()
+        if SEEDS_LAYER in self.viewer.layers:
+            points = self.viewer.layers[SEEDS_LAYER]
+        else:
+            kwargs = {}
+            if layer is not None:
+                kwargs = {"scale": layer.scale, "translate": layer.translate}
+            points = self.viewer.add_points(name=SEEDS_LAYER, ndim=layer.ndim if layer else 2,
+                                            size=max(1.0, float(np.min(kwargs.get("scale", [1])) * 6)),
+                                            face_color="yellow", **kwargs)
+        self.seeds_combo.set_layer(points)
+        points.mode = "add"
+        self.viewer.layers.selection.active = points
+        self.status.setText("Click one seed per piece on the label to split, then click Split.")
+        return points
+
+    def _clear_seeds(self) -> None:
+        points = self.seeds_combo.layer()
+        if points is not None and len(points.data):
+            points.data = np.zeros((0, points.ndim))
+
+    # corrected slices -------------------------------------------------------------------------
+    def _fill_slices(self) -> None:
+        layer = self.labels_combo.layer()
+        self.slice_list.clear()
+        if layer is None:
+            return
+        if layer.ndim < 3:
+            self.slice_list.addItem(QListWidgetItem("2D image: the whole image is used"))
+            return
+        for z in corrected_slices(layer):
+            item = QListWidgetItem(f"slice {z}")
+            item.setData(256, z)
+            self.slice_list.addItem(item)
+
+    def mark_current(self) -> None:
+        layer = self.labels_combo.layer()
+        if layer is None or layer.ndim < 3:
+            return
+        z = current_slice_index(self.viewer, layer)
+        set_corrected_slices(layer, set(corrected_slices(layer)) | {z})
+        self.status.setText(f"Slice {z} marked as corrected.")
+
+    def unmark_selected(self) -> None:
+        layer = self.labels_combo.layer()
+        if layer is None:
+            return
+        chosen = {item.data(256) for item in self.slice_list.selectedItems()} - {None}
+        if chosen:
+            set_corrected_slices(layer, set(corrected_slices(layer)) - chosen)
+            self.status.setText(f"Unmarked {len(chosen)} slice(s).")
+
+    def goto_selected(self) -> None:
+        items = self.slice_list.selectedItems()
+        if items:
+            self._jump_to_item(items[0])
+
+    def _jump_to_item(self, item: QListWidgetItem) -> None:
+        layer = self.labels_combo.layer()
+        z = item.data(256)
+        if layer is not None and z is not None:
+            set_current_slice(self.viewer, layer, int(z))

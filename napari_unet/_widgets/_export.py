@@ -1,0 +1,186 @@
+"""Export dock: labeled TIFF with voxel size and unit (binary or instances), probability map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QLineEdit, QVBoxLayout,
+                            QWidget)
+
+from .. import postprocess
+from ..io import write_image_tiff, write_labels_tiff
+from ._common import LayerCombo, button, row, status_label
+from ._state import PROBABILITIES_KEY, SOURCE_KEY, layer_unit, notify_error
+from ._workers import start_job
+
+MODES = ("instances", "binary")
+
+
+def labels_for_export(data: np.ndarray, mode: str) -> np.ndarray:
+    """The array written for ``mode``: ``binary`` = 0/1, ``instances`` = one id per object."""
+    data = np.asarray(data)
+    if mode == "binary":
+        return postprocess.instances_to_binary(data).astype(np.uint8)
+    if mode == "instances":
+        if data.size and int(data.max()) <= 1:  # a binary mask: split it into objects
+            return postprocess.binary_to_instances(data > 0)
+        return data
+    raise ValueError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def summary_line(labels: np.ndarray, voxel_size: tuple[float, ...], unit: str) -> str:
+    """``"54 objects, 12 345 voxels, volume 1 234.5 um³"``."""
+    stats = postprocess.label_statistics(labels, voxel_size)
+    power = "³" if labels.ndim == 3 else "²"
+    return (f"{stats['objects']} objects, {stats['voxels']} voxels, volume "
+            f"{stats['volume']:.4g} {unit}{power} (mean {stats['mean_volume']:.4g} {unit}{power})")
+
+
+def probability_path(path: Path) -> Path:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + "_probabilities.tif")
+    return path.with_name(name + "_probabilities.tif")
+
+
+def export_labels(path: str | Path, data: np.ndarray, *, mode: str, voxel_size: tuple[float, ...],
+                  unit: str, input_path: str | None = None,
+                  probabilities: np.ndarray | None = None) -> tuple[list[Path], str]:
+    """Write the labels (and optionally the probabilities) atomically; returns paths and summary."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise ValueError(f"export to a .tif file, got {path.name!r}")
+    labels = labels_for_export(data, mode)
+    written = [write_labels_tiff(path, labels, voxel_size=voxel_size, unit=unit,
+                                 input_path=input_path)]
+    if probabilities is not None:
+        probs = np.asarray(probabilities, dtype=np.float32)
+        if probs.dtype == np.uint8:
+            probs = probs / 255
+        probs = probs[0] if probs.shape[0] == 1 else probs
+        axes = ("C" if probs.ndim > labels.ndim else "") + ("ZYX" if labels.ndim == 3 else "YX")
+        written.append(write_image_tiff(probability_path(path), probs, voxel_size=voxel_size,
+                                        unit=unit, input_path=input_path, axes=axes))
+    return written, summary_line(labels, voxel_size, unit)
+
+
+class ExportWidget(QWidget):
+    """Write a labels layer as a calibrated, compressed TIFF."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari.layers import Labels
+
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.last_written: list[Path] = []
+        layout = QVBoxLayout(self)
+        fields = QFormLayout()
+        layout.addLayout(fields)
+        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Labels layer to export")
+        fields.addRow("Labels", self.labels_combo)
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(list(MODES))
+        self.mode_combo.setToolTip("instances: one id per object (a binary mask is split into "
+                                   "objects); binary: foreground = 1")
+        fields.addRow("Write as", self.mode_combo)
+        self.unit_edit = QLineEdit("um")
+        self.unit_edit.setToolTip("Unit of the voxel size (the layer's scale), e.g. um, nm, mm")
+        fields.addRow("Unit", self.unit_edit)
+        self.voxel_label = status_label("")
+        self.voxel_label.setToolTip("Voxel size written to the file (the layer's scale)")
+        fields.addRow("Voxel size", self.voxel_label)
+        self.probability_check = QCheckBox("Also write the probability map")
+        self.probability_check.setToolTip("Writes <name>_probabilities.tif (float32) next to the "
+                                          "labels; available after Segment on the whole image")
+        fields.addRow("", self.probability_check)
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("labels.tif")
+        self.path_edit.setToolTip("Output file (.tif); written atomically, never over the input")
+        fields.addRow("File", row(self.path_edit, button("Browse…", "Choose the output file",
+                                                          self._choose_path)))
+        self.export_button = button("Export", "Write the TIFF (Alt+E)", self.export)
+        layout.addWidget(self.export_button)
+        self.status = status_label("Choose a labels layer and a file, then click Export.")
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.labels_combo.currentIndexChanged.connect(self._layer_changed)
+        self._layer_changed()
+        napari_viewer.bind_key("Alt-E", lambda _viewer: self.export(), overwrite=True)
+
+    def _layer_changed(self, *_args: Any) -> None:
+        layer = self.labels_combo.layer()
+        if layer is None:
+            self.voxel_label.setText("")
+            return
+        self.unit_edit.setText(layer_unit(layer))
+        self.voxel_label.setText(" × ".join(f"{s:g}" for s in layer.scale))
+        has_probs = layer.metadata.get(PROBABILITIES_KEY) is not None
+        self.probability_check.setEnabled(has_probs)
+        if not has_probs:
+            self.probability_check.setChecked(False)
+        if not self.path_edit.text():
+            source = layer.metadata.get(SOURCE_KEY)
+            folder = Path(source).parent if source else Path.cwd()
+            self.path_edit.setText(str(folder / f"{layer.name.replace(' ', '_')}.tif"))
+        binary = int(np.asarray(layer.data).max(initial=0)) <= 1
+        self.mode_combo.setCurrentText("binary" if binary else "instances")
+
+    def _choose_path(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
+                                              "TIFF (*.tif *.tiff)")
+        if path:
+            self.path_edit.setText(path)
+
+    def export(self, path: str | Path | None = None) -> None:
+        """Write the chosen layer to ``path`` (default: the file field), in a worker."""
+        from napari.utils.notifications import show_info
+
+        if self.worker is not None:
+            show_info("An export is already running.")
+            return
+        layer = self.labels_combo.layer()
+        if layer is None:
+            notify_error(ValueError("no labels layer to export"), "Export")
+            return
+        path = Path(path or self.path_edit.text().strip() or "labels.tif").expanduser()
+        self.path_edit.setText(str(path))
+        probabilities = (layer.metadata.get(PROBABILITIES_KEY)
+                         if self.probability_check.isChecked() else None)
+        data = np.array(layer.data, copy=True)  # a snapshot: painting may go on meanwhile
+        voxel_size = tuple(float(s) for s in layer.scale[-data.ndim:])
+        unit = self.unit_edit.text().strip() or "um"
+        mode = self.mode_combo.currentText()
+        source = layer.metadata.get(SOURCE_KEY)
+
+        def job():
+            yield "writing"
+            return export_labels(path, data, mode=mode, voxel_size=voxel_size, unit=unit,
+                                 input_path=source, probabilities=probabilities)
+
+        self.export_button.setEnabled(False)
+        self.status.setText(f"Writing {path.name}…")
+        self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,
+                                on_error=self._on_error, on_finish=self._on_finish)
+
+    def _on_written(self, result: tuple[list[Path], str]) -> None:
+        from napari.utils.notifications import show_info
+
+        written, summary = result
+        self.last_written = written
+        text = f"Wrote {', '.join(p.name for p in written)}: {summary}"
+        self.status.setText(text)
+        show_info(text)
+
+    def _on_error(self, err: BaseException) -> None:
+        self.status.setText(notify_error(err, "Export"))
+
+    def _on_finish(self) -> None:
+        self.worker = None
+        try:
+            self.export_button.setEnabled(True)
+        except RuntimeError:
+            pass

@@ -1,0 +1,522 @@
+"""Fine-tune dock: train a copy of the model on the user's corrected labels, live."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                            QGroupBox, QListWidget, QProgressBar, QSpinBox, QVBoxLayout, QWidget)
+
+from ..checkpoint import CheckpointError, save_checkpoint
+from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
+from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
+                     import_heavy_modules_on_main_thread, install_correction_tracking,
+                     notify_error)
+from ._workers import start_job
+
+PREVIEW_LAYER = "fine-tune preview"
+#: the loss curve is redrawn at most this often (seconds)
+PLOT_INTERVAL = 0.5
+
+
+class LossPlot:
+    """A small matplotlib figure in the dock: training loss and validation Dice.
+
+    The axes are fixed for the run (x: the time limit or iteration count), so updates only
+    redraw the two lines (blitting, a few ms) instead of the whole figure.
+    """
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.6, 2.2), dpi=80, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
+        self.canvas.setToolTip("Training loss relative to its first value (blue, left) and "
+                               "validation Dice (orange, right)")
+        self.ax = self.figure.add_subplot(111)
+        self.ax.set_ylabel("loss / first loss", fontsize=8)
+        self.ax.tick_params(labelsize=7)
+        self.dice_ax = self.ax.twinx()
+        self.dice_ax.set_ylim(0, 1)
+        self.dice_ax.set_ylabel("val. Dice", fontsize=8)
+        self.dice_ax.tick_params(labelsize=7)
+        (self.loss_line,) = self.ax.plot([], [], color="tab:blue", lw=1.2, animated=True)
+        (self.dice_line,) = self.dice_ax.plot([], [], color="tab:orange", marker="o", ms=3, lw=1,
+                                              animated=True)
+        self._background = None
+        self.canvas.mpl_connect("draw_event", self._on_full_draw)
+        self.by_time = True
+        self.x_max = 60.0
+        self.y_max = 1.0
+        self.clear()
+
+    def clear(self, time_limit: float | None = None, iterations: int | None = None) -> None:
+        """Empty the plot; x is seconds when there is a time limit, else iterations."""
+        self.x: list[float] = []
+        self.losses: list[float] = []
+        self.dice_x: list[float] = []
+        self.dice: list[float] = []
+        self.by_time = iterations is None or bool(time_limit)
+        # a little room past the plan: the last iteration may end after the time limit
+        self.x_max = 1.15 * (float(time_limit or 60.0) if self.by_time else float(iterations or 100))
+        self.y_max = 1.25
+        self.first_loss: float | None = None
+        self.ax.set_xlabel("seconds" if self.by_time else "iteration", fontsize=8)
+        self.ax.set_xlim(0, self.x_max)
+        self.ax.set_ylim(0, self.y_max)
+        self.dirty = False
+        self._full_redraw()
+
+    def _full_redraw(self) -> None:
+        self.loss_line.set_data(self.x, self.losses)
+        self.dice_line.set_data(self.dice_x, self.dice)
+        self.canvas.draw()  # triggers _on_full_draw (background + lines)
+
+    def _on_full_draw(self, _event: Any = None) -> None:
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._draw_lines()
+
+    def _draw_lines(self) -> None:
+        self.ax.draw_artist(self.loss_line)
+        self.dice_ax.draw_artist(self.dice_line)
+
+    def add(self, stats: Any) -> None:
+        x = stats.elapsed if self.by_time else stats.iteration
+        if np.isfinite(stats.loss) and stats.loss > 0:
+            if self.first_loss is None:
+                self.first_loss = float(stats.loss)
+            # relative to the first loss: the axes stay fixed, so updates are cheap blits
+            self.x.append(x)
+            self.losses.append(stats.loss / self.first_loss)
+        if stats.validation_dice is not None:
+            self.dice_x.append(x)
+            self.dice.append(stats.validation_dice)
+        self.dirty = True
+
+    def draw(self) -> None:
+        """Show new points (called by a timer, at most every PLOT_INTERVAL)."""
+        if not self.dirty:
+            return
+        self.dirty = False
+        rescale = False
+        if self.losses and max(self.losses) > self.y_max:
+            self.y_max = max(self.losses) * 1.2
+            self.ax.set_ylim(0, self.y_max)
+            rescale = True
+        if self.x and self.x[-1] > self.x_max:  # ran past the plan (e.g. no limit given)
+            self.x_max = self.x[-1] * 2
+            self.ax.set_xlim(0, self.x_max)
+            rescale = True
+        if rescale or self._background is None:
+            self._full_redraw()
+            return
+        self.loss_line.set_data(self.x, self.losses)
+        self.dice_line.set_data(self.dice_x, self.dice)
+        self.canvas.restore_region(self._background)
+        self._draw_lines()
+        self.canvas.blit(self.figure.bbox)
+
+
+class FineTuneWidget(QWidget):
+    """Fine-tune the selected model on image + labels pairs (corrected slices of stacks)."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari.layers import Image, Labels
+
+        from ..inference import available_devices
+
+        self.viewer = napari_viewer
+        self.registry = get_registry()
+        install_correction_tracking(napari_viewer)
+        import_heavy_modules_on_main_thread()  # never in the worker (see _state)
+        self.worker: Any = None
+        self.trainer: Any = None
+        self._stop_early = False
+        self._pbar: Any = None
+        self._run: dict[str, Any] = {}
+        self.base_key: str | None = None
+        self.result_key: str | None = None
+        self.last_stats: Any = None
+        #: extra TrainingConfig fields (batch_size, patch_shape, ...); empty = automatic
+        self.config_overrides: dict[str, Any] = {}
+
+        layout = QVBoxLayout(self)
+        fields = QFormLayout()
+        layout.addLayout(fields)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Model to start from (the one selected in the Segment dock); "
+                                    "it is never changed: fine-tuning makes a new version")
+        fields.addRow("Model", self.model_combo)
+
+        pairs = QGroupBox("Training data")
+        pairs_layout = QVBoxLayout(pairs)
+        self.image_combo = LayerCombo(napari_viewer, (Image,), "Image the labels belong to")
+        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Corrected labels for the image")
+        pair_form = QFormLayout()
+        pair_form.addRow("Image", self.image_combo)
+        pair_form.addRow("Labels", self.labels_combo)
+        pairs_layout.addLayout(pair_form)
+        self.pair_list = QListWidget()
+        self.pair_list.setToolTip("Image + labels pairs to train on. Empty: the pair chosen above")
+        self.pair_list.setMaximumHeight(70)
+        pairs_layout.addWidget(row(
+            button("Add pair", "Add the image + labels above to the list (several pairs allowed)",
+                   self.add_pair),
+            button("Remove pair", "Remove the selected pair from the list", self.remove_pair)))
+        pairs_layout.addWidget(self.pair_list)
+        self.corrected_only = QCheckBox("Only corrected slices (stacks)")
+        self.corrected_only.setChecked(True)
+        self.corrected_only.setToolTip("Train on the slices you corrected (Edit dock list); if none "
+                                       "are marked, on the whole stack. 2D images: whole image")
+        pairs_layout.addWidget(self.corrected_only)
+        layout.addWidget(pairs)
+
+        settings = QFormLayout()
+        self.time_spin = QSpinBox()
+        self.time_spin.setRange(0, 24 * 3600)
+        self.time_spin.setValue(60)
+        self.time_spin.setSuffix(" s")
+        self.time_spin.setToolTip("Stop after this long (0 = no time limit; then set iterations)")
+        settings.addRow("Time limit", self.time_spin)
+        self.iterations_spin = QSpinBox()
+        self.iterations_spin.setRange(0, 1_000_000)
+        self.iterations_spin.setValue(0)
+        self.iterations_spin.setSpecialValueText("auto")
+        self.iterations_spin.setToolTip("Stop after this many iterations (auto = by time limit)")
+        settings.addRow("Iterations", self.iterations_spin)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(0.0, 0.1)
+        self.lr_spin.setSingleStep(0.0001)
+        self.lr_spin.setValue(0.0)
+        self.lr_spin.setSpecialValueText("auto")
+        self.lr_spin.setToolTip("Learning rate (auto = 3e-4 for fine-tuning)")
+        settings.addRow("Learning rate", self.lr_spin)
+        self.validation_check = QCheckBox("Hold out a validation part")
+        self.validation_check.setChecked(False)
+        self.validation_check.setToolTip("Keep ~20% of the annotated data aside to measure Dice; "
+                                         "Stop and the end keep the best-scoring weights")
+        settings.addRow("", self.validation_check)
+        self.device_combo = QComboBox()
+        found = available_devices()
+        self.device_combo.addItem(f"auto ({found[0]})", "auto")
+        for name in found:
+            self.device_combo.addItem(name, name)
+        self.device_combo.setToolTip(f"Where training runs. Found here: {', '.join(found)}")
+        settings.addRow("Device", self.device_combo)
+        self.preview_check = QCheckBox("Live preview of the current slice")
+        self.preview_check.setChecked(True)
+        self.preview_check.setToolTip("Every few seconds re-predict the slice on screen into the "
+                                      f"'{PREVIEW_LAYER}' layer")
+        settings.addRow("", self.preview_check)
+        layout.addLayout(settings)
+
+        self.finetune_button = button("Fine-tune", "Start fine-tuning in the background (Alt+F)",
+                                      self.fine_tune)
+        self.stop_button = button("Stop", "Stop now and keep the best weights so far", self.stop)
+        self.stop_button.setEnabled(False)
+        layout.addWidget(row(self.finetune_button, self.stop_button))
+        self.revert_button = button("Revert", "Go back to the model version before this "
+                                    "fine-tuning (removes the new version from the list)",
+                                    self.revert)
+        self.revert_button.setEnabled(False)
+        self.save_button = button("Save model…", "Write the selected/new model to a .pt file",
+                                  self._choose_save_path)
+        layout.addWidget(row(self.revert_button, self.save_button))
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(False)
+        self.progress_bar.setToolTip("Progress by iterations or time limit")
+        layout.addWidget(self.progress_bar)
+        self.plot = LossPlot()
+        layout.addWidget(self.plot.canvas)
+        self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
+        layout.addWidget(self.status)
+
+        self._timer = QTimer(self)
+        self._timer.setInterval(int(PLOT_INTERVAL * 1000))
+        self._timer.timeout.connect(self.plot.draw)
+
+        self.model_combo.currentIndexChanged.connect(self._model_selected)
+        connect_until_destroyed(self, self.registry.changed, self._fill_models)
+        connect_until_destroyed(self, self.registry.current_changed, self._show_current)
+        self._fill_models()
+        napari_viewer.bind_key("Alt-F", lambda _viewer: self.fine_tune(), overwrite=True)
+
+    # models -----------------------------------------------------------------------------------
+    def _fill_models(self) -> None:
+        try:
+            self.model_combo.blockSignals(True)
+        except RuntimeError:
+            return
+        self.model_combo.clear()
+        for entry in self.registry.entries():
+            self.model_combo.addItem(entry.display, entry.key)
+        self.model_combo.blockSignals(False)
+        self._show_current(self.registry.current or "")
+
+    def _show_current(self, key: str) -> None:
+        try:
+            index = self.model_combo.findData(key) if key else -1
+        except RuntimeError:
+            return
+        if index >= 0:
+            self.model_combo.blockSignals(True)
+            self.model_combo.setCurrentIndex(index)
+            self.model_combo.blockSignals(False)
+
+    def _model_selected(self, index: int) -> None:
+        key = self.model_combo.itemData(index)
+        if key:
+            self.registry.current = key
+
+    # pairs ------------------------------------------------------------------------------------
+    def add_pair(self) -> None:
+        image, labels = self.image_combo.layer(), self.labels_combo.layer()
+        if image is None or labels is None:
+            notify_error(ValueError("choose an image and a labels layer"), "Add pair")
+            return
+        text = f"{image.name}  ↔  {labels.name}"
+        if not self.pair_list.findItems(text, Qt.MatchExactly):
+            self.pair_list.addItem(text)
+
+    def remove_pair(self) -> None:
+        for item in self.pair_list.selectedItems():
+            self.pair_list.takeItem(self.pair_list.row(item))
+
+    def _pairs(self) -> list[tuple[Any, Any]]:
+        names = [self.pair_list.item(i).text() for i in range(self.pair_list.count())]
+        pairs = []
+        for text in names:
+            image_name, labels_name = text.split("  ↔  ")
+            if image_name in self.viewer.layers and labels_name in self.viewer.layers:
+                pairs.append((self.viewer.layers[image_name], self.viewer.layers[labels_name]))
+        if not names:
+            image, labels = self.image_combo.layer(), self.labels_combo.layer()
+            if image is not None and labels is not None:
+                pairs.append((image, labels))
+        if not pairs:
+            raise ValueError("no training data: choose an image and its labels layer")
+        return pairs
+
+    def training_pairs(self) -> tuple[list[Any], list[str]]:
+        """TrainingPairs from the chosen layers, and notes for the status line."""
+        from ..training import TrainingPair
+
+        result, notes = [], []
+        for image, labels in self._pairs():
+            image_data = np.asarray(image.data[0] if image.multiscale else image.data)
+            label_data = np.asarray(labels.data)
+            slices = None
+            if label_data.ndim >= 3 and self.corrected_only.isChecked():
+                slices = corrected_slices(labels) or None
+                if slices is None:
+                    notes.append(f"no corrected slices in {labels.name!r}: using the whole stack")
+                else:
+                    notes.append(f"{labels.name}: {len(slices)} corrected slice(s)")
+            result.append(TrainingPair(image=image_data, labels=label_data, slices=slices))
+        return result, notes
+
+    # run --------------------------------------------------------------------------------------
+    def _preview_input(self, image: Any, model: Any) -> tuple[np.ndarray | None, int]:
+        """The part of ``image`` re-predicted for the preview, and its first slice index."""
+        data = image.data[0] if image.multiscale else image.data
+        if not self.preview_check.isChecked():
+            return None, 0
+        if np.ndim(data) == 2:
+            return np.asarray(data), 0
+        z = current_slice_index(self.viewer, image)
+        if model.spatial_dims == 2:
+            return np.asarray(data[z]), z
+        depth = max(8, model.config.divisor()[0] * 2)
+        start = int(np.clip(z - depth // 2, 0, max(0, data.shape[0] - depth)))
+        return np.asarray(data[start:start + depth]), start
+
+    def fine_tune(self) -> None:
+        """Start fine-tuning in a worker; the new version is added to the model list."""
+        from napari.utils import progress
+        from napari.utils.notifications import show_info
+
+        from ..training import Trainer, TrainingConfig
+
+        if self.worker is not None:
+            show_info("Fine-tuning is already running; Stop it first.")
+            return
+        try:
+            key = self.registry.current
+            model = self.registry.get(key)
+            pairs, notes = self.training_pairs()
+        except (ValueError, CheckpointError) as err:
+            notify_error(err, "Fine-tune")
+            return
+        # torch._dynamo/triton are imported by the first optimizer step: do it here, not in the
+        # worker thread (CUDA builds crashed napari importing triton in a worker)
+        import_heavy_modules_on_main_thread()
+        image_layer = self._pairs()[0][0]
+        preview_image, preview_z = self._preview_input(image_layer, model)
+        lr = self.lr_spin.value() or None
+        config = TrainingConfig(
+            iterations=self.iterations_spin.value() or None,
+            time_limit=float(self.time_spin.value()) or None,
+            learning_rate=lr,
+            validation_fraction=0.2 if self.validation_check.isChecked() else 0.0,
+            device=self.device_combo.currentData(),
+            preview_image=preview_image, preview_interval=3.0)
+        for name, value in self.config_overrides.items():
+            setattr(config, name, value)
+        if config.iterations is None and config.time_limit is None:
+            config.time_limit = 60.0
+
+        self.base_key = key
+        self.trainer = None
+        self._stop_early = False
+        self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
+                     "start": time.perf_counter(), "notes": notes}
+
+        def job():
+            trainer = Trainer(model, pairs, config)  # prepares the data: off the main thread
+            self.trainer = trainer
+            if self._stop_early:
+                trainer.request_stop()
+            result = yield from trainer.run()
+            return result
+
+        self.plot.clear(time_limit=config.time_limit, iterations=config.iterations)
+        self._pbar = progress(total=1000, desc=f"Fine-tune {model.label}")
+        self.progress_bar.setValue(0)
+        self.finetune_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self.revert_button.setEnabled(False)
+        self.status.setText(f"Preparing fine-tuning of {model.label}… " + "; ".join(notes))
+        if preview_image is not None:  # the preview layer exists from the start
+            self._run["preview_shape"] = preview_image.shape
+            self._show_preview(np.zeros((1, *preview_image.shape), np.float32))
+        self._timer.start()
+        self.worker = start_job(job(), on_yield=self._on_stats, on_return=self._on_result,
+                                on_error=self._on_error, on_finish=self._on_finish)
+
+    def stop(self) -> None:
+        """End training at the next iteration; the best weights so far become the new version."""
+        self._stop_early = True
+        if self.trainer is not None:
+            self.trainer.request_stop()
+        self.status.setText("Stopping after this iteration…")
+
+    def _on_stats(self, stats: Any) -> None:
+        if self._run.get("finished"):  # a late update (napari's progress bar processes events)
+            return
+        self.last_stats = stats
+        self.plot.add(stats)
+        fraction = stats.fraction
+        self.progress_bar.setValue(int(1000 * fraction))
+        text = (f"iteration {stats.iteration}"
+                + (f"/{stats.total_iterations}" if stats.total_iterations else "")
+                + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
+                + f" · {format_seconds(stats.elapsed)}")
+        if stats.best_score is not None:
+            text += f" · best Dice {stats.best_score:.3f}"
+        self.status.setText(text)
+        if stats.preview is not None:
+            self._show_preview(stats.preview)
+        # last: napari's activity-panel bar calls processEvents, which may run later callbacks
+        now = time.perf_counter()
+        if self._pbar is not None and now - self._run.get("pbar_time", 0.0) >= PLOT_INTERVAL:
+            self._run["pbar_time"] = now
+            self._pbar.update(int(1000 * fraction) - self._pbar.n)
+
+    def _show_preview(self, probabilities: np.ndarray) -> None:
+        run = self._run
+        model, image = run["model"], run["image"]
+        probs = np.asarray(probabilities, dtype=np.float32)
+        foreground = 1.0 - probs[0] if model.task == "semantic" else probs[0]
+        if image.ndim >= 3 and foreground.ndim == 2:
+            foreground = foreground[None]
+        translate = np.array(image.translate, dtype=float)
+        if image.ndim >= 3:
+            translate[-3] += run["preview_z"] * image.scale[-3]
+        if PREVIEW_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[PREVIEW_LAYER]
+            if layer.data.shape == foreground.shape:
+                layer.data = foreground
+                layer.translate = translate
+                return
+            self.viewer.layers.remove(layer)
+        self.viewer.add_image(foreground, name=PREVIEW_LAYER, scale=image.scale, translate=translate,
+                              colormap="magma", blending="additive", opacity=0.6,
+                              contrast_limits=(0.0, 1.0))
+
+    def _on_result(self, model: Any) -> None:
+        self.progress_bar.setValue(self.progress_bar.maximum())
+        self.result_key = self.registry.add_model(model, parent_key=self.base_key)
+        self.revert_button.setEnabled(True)
+        elapsed = time.perf_counter() - self._run["start"]
+        stats = self.last_stats
+        text = f"New version {self.result_key} (after {format_seconds(elapsed)}"
+        if stats is not None:
+            text += f", {stats.iteration} iterations, loss {stats.loss:.4f}"
+            if stats.best_score is not None:
+                text += f", best Dice {stats.best_score:.3f}"
+        self.status.setText(text + "). It is selected in the Segment dock.")
+
+    def _on_error(self, err: BaseException) -> None:
+        self.status.setText(notify_error(err, "Fine-tune"))
+
+    def _on_finish(self) -> None:
+        self._run["finished"] = True
+        self.worker = None
+        self.trainer = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        try:
+            self._timer.stop()
+            self.plot.draw()
+            self.finetune_button.setEnabled(True)
+            self.stop_button.setEnabled(False)
+        except RuntimeError:
+            pass
+
+    # versions ---------------------------------------------------------------------------------
+    def revert(self) -> None:
+        """Go back to the version fine-tuning started from (the new version is removed)."""
+        if self.result_key is None:
+            return
+        self.registry.remove(self.result_key)
+        if self.base_key in self.registry:
+            self.registry.current = self.base_key
+        self.status.setText(f"Reverted to {self.base_key}.")
+        self.result_key = None
+        self.revert_button.setEnabled(False)
+
+    def _choose_save_path(self) -> None:
+        key = self.result_key or self.registry.current
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", f"{key or 'model'}.pt".replace(" ", "_"),
+                                              "napari-unet checkpoints (*.pt)")
+        if path:
+            self.save_model(path)
+
+    def save_model(self, path: str | Path, key: str | None = None) -> Path | None:
+        """Write the new version (or the selected model) to ``path`` (``.pt``)."""
+        from napari.utils.notifications import show_info
+
+        path = Path(path)
+        if path.suffix.lower() not in (".pt", ".pth"):
+            path = path.with_suffix(".pt")
+        try:
+            model = self.registry.get(key or self.result_key or self.registry.current)
+            written = save_checkpoint(model, path)
+        except (OSError, CheckpointError) as err:
+            notify_error(err, "Save model")
+            return None
+        show_info(f"Saved {model.label} to {written}")
+        self.status.setText(f"Saved {model.label} to {written}.")
+        return written

@@ -1,0 +1,173 @@
+"""npe2 reader, writer and sample-data contributions (thin wrappers around :mod:`napari_unet.io`)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import io
+from ..io import (
+    SUPPORTED_SUFFIXES,
+    ImageReadError,
+    LoadedImage,
+    estimated_nbytes,
+    is_zarr_path,
+    read_image,
+    write_labels_tiff,
+)
+from ._state import SOURCE_KEY, UNIT_KEY
+
+LayerData = tuple[Any, dict[str, Any], str]
+#: file names that hold labels rather than intensities
+LABEL_NAME = re.compile(r"(label|mask|seg|annot|organs|membranes|ground.?truth|_gt\b)", re.I)
+
+
+# ----------------------------------------------------------------------------------------------
+# reader
+# ----------------------------------------------------------------------------------------------
+
+def _is_dicom_folder(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    for child in list(path.iterdir())[:50]:
+        if child.suffix.lower() == ".dcm":
+            return True
+        if child.is_file() and child.suffix == "":
+            try:
+                with open(child, "rb") as handle:
+                    handle.seek(128)
+                    if handle.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 reader: our function for the files and folders :func:`napari_unet.io.read_image` opens."""
+    if isinstance(path, list):
+        if not path or not all(get_reader(p) for p in path):
+            return None
+        return read_layers
+    p = Path(path)
+    if p.is_dir():
+        return read_layers if (is_zarr_path(p) or _is_dicom_folder(p)) else None
+    return read_layers if p.name.lower().endswith(SUPPORTED_SUFFIXES) else None
+
+
+def load(path: str | Path) -> LoadedImage:
+    """The one place pixels are loaded: files above ``io.LAZY_SIZE_THRESHOLD`` and zarr stores
+    open lazily as dask arrays, so opening is instant whatever their size."""
+    size = estimated_nbytes(path)
+    lazy = is_zarr_path(path) or (size is not None and size > io.LAZY_SIZE_THRESHOLD)
+    return read_image(path, allow_channels=True, lazy=lazy)
+
+
+def looks_like_labels(name: str, data: Any) -> bool:
+    """Integer data whose file name says labels/mask/segmentation."""
+    dtype = np.dtype(data.dtype)
+    return (np.issubdtype(dtype, np.integer) or dtype == np.bool_) and bool(LABEL_NAME.search(name))
+
+
+def layer_data(image: LoadedImage, name: str) -> LayerData:
+    """napari layer data for an opened image: scale = voxel size, units, labels when labels."""
+    kwargs: dict[str, Any] = {"name": name, "metadata": {}}
+    if image.voxel_size is not None:
+        kwargs["scale"] = tuple(float(v) for v in image.voxel_size)
+    if image.unit:
+        kwargs["metadata"][UNIT_KEY] = image.unit  # (napari's `units` warns when layers differ)
+    if image.path is not None:
+        kwargs["metadata"][SOURCE_KEY] = str(image.path)
+    data = image.data
+    if "C" in image.axes:
+        kwargs["channel_axis"] = image.axes.index("C")
+        return data, kwargs, "image"
+    if looks_like_labels(name, data):
+        return data, kwargs, "labels"
+    return data, kwargs, "image"
+
+
+def _name(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    """Open one path (or several) as napari layers; unreadable files raise one-line errors."""
+    paths = path if isinstance(path, list) else [path]
+    layers = []
+    for item in paths:
+        image = load(item)
+        layers.append(layer_data(image, _name(Path(item))))
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------
+# writer
+# ----------------------------------------------------------------------------------------------
+
+def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 writer for a labels layer: calibrated, compressed, atomic TIFF."""
+    data = np.asarray(data)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"labels must be 2D or 3D to write a TIFF, got {data.ndim} axes")
+    if not path.lower().endswith((".tif", ".tiff")):
+        path = path + ".tif"
+    scale = attributes.get("scale")
+    voxel_size = tuple(float(s) for s in scale[-data.ndim:]) if scale is not None else None
+    metadata = attributes.get("metadata") or {}
+    unit = metadata.get(UNIT_KEY)
+    if not unit:
+        units = attributes.get("units")
+        unit = str(units[-1]) if units else "um"
+        unit = {"micrometer": "um", "millimeter": "mm", "nanometer": "nm", "pixel": "um"}.get(unit, unit)
+    written = write_labels_tiff(path, data, voxel_size=voxel_size, unit=unit,
+                                input_path=metadata.get(SOURCE_KEY))
+    return [str(written)]
+
+
+# ----------------------------------------------------------------------------------------------
+# sample data
+# ----------------------------------------------------------------------------------------------
+
+def _sample(filename: str, name: str, **extra: Any) -> list[LayerData]:
+    path = resources.files("napari_unet.sample_data") / filename
+    try:
+        image = load(Path(str(path)))
+    except ImageReadError as err:  # a broken install: say so in napari, in one line
+        raise ImageReadError(f"sample {filename} is missing or unreadable: {err}") from err
+    data, kwargs, kind = layer_data(image, name)
+    kwargs.update(extra)
+    return [(data, kwargs, kind)]
+
+
+def sample_em_2d() -> list[LayerData]:
+    """2D electron microscopy (ISBI 2012), 512x512."""
+    return _sample("em_2d.tif", "em_2d")
+
+
+def sample_nuclei_2d() -> list[LayerData]:
+    """2D fluorescent nuclei (BBBC039), 520x696."""
+    return _sample("nuclei_2d.tif", "nuclei_2d")
+
+
+def sample_nuclei_3d() -> list[LayerData]:
+    """3D confocal nuclei, 100^3, anisotropic voxels."""
+    return _sample("nuclei_3d.tif", "nuclei_3d")
+
+
+def sample_cells_3d() -> list[LayerData]:
+    """3D membrane-stained cells, 32x200x200."""
+    return _sample("cells_3d.tif", "cells_3d")
+
+
+def sample_ct_small() -> list[LayerData]:
+    """Small abdominal CT (Hounsfield units, 3 mm voxels), soft-tissue window."""
+    return _sample("ct_small.nii.gz", "ct_small", contrast_limits=(-160.0, 240.0), colormap="gray")

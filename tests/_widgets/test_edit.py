@@ -1,0 +1,168 @@
+"""Edit dock: operations equal the core's, undo/redo restore exact data, corrections are tracked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unet import postprocess
+
+from .conftest import click
+
+
+def _dock(viewer):
+    from napari_unet._widgets._edit import EditWidget
+
+    widget = EditWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Edit")
+    return widget
+
+
+def two_touching_squares(shape=(40, 40)) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.uint16)
+    labels[5:20, 5:15] = 1
+    labels[5:20, 15:25] = 2
+    labels[25:28, 25:28] = 3  # small
+    labels[30:38, 5:13] = 4
+    labels[33:35, 8:10] = 0  # a hole
+    return labels
+
+
+def press(viewer, key: str) -> None:
+    viewer.window._qt_viewer._key_map_handler.press_key(key)
+
+
+def test_merge_undo_redo_exact(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    original = two_touching_squares()
+    layer = viewer.add_labels(original.copy(), name="labels")
+    widget = _dock(viewer)
+    widget.ids_edit.setText("1, 2")
+    click(qtbot, widget, "Merge")
+    np.testing.assert_array_equal(layer.data, postprocess.merge_labels(original, [1, 2]))
+    merged = layer.data.copy()
+    click(qtbot, widget, "Undo")
+    np.testing.assert_array_equal(layer.data, original)
+    click(qtbot, widget, "Redo")
+    np.testing.assert_array_equal(layer.data, merged)
+    # the keyboard shortcuts do the same (bound on the layer, over napari's paint-only undo)
+    viewer.layers.selection.active = layer
+    press(viewer, "Control-Z")
+    np.testing.assert_array_equal(layer.data, original)
+    press(viewer, "Control-Shift-Z")
+    np.testing.assert_array_equal(layer.data, merged)
+
+
+@pytest.mark.parametrize("operation, expected", [
+    ("Fill holes", lambda a: postprocess.fill_holes(a)),
+    ("Remove small", lambda a: postprocess.remove_small_objects(a, 50)),
+    ("Relabel", lambda a: postprocess.relabel_sequential(a)),
+    ("Instances → binary", lambda a: postprocess.instances_to_binary(a).astype(np.uint8)),
+])
+def test_operations_match_core_2d(make_napari_viewer, qtbot, operation, expected):
+    viewer = make_napari_viewer()
+    original = two_touching_squares()
+    if operation == "Relabel":
+        original[original == 4] = 9
+    layer = viewer.add_labels(original.copy(), name="labels")
+    widget = _dock(viewer)
+    click(qtbot, widget, operation)
+    np.testing.assert_array_equal(layer.data, expected(original))
+    click(qtbot, widget, "Undo")
+    np.testing.assert_array_equal(layer.data, original)
+
+
+def test_delete_selected_and_binary_to_instances(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    original = two_touching_squares()
+    layer = viewer.add_labels(original.copy(), name="labels")
+    widget = _dock(viewer)
+    layer.selected_label = 4
+    click(qtbot, widget, "Delete")  # empty ids field: the selected label
+    np.testing.assert_array_equal(layer.data, postprocess.delete_label(original, 4))
+    layer.data = (original > 0).astype(np.uint8)
+    click(qtbot, widget, "Binary → instances")
+    np.testing.assert_array_equal(layer.data, postprocess.binary_to_instances(original > 0))
+
+
+def test_split_with_seed_clicks_and_automatic(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    original = np.zeros((30, 50), dtype=np.uint16)
+    original[8:22, 5:45] = 7  # one long object
+    layer = viewer.add_labels(original.copy(), name="labels", scale=(0.5, 0.5))
+    widget = _dock(viewer)
+    points = widget.add_seeds_layer()
+    points.add([[15, 10], [15, 40]])  # the seeds layer has the labels layer's scale
+    widget.labels_combo.set_layer(layer)
+    click(qtbot, widget, "Split")
+    expected = postprocess.split_label(original, 7, [(15.0, 10.0), (15.0, 40.0)], sampling=(0.5, 0.5))
+    np.testing.assert_array_equal(layer.data, expected)
+    assert len(points.data) == 0  # seeds are used up
+    click(qtbot, widget, "Undo")
+    np.testing.assert_array_equal(layer.data, original)
+    widget.ids_edit.setText("7")
+    click(qtbot, widget, "Split")  # no seeds: automatic
+    np.testing.assert_array_equal(layer.data, postprocess.split_label(original, 7, None,
+                                                                      sampling=(0.5, 0.5)))
+
+
+def test_stack_current_slice_scope_and_correction_tracking(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    stack = np.stack([two_touching_squares()] * 6)
+    layer = viewer.add_labels(stack.copy(), name="labels")
+    widget = _dock(viewer)
+    viewer.dims.set_point(0, 3)
+    widget.ids_edit.setText("1 2")
+    click(qtbot, widget, "Merge")
+    expected = stack.copy()
+    expected[3] = postprocess.merge_labels(stack[3], [1, 2])
+    np.testing.assert_array_equal(layer.data, expected)
+    assert layer.metadata["napari_unet_corrected_slices"] == [3]
+
+    # painting with napari's brush marks the slice as corrected
+    viewer.dims.set_point(0, 1)
+    layer.n_edit_dimensions = 2
+    layer.paint((1, 30, 30), 9)
+    assert layer.metadata["napari_unet_corrected_slices"] == [1, 3]
+    assert [widget.slice_list.item(i).text() for i in range(widget.slice_list.count())] == \
+        ["slice 1", "slice 3"]
+    # undo walks back through the paint stroke and the merge, in order
+    click(qtbot, widget, "Undo")
+    assert not (layer.data[1] == 9).any()
+    np.testing.assert_array_equal(layer.data, expected)
+    click(qtbot, widget, "Undo")
+    np.testing.assert_array_equal(layer.data, stack)
+
+    # the list: unmark, mark manually, jump
+    widget.slice_list.item(0).setSelected(True)
+    click(qtbot, widget, "Unmark")
+    assert layer.metadata["napari_unet_corrected_slices"] == [3]
+    viewer.dims.set_point(0, 5)
+    click(qtbot, widget, "Mark current")
+    assert layer.metadata["napari_unet_corrected_slices"] == [3, 5]
+    widget.slice_list.clearSelection()
+    widget.slice_list.item(0).setSelected(True)
+    click(qtbot, widget, "Go to")
+    assert viewer.dims.current_step[0] == 3
+
+    # 3D scope changes every slice
+    widget.scope_combo.setCurrentText("whole stack (3D)")
+    widget.ids_edit.setText("4")
+    click(qtbot, widget, "Delete")
+    assert not (layer.data == 4).any()
+
+
+def test_errors_are_notifications(make_napari_viewer, qtbot, notifications):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    click(qtbot, widget, "Merge")  # no labels layer
+    assert any(sev == "error" for sev, _ in notifications)
+    viewer.add_labels(two_touching_squares(), name="labels")
+    notifications.clear()
+    widget.ids_edit.setText("one, two")
+    click(qtbot, widget, "Delete")
+    assert any(sev == "error" and "whole numbers" in msg for sev, msg in notifications)
+    notifications.clear()
+    widget.ids_edit.setText("42")
+    click(qtbot, widget, "Split")
+    assert any(sev == "error" and "42" in msg for sev, msg in notifications)
