@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import io
 import os
 import pickle
 import tempfile
@@ -103,15 +104,19 @@ def expected_channels(task: str, n_classes: int) -> int:
     return 2 if task == "foreground_boundary" else 1
 
 
-def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    payload = {
+def _payload(model: SegmentationModel) -> dict[str, Any]:
+    return {
         "format": FORMAT,
         "config": model.network.config.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.network.state_dict().items()},
         "metadata": {**model.metadata(), "saved": _dt.datetime.now(_dt.timezone.utc).isoformat()},
     }
+
+
+def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    payload = _payload(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -136,18 +141,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    return _load(path, path.name, map_location)
+
+
+def model_to_bytes(model: SegmentationModel) -> bytes:
+    """``model`` as the bytes of a checkpoint file (e.g. to hand it to another process)."""
+    buffer = io.BytesIO()
+    torch.save(_payload(model), buffer)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes, map_location: str | torch.device = "cpu") -> SegmentationModel:
+    """The model in checkpoint bytes from :func:`model_to_bytes` (loaded as safely as a file)."""
+    return _load(io.BytesIO(data), "model data", map_location)
+
+
+def _load(source: Any, name: str, map_location: str | torch.device) -> SegmentationModel:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"refusing to load {path.name}: it contains pickled Python objects, which could run "
+            f"refusing to load {name}: it contains pickled Python objects, which could run "
             "code; only checkpoints saved by napari-unet (tensors and plain data) are loaded"
         ) from err
     except Exception as err:  # zip/EOF/runtime errors from a damaged file
-        raise CheckpointError(f"cannot read model file {path.name}: corrupt or not a checkpoint "
+        raise CheckpointError(f"cannot read model file {name}: corrupt or not a checkpoint "
                               f"({type(err).__name__})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path.name} is not a napari-unet checkpoint")
+        raise CheckpointError(f"{name} is not a napari-unet checkpoint")
     try:
         network = UNet(UNetConfig.from_dict(payload["config"]))
         network.load_state_dict(payload["state_dict"])
@@ -156,7 +177,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{path.name} is damaged: {err}") from err
+        raise CheckpointError(f"{name} is damaged: {err}") from err
     network.eval()
     return model
 

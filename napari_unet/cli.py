@@ -43,6 +43,8 @@ def _progress_bar(total: int, desc: str, unit: str = "tile"):
 # --- predict -------------------------------------------------------------------------------
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
+    from .postprocess import DEFAULT_MIN_SIZE
+
     parser = commands.add_parser("predict", help="segment an image or stack with a model",
                                  description="Segment a 2D image or 3D stack, tile by tile.")
     parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file, DICOM series folder, "
@@ -58,7 +60,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
                         help="largest tile read at once, e.g. 64,256,256 (default: from free memory)")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--min-size", type=int, default=0, help="remove objects smaller than this (voxels)")
+    parser.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
+                        help=f"remove objects smaller than this (voxels; default {DEFAULT_MIN_SIZE})")
     parser.add_argument("--hu-window", type=_parse_window, default=None, metavar="CENTER,WIDTH",
                         help="CT: normalise with this Hounsfield window (e.g. 40,400) instead of the model's setting")
     big = parser.add_argument_group("big data (zarr output, dask, batch)")

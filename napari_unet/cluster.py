@@ -34,6 +34,7 @@ from .checkpoint import SegmentationModel
 from .inference import OUTPUTS, Progress, _to_output_dtype, predict_probabilities
 from .models import UNet, UNetConfig
 from .normalization import Normalizer, fit_normalizer
+from .postprocess import DEFAULT_MIN_SIZE
 from .progress import drain
 from .streaming import (
     DEFAULT_MAX_TILE_BYTES,
@@ -290,7 +291,7 @@ def predict_to_zarr_distributed(
     probabilities: bool = False,
     probability_dtype: str = "float32",
     threshold: float = 0.5,
-    min_size: int = 0,
+    min_size: int = DEFAULT_MIN_SIZE,
     method: str = "watershed",
     min_overlap: float = 0.5,
     voxel_size: Sequence[float] | None = None,
@@ -321,7 +322,7 @@ def predict_to_zarr_distributed(
         sampling = tuple(float(v) for v in voxel_size)
     settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
                               probability_dtype=probability_dtype, threshold=float(threshold),
-                              method=method, voxel_size=sampling)
+                              method=method, voxel_size=sampling, min_size=int(min_size))
     group, _, resumed = open_stream(path, plan=plan, settings=settings, model=model, image=local_image,
                                     overwrite=overwrite, input_path=input_path,
                                     voxel_size=voxel_size, unit=unit)
@@ -381,7 +382,7 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
         image = open_lazy(source, allow_channels=model.config.in_channels > 1)
         drain(predict_to_zarr(image.data, model, target, output=output,
                               threshold=options.get("threshold", 0.5),
-                              min_size=options.get("min_size", 0), voxel_size=image.voxel_size,
+                              min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
                               unit=image.unit, device=options.get("device", "cpu"),
                               tile_shape=options.get("tile_shape"), input_path=source,
                               overwrite=options.get("overwrite", False)))
@@ -389,7 +390,7 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
     image = read_image(source, allow_channels=model.config.in_channels > 1)
     result = drain(segment(image.data, model, output=output, device=options.get("device", "cpu"),
                            tile_shape=options.get("tile_shape"), threshold=options.get("threshold", 0.5),
-                           min_size=options.get("min_size", 0), voxel_size=image.voxel_size,
+                           min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
                            dtype=np.float32))
     if output == "probabilities":
         data = result.data if result.data.shape[0] > 1 else result.data[0]

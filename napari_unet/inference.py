@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from .checkpoint import SegmentationModel
+from . import postprocess
 from .models import UNet, fuse_for_inference
 from .normalization import Normalizer, fit_normalizer
+from .postprocess import DEFAULT_MIN_SIZE
 from .tiling import Tile, count_tiles, plan_tiles
 
 OUTPUTS = ("probabilities", "labels", "instances")
@@ -367,11 +369,9 @@ def _can_shrink(tile: Tile, divisor: Sequence[int]) -> bool:
 
 
 def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *,
-                            threshold: float = 0.5, min_size: int = 0,
+                            threshold: float = 0.5, min_size: int = DEFAULT_MIN_SIZE,
                             voxel_size: Sequence[float] | None = None) -> np.ndarray:
     """Turn probabilities into ``labels`` (binary or class ids) or ``instances``."""
-    from . import postprocess  # scikit-image is slow to import; only needed here
-
     probs = np.asarray(probabilities)
     if probs.dtype == np.uint8:
         probs = probs.astype(np.float32) / 255
@@ -379,7 +379,9 @@ def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *
         return probs
     if output == "labels":
         labels = postprocess.to_semantic(probs, task, threshold=threshold)
-        return postprocess.remove_small_objects(labels, min_size) if min_size else labels
+        if not min_size or task == "semantic":  # class ids are not objects
+            return labels
+        return postprocess.remove_small_objects(labels.astype(bool), min_size).astype(labels.dtype)
     if output == "instances":
         return postprocess.to_instances(probs, task, threshold=threshold, min_size=min_size,
                                         sampling=voxel_size)
@@ -387,7 +389,8 @@ def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *
 
 
 def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
-            threshold: float = 0.5, min_size: int = 0, voxel_size: Sequence[float] | None = None,
+            threshold: float = 0.5, min_size: int = DEFAULT_MIN_SIZE,
+            voxel_size: Sequence[float] | None = None,
             **predict_options: Any) -> Generator[Progress, None, SegmentationResult]:
     """Predict and post-process: the whole Segment job, as one generator.
 

@@ -40,6 +40,8 @@ Method = Literal["watershed", "connected_components"]
 #: Label images whose largest id is at most this (or at most 4x their size) are handled with
 #: lookup tables indexed by id; larger ids fall back to sorting with ``np.unique``.
 _MAX_LUT_ID = 1 << 26
+# smallest object kept by default: below this, seeds and specks are noise, not objects
+DEFAULT_MIN_SIZE = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,13 +542,14 @@ def to_instances(
     task: Task,
     *,
     threshold: float = 0.5,
-    min_size: int = 16,
+    min_size: int = DEFAULT_MIN_SIZE,
     sampling: float | Sequence[float] | None = None,
     method: Method = "watershed",
     min_distance: float | None = None,
     peak_prominence: float = 0.2,
     seed_erosion: float = 1.0,
     mask: np.ndarray | None = None,
+    min_seed_size: int | None = None,
 ) -> np.ndarray:
     """Instance labels from the network probabilities.
 
@@ -592,6 +595,10 @@ def to_instances(
         ``"membranes"``: seeds keep the cell voxels farther than this from a membrane.
     mask : numpy.ndarray, optional
         Region of interest (spatial shape); voxels outside are background.
+    min_seed_size : int, optional
+        Watershed seeds smaller than this are dropped (default ``min_size // 4``); streamed
+        chunks set it while keeping ``min_size=0``, since objects cut by a chunk border are
+        only measured after merging.
 
     Returns
     -------
@@ -608,7 +615,8 @@ def to_instances(
         roi = np.asarray(mask) != 0
         if roi.shape != spatial_shape:
             raise ValueError(f"mask shape {roi.shape} differs from spatial shape {spatial_shape}")
-    min_seed_size = max(1, int(min_size) // 4)
+    if min_seed_size is None:
+        min_seed_size = max(1, int(min_size) // 4)
 
     if task == "semantic":
         classes = np.argmax(probs, axis=0)

@@ -56,6 +56,8 @@ from .inference import (
 )
 from .models import fuse_for_inference
 from .normalization import Normalizer, fit_normalizer
+from . import postprocess
+from .postprocess import DEFAULT_MIN_SIZE
 from .progress import drain
 from .tiling import Tile, core_size, plan_tiles
 
@@ -176,6 +178,7 @@ class StreamSettings:
     threshold: float = 0.5
     method: str = "watershed"
     voxel_size: tuple[float, ...] | None = None
+    min_size: int = DEFAULT_MIN_SIZE
 
     def arrays(self) -> list[str]:
         names = []
@@ -408,8 +411,6 @@ class TileWriter:
             self.messages.append(update.message)
 
     def write(self, index: int, tile: Tile, probabilities: np.ndarray) -> None:
-        from . import postprocess
-
         settings = self.settings
         region = tile.write
         if "probabilities" in self.arrays:
@@ -421,6 +422,7 @@ class TileWriter:
         if "_local" in self.arrays:
             local = postprocess.to_instances(
                 probabilities, settings.task, threshold=settings.threshold, min_size=0,
+                min_seed_size=max(1, settings.min_size // 4),
                 sampling=settings.voxel_size, method=settings.method)
             self.arrays["_local"][region] = local.astype(np.uint32, copy=False)
             self.counts[np.unravel_index(index, self.plan.grid)] = int(local.max(initial=0))
@@ -451,7 +453,7 @@ def predict_to_zarr(
     probabilities: bool = False,
     probability_dtype: str = "float32",
     threshold: float = 0.5,
-    min_size: int = 0,
+    min_size: int = DEFAULT_MIN_SIZE,
     method: str = "watershed",
     min_overlap: float = 0.5,
     voxel_size: Sequence[float] | None = None,
@@ -519,7 +521,7 @@ def predict_to_zarr(
         sampling = tuple(float(v) for v in voxel_size)
     settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
                               probability_dtype=probability_dtype, threshold=float(threshold),
-                              method=method, voxel_size=sampling)
+                              method=method, voxel_size=sampling, min_size=int(min_size))
     group, normalizer, resumed = open_stream(
         path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
         overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)

@@ -782,6 +782,39 @@ def train(model: SegmentationModel, pairs: Sequence[TrainingPair],
     return Trainer(model, pairs, config).run()
 
 
+def train_job(checkpoint: bytes, pairs: Sequence[TrainingPair], config: TrainingConfig | None = None
+              ) -> Generator[TrainingStats, Any, bytes]:
+    """:meth:`Trainer.run` for a model given as checkpoint bytes, returning checkpoint bytes.
+
+    The body of :func:`train_in_subprocess` (it runs in the child process): models cross the
+    process boundary as :func:`checkpoint.model_to_bytes` data, never as pickled objects.
+    ``send("stop")`` ends training early with the best weights, as for :meth:`Trainer.run`.
+    """
+    from .checkpoint import model_from_bytes, model_to_bytes
+
+    trainer = Trainer(model_from_bytes(checkpoint), pairs, config)
+    model = yield from trainer.run()
+    return model_to_bytes(model)
+
+
+def train_in_subprocess(model: SegmentationModel, pairs: Sequence[TrainingPair],
+                        config: TrainingConfig | None = None, *, nice: int = 0, grace: float = 30.0):
+    """:func:`train` in a child process, so the caller's process (a GUI) never waits for the
+    interpreter lock: yields :class:`TrainingStats`, returns the new model.
+
+    Input errors (``ValueError``) are raised when iterating (the data is prepared in the child).
+    ``job.request_stop()`` (thread-safe) ends training at the next iteration and the job
+    returns the best model; ``job.close()`` stops the child (its best model, if it arrives
+    within ``grace`` seconds, is in ``job.result``). See :mod:`napari_unet.subprocess_job`.
+    The model is encoded here, so call this off the GUI thread for large models.
+    """
+    from .checkpoint import model_from_bytes, model_to_bytes
+    from .subprocess_job import run_in_subprocess
+
+    return run_in_subprocess(train_job, model_to_bytes(model), list(pairs), config,
+                             stop_command="stop", decode=model_from_bytes, nice=nice, grace=grace)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------

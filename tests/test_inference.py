@@ -270,3 +270,15 @@ def test_instances_from_foreground_probabilities_split_touching_objects():
     assert instances.max() == 2
     binary = inference.probabilities_to_output(probabilities, "foreground", "labels")
     assert set(np.unique(binary)) == {0, 1}
+
+
+def test_default_min_size_drops_seed_fragments():
+    """Tiny seeds (a few voxels of 'not boundary') must not become objects by default."""
+    yy, xx = np.mgrid[:64, :64]
+    disk = (yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2
+    boundary = disk & ((yy - 32) ** 2 + (xx - 32) ** 2 >= 10 ** 2)
+    boundary[50, 32] = False  # a 1-pixel hole in the boundary ring = a fragment seed
+    probabilities = np.stack([disk, boundary]).astype(np.float16)
+    assert inference.probabilities_to_output(probabilities, "foreground_boundary", "instances").max() == 1
+    fragments = inference.probabilities_to_output(probabilities, "foreground_boundary", "instances", min_size=0)
+    assert fragments.max() == 2

@@ -36,7 +36,9 @@ class LossPlot:
 
         self.figure = Figure(figsize=(3.6, 2.2), dpi=80, layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
+        # a fixed height: a status line that wraps differently must not resize the canvas
+        # (every resize is a full figure redraw, ~50 ms, on the main thread)
+        self.canvas.setFixedHeight(150)
         self.canvas.setToolTip("Training loss relative to its first value (blue, left) and "
                                "validation Dice (orange, right)")
         self.ax = self.figure.add_subplot(111)
@@ -242,9 +244,10 @@ class FineTuneWidget(QWidget):
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
         layout.addWidget(self.status)
 
+        # the view (status, progress, loss curve) is redrawn by this timer, not per iteration
         self._timer = QTimer(self)
         self._timer.setInterval(int(PLOT_INTERVAL * 1000))
-        self._timer.timeout.connect(self.plot.draw)
+        self._timer.timeout.connect(self._refresh_view)
 
         self.model_combo.currentIndexChanged.connect(self._model_selected)
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
@@ -412,26 +415,37 @@ class FineTuneWidget(QWidget):
         self.status.setText("Stopping after this iteration…")
 
     def _on_stats(self, stats: Any) -> None:
-        if self._run.get("finished"):  # a late update (napari's progress bar processes events)
+        """Each iteration: keep the numbers; the view is redrawn by the timer (cheap here)."""
+        run = self._run
+        if run.get("finished") or run.get("ended"):  # a late update
             return
         self.last_stats = stats
         self.plot.add(stats)
-        fraction = stats.fraction
-        self.progress_bar.setValue(int(1000 * fraction))
-        text = (f"iteration {stats.iteration}"
-                + (f"/{stats.total_iterations}" if stats.total_iterations else "")
-                + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
-                + f" · {format_seconds(stats.elapsed)}")
-        if stats.best_score is not None:
-            text += f" · best Dice {stats.best_score:.3f}"
-        self.status.setText(text)
+        run["fresh"] = True
         if stats.preview is not None:
             self._show_preview(stats.preview)
-        # last: napari's activity-panel bar calls processEvents, which may run later callbacks
-        now = time.perf_counter()
-        if self._pbar is not None and now - self._run.get("pbar_time", 0.0) >= PLOT_INTERVAL:
-            self._run["pbar_time"] = now
-            self._pbar.update(int(1000 * fraction) - self._pbar.n)
+
+    def _refresh_view(self) -> None:
+        """Timer tick (every PLOT_INTERVAL while training): status, progress bars, loss curve."""
+        run = self._run
+        stats = self.last_stats
+        if run.get("fresh") and not run.get("ended") and stats is not None:
+            run["fresh"] = False
+            fraction = stats.fraction
+            self.progress_bar.setValue(int(1000 * fraction))
+            text = (f"iteration {stats.iteration}"
+                    + (f"/{stats.total_iterations}" if stats.total_iterations else "")
+                    + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
+                    + f" · {format_seconds(stats.elapsed)}")
+            if stats.best_score is not None:
+                text += f" · best Dice {stats.best_score:.3f}"
+            self.status.setText(text)
+            self.plot.draw()
+            # last: napari's activity-panel bar calls processEvents, which may run later callbacks
+            if self._pbar is not None:
+                self._pbar.update(int(1000 * fraction) - self._pbar.n)
+        else:
+            self.plot.draw()
 
     def _show_preview(self, probabilities: np.ndarray) -> None:
         run = self._run
@@ -445,16 +459,23 @@ class FineTuneWidget(QWidget):
             translate[-3] += run["preview_z"] * image.scale[-3]
         if PREVIEW_LAYER in self.viewer.layers:
             layer = self.viewer.layers[PREVIEW_LAYER]
-            if layer.data.shape == foreground.shape:
-                layer.data = foreground
-                layer.translate = translate
+            data = layer.data
+            if (isinstance(data, np.ndarray) and data.shape == foreground.shape
+                    and data.dtype == np.float32 and data.flags.writeable):
+                if not np.allclose(layer.translate, translate):
+                    layer.translate = translate
+                # in place + one refresh: no new array, no data event, no dims update
+                data[...] = foreground
+                layer.refresh()
                 return
             self.viewer.layers.remove(layer)
-        self.viewer.add_image(foreground, name=PREVIEW_LAYER, scale=image.scale, translate=translate,
-                              colormap="magma", blending="additive", opacity=0.6,
-                              contrast_limits=(0.0, 1.0))
+        # the layer owns its array (it is written in place later)
+        self.viewer.add_image(np.array(foreground, dtype=np.float32), name=PREVIEW_LAYER,
+                              scale=image.scale, translate=translate, colormap="magma",
+                              blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0))
 
     def _on_result(self, model: Any) -> None:
+        self._run["ended"] = True
         self.progress_bar.setValue(self.progress_bar.maximum())
         self.result_key = self.registry.add_model(model, parent_key=self.base_key)
         self.revert_button.setEnabled(True)
@@ -468,6 +489,7 @@ class FineTuneWidget(QWidget):
         self.status.setText(text + "). It is selected in the Segment dock.")
 
     def _on_error(self, err: BaseException) -> None:
+        self._run["ended"] = True
         self.status.setText(notify_error(err, "Fine-tune"))
 
     def _on_finish(self) -> None:
@@ -479,7 +501,7 @@ class FineTuneWidget(QWidget):
             self._pbar = None
         try:
             self._timer.stop()
-            self.plot.draw()
+            self.plot.draw()  # the last points
             self.finetune_button.setEnabled(True)
             self.stop_button.setEnabled(False)
         except RuntimeError:

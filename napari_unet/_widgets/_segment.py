@@ -11,6 +11,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QProgressBar, QSpinBox, QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError
+from ..postprocess import DEFAULT_MIN_SIZE
 from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
 from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, current_slice_index,
                      format_seconds, get_registry, import_heavy_modules_on_main_thread,
@@ -98,7 +99,7 @@ class SegmentWidget(QWidget):
 
         self.min_size_spin = QSpinBox()
         self.min_size_spin.setRange(0, 10_000_000)
-        self.min_size_spin.setValue(0)
+        self.min_size_spin.setValue(DEFAULT_MIN_SIZE)
         self.min_size_spin.setToolTip("Remove objects smaller than this many pixels/voxels "
                                       "(0 = keep all)")
         fields.addRow("Min size", self.min_size_spin)
@@ -296,7 +297,10 @@ class SegmentWidget(QWidget):
         # whole-scope runs start from an empty layer, so the tiles show as they arrive
         whole = all(r.start == 0 and r.stop == n for r, n in zip(read, shape))
         if whole and not created:
-            layer.data = np.zeros(shape, dtype=layer.data.dtype)
+            # big enough for any object count, so the result is written in place at the end
+            dtype = layer.data.dtype if output != "instances" else np.promote_types(
+                layer.data.dtype, np.uint32)
+            layer.data = np.zeros(shape, dtype=dtype)
         self._pbar = progress(total=0, desc=f"Segment {image.name} ({model.label})")
         self.progress_bar.setRange(0, 0)  # busy until the tile count is known
         self.segment_button.setEnabled(False)
@@ -318,9 +322,10 @@ class SegmentWidget(QWidget):
                 update = next(job)
             except StopIteration as stop:
                 result = stop.value
-                # count objects here, not on the main thread
+                # count objects (and find the largest id) here, not on the main thread
                 ids = np.unique(result.data) if result.output != "probabilities" else np.zeros(1)
-                return result, int(np.count_nonzero(ids))
+                largest = int(ids[-1]) if ids.size and result.output != "probabilities" else 0
+                return result, int(np.count_nonzero(ids)), largest
             preview = None
             if update.region is not None and update.probabilities is not None:
                 preview = to_semantic(np.asarray(update.probabilities, dtype=np.float32), task,
@@ -387,17 +392,22 @@ class SegmentWidget(QWidget):
                 self._pbar.total = update.total
             self._pbar.update(update.done - self._pbar.n)
 
-    def _on_result(self, returned: tuple[Any, int]) -> None:
-        result, n_found = returned
+    def _on_result(self, returned: tuple[Any, int, int]) -> None:
+        result, n_found, largest = returned
         run = self._run
         layer = run["layer"]
-        data = np.asarray(result.data)
         keep = run["keep"]
-        values = data[keep]
+        values = np.asarray(result.data)[keep]  # a view
         layer_region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(run["offset"], keep))
-        full = np.asarray(layer.data, dtype=np.promote_types(layer.data.dtype, values.dtype))
-        full[layer_region] = values
-        layer.data = full  # one data event: the final result replaces the preview
+        if _fits_in_place(layer.data, values.dtype, largest):
+            # the final result overwrites the preview in the layer's own array: one copy of the
+            # segmented region, no new array, no data event (napari re-slices what is on screen)
+            layer.data[layer_region] = values
+            layer.refresh()
+        else:  # a reused layer whose dtype cannot hold the ids (rare): replace its data
+            full = np.asarray(layer.data, dtype=np.promote_types(layer.data.dtype, values.dtype))
+            full[layer_region] = values
+            layer.data = full
         whole = all(r.start == 0 and r.stop == n for r, n in zip(run["read"], layer.data.shape))
         if whole:
             layer.metadata[PROBABILITIES_KEY] = result.probabilities
@@ -443,3 +453,14 @@ class SegmentWidget(QWidget):
     def first_tile_seconds(self) -> float | None:
         """Seconds from clicking Segment to the first tile on screen (last run)."""
         return self._run.get("first_tile")
+
+
+def _fits_in_place(data: Any, dtype: np.dtype, largest: int) -> bool:
+    """Whether labels of ``dtype`` (ids up to ``largest``) can be written into ``data`` as is."""
+    if not isinstance(data, np.ndarray) or not data.flags.writeable:
+        return False
+    if not np.issubdtype(data.dtype, np.integer):
+        return False
+    if not (np.issubdtype(dtype, np.integer) or dtype == bool):
+        return False
+    return 0 <= largest <= np.iinfo(data.dtype).max
