@@ -50,7 +50,8 @@ def foreground(model, stack: np.ndarray) -> np.ndarray:
 
 
 def run_case(title: str, model_name: str, image: np.ndarray, labels: np.ndarray, seconds: float,
-             seed: int = 0, freeze_norm: bool | None = None) -> tuple[float, float, float]:
+             seed: int = 0, freeze_norm: bool | None = None,
+             learning_rate: float | None = None) -> tuple[float, float, float]:
     model = load_model(model_name)
     truth = training_targets(labels, model.task)[0] > 0 if model.task != "semantic" else labels > 0
     slices = corrected_slices(image.shape[0])
@@ -58,7 +59,7 @@ def run_case(title: str, model_name: str, image: np.ndarray, labels: np.ndarray,
     before = dice(foreground(model, image)[others], truth[others])
     trainer = Trainer(model, [TrainingPair(image, labels, slices=slices)],
                       TrainingConfig(time_limit=seconds, seed=seed, device="cpu",
-                                     freeze_norm=freeze_norm))
+                                     freeze_norm=freeze_norm, learning_rate=learning_rate))
     start = time.perf_counter()
     tuned = drain(trainer.run())
     took = time.perf_counter() - start

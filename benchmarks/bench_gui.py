@@ -86,6 +86,9 @@ def main() -> None:
                         help="measure Segment for at most this long, then cancel")
     parser.add_argument("--finetune-seconds", type=float, default=20.0,
                         help="fine-tuning time limit")
+    parser.add_argument("--finetune-in-thread", action="store_true",
+                        help="train in a thread of the GUI process (as before), not in a child "
+                             "process (the dock's default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()
@@ -158,6 +161,7 @@ def main() -> None:
     finetune.time_spin.setValue(int(args.finetune_seconds))
     finetune.iterations_spin.setValue(0)
     finetune.device_combo.setCurrentIndex(finetune.device_combo.findData("cpu"))
+    finetune.in_subprocess = not args.finetune_in_thread
     t0 = time.perf_counter()
     finetune.fine_tune()
     click_ms = (time.perf_counter() - t0) * 1000
@@ -166,7 +170,8 @@ def main() -> None:
     stall_finetune = beat.stop()
     p99_finetune = beat.percentile(99)
     stats = finetune.last_stats
-    print(f"fine-tune: {stats.iteration if stats else 0} iterations in "
+    print(f"fine-tune ({'thread' if args.finetune_in_thread else 'child process'}): "
+          f"{stats.iteration if stats else 0} iterations in "
           f"{time.perf_counter() - t0:.1f} s, click handler {click_ms:.0f} ms, "
           f"max stall {stall_finetune:.0f} ms, p99 {p99_finetune:.0f} ms")
     print(f"torch threads {torch.get_num_threads()}")

@@ -11,7 +11,6 @@ import datetime as _dt
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .io import atomic_write
 from .models import UNet, UNetConfig
 
 FORMAT = "napari-unet/1"
@@ -118,15 +118,12 @@ def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
     path = Path(path)
     payload = _payload(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SegmentationModel:

@@ -311,6 +311,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--norm", choices=["batch", "group", "instance"], default="batch")
+    parser.add_argument("--percentiles", default=None, metavar="LOW,HIGH",
+                        help="new models: intensity percentiles mapped to 0 and 1 (default 1,99.8)")
     parser.add_argument("--anisotropic", type=int, default=None, metavar="LEVELS",
                         help="3D: pool only in y/x for the first LEVELS poolings "
                              "(default: from the voxel size, 1 when z spacing >= 1.7x the pixel size)")
@@ -421,7 +423,17 @@ def _run_train(args: argparse.Namespace) -> int:
                 if voxel_size and len(voxel_size) == 3 and voxel_size[0] >= 1.7 * min(voxel_size[1:]):
                     n_aniso = 1
             levels = tuple(range(min(n_aniso, args.depth - 1)))
+        normalization = None
+        if args.percentiles:
+            try:
+                low, high = (float(v) for v in args.percentiles.split(","))
+            except ValueError:
+                raise UsageError(f"--percentiles expects two numbers like 1,99.8, got {args.percentiles!r}") from None
+            if not 0 <= low < high <= 100:
+                raise UsageError(f"--percentiles must satisfy 0 <= low < high <= 100, got {args.percentiles!r}")
+            normalization = {"mode": "percentile", "low": low, "high": high}
         model = new_model(args.dims, task, class_names, base_channels=args.base_channels, depth=args.depth,
+                          normalization=normalization,
                           norm=args.norm, inplane_only_levels=levels, name=args.name or output_path.stem,
                           voxel_size=voxel_size if voxel_size and len(voxel_size) == args.dims else None)
     freeze = {"auto": None, "yes": True, "no": False}[args.freeze_norm]

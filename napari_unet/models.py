@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -240,36 +241,36 @@ class UNet(nn.Module):
         x, shape = self._pad(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
-            if level == 0:
-                x = _slabwise(encoder, [x], [1], slab_voxels)
-            else:
-                factor = encoder.factor
-                x = _slabwise(encoder, [x], [factor], slab_voxels, out_scale=factor)
+            pool = encoder.factor if level else None
+            x = _slabwise(encoder, [x], slab_voxels, out_scale=pool)
             skips.append(x)
         x = skips.pop()
         for index, decoder in enumerate(self.decoders):
             skip = skips.pop()
-            last = index == len(self.decoders) - 1
-            block: Callable[..., torch.Tensor] = decoder
-            if last:
-                def block(low: torch.Tensor, skip_: torch.Tensor, _dec: Up = decoder) -> torch.Tensor:
-                    return self.head(_dec(low, skip_))
-            x = _slabwise(block, [x, skip], [None, 1], slab_voxels, up_factor=decoder.factor,
-                          out_channels=self.config.out_channels if last else None)
+            if index == len(self.decoders) - 1:  # the head runs on the last decoder's slabs
+                block: Callable[..., torch.Tensor] = partial(self._decode_with_head, decoder)
+                out_channels: int | None = self.config.out_channels
+            else:
+                block, out_channels = decoder, None
+            x = _slabwise(block, [x, skip], slab_voxels, up_factor=decoder.factor,
+                          out_channels=out_channels)
             del skip
         if not self.decoders:
             x = self.head(x)
         return x[(..., *(slice(0, s) for s in shape))]
 
+    def _decode_with_head(self, decoder: Up, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.head(decoder(low, skip))
+
 
 def _slabwise(block: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-              scales: list[Any], slab_voxels: int, out_scale: tuple[int, ...] | None = None,
+              slab_voxels: int, out_scale: tuple[int, ...] | None = None,
               up_factor: tuple[int, ...] | None = None, out_channels: int | None = None,
               overlap: int = 2) -> torch.Tensor:
     """Run a local ``block`` slab by slab along the longest spatial axis.
 
-    Three block shapes occur: same resolution (``scales=[1]``), pooling (``out_scale`` = pool
-    factor: the output is coarser than the input), and upsampling (``up_factor``: the first
+    Three block shapes occur: same resolution (neither factor given), pooling (``out_scale`` =
+    pool factor: the output is coarser than the input), and upsampling (``up_factor``: the first
     input is coarser than the output, the second is the skip at output resolution).
     """
     ref = inputs[1] if up_factor is not None else inputs[0]

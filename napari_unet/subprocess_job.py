@@ -80,6 +80,15 @@ def _main_module_not_rerun() -> Any:
 # child side
 # ----------------------------------------------------------------------------------------------
 
+def _send(conn: Any, message: tuple[str, Any]) -> bool:
+    """Send to the parent; False when it is gone."""
+    try:
+        conn.send(message)
+        return True
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return False
+
+
 def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tuple,
                 kwargs: dict, stop_command: Any, nice: int) -> None:
     """Entry point of the child: iterate ``target(*args, **kwargs)``, report over ``conn``."""
@@ -96,21 +105,23 @@ def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tu
                 stopping = True
                 if stop_command is None:
                     job.close()
-                    conn.send(("return", None))
+                    _send(conn, ("return", None))
                     return
                 item = job.send(stop_command)
             else:
                 item = next(job)
-            conn.send(("yield", item))
+            if not _send(conn, ("yield", item)):  # the parent is gone: stop
+                job.close()
+                return
     except StopIteration as stop:
-        conn.send(("return", stop.value))
+        _send(conn, ("return", stop.value))
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         text = "".join(traceback.format_exception(err))
         try:
             pickle.loads(pickle.dumps(err))  # only what the parent can rebuild
-            conn.send(("error", (err, text)))
         except Exception:  # noqa: BLE001
-            conn.send(("error", (None, text)))
+            err = None
+        _send(conn, ("error", (err, text)))
     finally:
         conn.close()
 

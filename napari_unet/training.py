@@ -20,7 +20,7 @@ import datetime as _dt
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generator, Sequence
 
 import numpy as np
@@ -28,13 +28,15 @@ import torch
 
 from .augment import AugmentSettings, augment
 from .checkpoint import TASKS, SegmentationModel, expected_channels
+from .inference import autocast_dtype, predict_probabilities, select_device
 from .losses import class_weights_from_counts, masked_loss, positive_weights
 from .models import UNet, UNetConfig
 from .normalization import Normalizer, fit_normalizer
 
 DEFAULT_TIME_LIMIT = 60.0
 LR_SCRATCH = 1e-3
-LR_FINETUNE = 3e-4
+# bench_finetune (60 s): lr 1e-3 vs 3e-4 gave Dice gains +0.036 vs +0.029 (3D), +0.200 vs +0.190 (2D)
+LR_FINETUNE = 6e-4
 _MAX_INDEX_SAMPLES = 200_000
 
 
@@ -75,8 +77,12 @@ class TrainingConfig:
     preview_interval: float = 5.0
     log_every: int = 1
     #: batch-norm running statistics: frozen (eval mode) or updated; None = frozen when
-    #: fine-tuning a trained model, updated when training from scratch
+    #: fine-tuning a trained model (after re-estimating them on the new data, see
+    #: ``recalibrate_norm``), updated when training from scratch
     freeze_norm: bool | None = None
+    #: with frozen batch norm: first re-estimate its statistics on patches of the new data
+    #: (forward passes only), which adapts the model to new intensities/contrast
+    recalibrate_norm: bool = True
     #: seconds between validation runs (when a validation split exists)
     validation_interval: float = 10.0
     #: fraction of patches centred on an annotated foreground voxel
@@ -303,7 +309,7 @@ class Trainer:
         self._check_config()
         self.task = model.task
         self.fine_tune = model.version > 0 or bool(model.history)
-        self.device = _select_device(self.config.device)
+        self.device = select_device(self.config.device)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -620,6 +626,25 @@ class Trainer:
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    @torch.no_grad()
+    def _recalibrate_norm(self, network: UNet, rng: np.random.Generator, batches: int = 8) -> None:
+        """Re-estimate batch-norm statistics on training patches (cumulative average), so that
+        frozen statistics match the new data."""
+        norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for _ in range(batches):
+            images, _, _ = self._sample_batch(rng)
+            network(torch.from_numpy(images).to(self.device))
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+            m.eval()
+
     def run(self) -> Generator[TrainingStats, Any, SegmentationModel]:
         """Train; yields :class:`TrainingStats`, returns the new :class:`SegmentationModel`.
 
@@ -637,13 +662,15 @@ class Trainer:
         network.to(device)
         self.network = network
         optimizer = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=1e-4)
-        amp_dtype = _autocast_dtype(device) if config.amp else None
+        amp_dtype = autocast_dtype(device) if config.amp else None
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         pos_weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=device)
         class_weights = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
         time_limit, total = self.time_limit, config.iterations
         base_lr = self.learning_rate
         warmup = 10 if self.fine_tune else 20
+        if self._freeze_norm() and config.recalibrate_norm:
+            self._recalibrate_norm(network, rng)
 
         start = time.perf_counter()
         last_val = start
@@ -736,7 +763,6 @@ class Trainer:
         return SegmentationModel(network=snapshot, **meta)
 
     def _validate(self, network: UNet) -> float:
-        from .inference import predict_probabilities
         from .progress import drain
 
         model = self._eval_model(network)
@@ -762,7 +788,6 @@ class Trainer:
         return float(np.mean(scores))
 
     def _preview(self, network: UNet) -> np.ndarray | None:
-        from .inference import predict_probabilities
         from .progress import drain
 
         try:
@@ -827,15 +852,3 @@ def _finite(value: float | None) -> float | None:
     if value is None or not math.isfinite(float(value)):
         return None
     return round(float(value), 5)
-
-
-def _select_device(device: str) -> torch.device:
-    from .inference import select_device
-
-    return select_device(device)
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    from .inference import autocast_dtype
-
-    return autocast_dtype(device)

@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,8 @@ from napari_unet.checkpoint import (
     list_pretrained,
     load_checkpoint,
     load_model,
+    model_from_bytes,
+    model_to_bytes,
     save_checkpoint,
 )
 from napari_unet.inference import predict_probabilities
@@ -36,6 +36,27 @@ def test_round_trip_keeps_weights_config_and_metadata(tmp_path):
     a = drain(predict_probabilities(image, model, device="cpu", dtype=np.float32))
     b = drain(predict_probabilities(image, loaded, device="cpu", dtype=np.float32))
     np.testing.assert_array_equal(a, b)
+
+
+def test_bytes_round_trip_is_a_checkpoint(tmp_path):
+    model = tiny_model(2, depth=2, base=2, task="foreground_boundary")
+    model.history = [{"kind": "train", "iterations": 3}]
+    data = model_to_bytes(model)
+    assert isinstance(data, bytes)
+    loaded = model_from_bytes(data)
+    assert loaded.config == model.config and loaded.metadata() == model.metadata()
+    for key, value in model.network.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[key], value)
+    assert not loaded.network.training
+    (tmp_path / "m.pt").write_bytes(data)  # the same bytes as a file
+    assert load_checkpoint(tmp_path / "m.pt").metadata() == model.metadata()
+    with pytest.raises(CheckpointError, match="model data"):
+        model_from_bytes(b"not a checkpoint")
+    buffer = __import__("io").BytesIO()
+    torch.save({"format": "napari-unet/1", "config": {}, "state_dict": {}, "metadata": Payload()},
+               buffer)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        model_from_bytes(buffer.getvalue())
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path):

@@ -8,7 +8,7 @@ import tifffile
 from napari_unet.checkpoint import save_checkpoint
 from napari_unet.cli import main
 from napari_unet.inference import segment
-from napari_unet.io import read_image, write_labels_tiff
+from napari_unet.io import read_image
 from napari_unet.progress import drain
 
 from .conftest import tiny_model

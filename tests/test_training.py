@@ -9,7 +9,7 @@ import torch
 from napari_unet.checkpoint import load_checkpoint, save_checkpoint
 from napari_unet.progress import drain
 from napari_unet.training import (Trainer, TrainingConfig, TrainingPair, TrainingStats, new_model,
-                                  train, training_targets)
+                                  train, train_in_subprocess, training_targets)
 
 TINY = dict(base_channels=4, depth=2)
 
@@ -172,6 +172,39 @@ def test_send_stop_and_close_keep_the_best_weights():
     assert best.history[-1]["complete"] is False
 
 
+def test_train_in_subprocess_keeps_the_generator_contract():
+    image, labels = blobs((32, 32))
+    parent = new_model(2, "foreground", **TINY)
+    before = weights(parent)
+    stats = []
+    job = train_in_subprocess(parent, [TrainingPair(image, labels)],
+                              fast(iterations=3, preview_image=image, preview_interval=0.0))
+    result = drain(job, stats.append)
+    assert [s.iteration for s in stats] == [1, 2, 3] and isinstance(stats[0], TrainingStats)
+    assert stats[-1].preview.shape == (1, 32, 32)  # previews come across too
+    assert result.version == 1 and result.history[-1]["iterations"] == 3
+    assert result.history[-1]["complete"] is True
+    assert all(torch.equal(v, parent.network.state_dict()[k]) for k, v in before.items())
+    assert not all(torch.equal(v, result.network.state_dict()[k]) for k, v in before.items())
+
+
+def test_train_in_subprocess_stop_and_errors():
+    image, labels = blobs((32, 32))
+    job = train_in_subprocess(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
+                              fast(iterations=1000))
+    n = 0
+    for _stats in job:
+        n += 1
+        if n == 2:
+            job.request_stop()  # Stop: the job ends normally with the best weights
+    # the child may finish an iteration or two before the stop request reaches it
+    assert 2 <= n <= 4 and job.result.history[-1]["iterations"] == n
+    bad = train_in_subprocess(new_model(2, "foreground", **TINY),
+                              [TrainingPair(image, labels[:10])], fast())
+    with pytest.raises(ValueError, match="differs from labels shape"):
+        drain(bad)
+
+
 def test_validation_split_tracks_the_best_weights():
     image, labels = blobs((8, 32, 32), n=6)
     trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
@@ -198,11 +231,16 @@ def test_single_image_validation_strip_and_preview():
 def test_fine_tuning_freezes_batch_norm_statistics():
     image, labels = blobs((32, 32))
     parent = drain(train(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast()))
-    child = drain(train(parent, [TrainingPair(image, labels)], fast()))
     means = lambda m: [v for k, v in m.network.state_dict().items() if k.endswith("running_mean")]
-    assert all(torch.equal(a, b) for a, b in zip(means(parent), means(child)))
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(means(a), means(b)))
+    frozen = drain(train(parent, [TrainingPair(image, labels)], fast(recalibrate_norm=False)))
+    assert same(parent, frozen)
+    # default: statistics re-estimated on the new data once, then frozen during the iterations
+    short, longer = (drain(train(parent, [TrainingPair(image * 3 + 50, labels)], fast(iterations=n)))
+                     for n in (1, 3))
+    assert not same(parent, short) and same(short, longer)
     unfrozen = drain(train(parent, [TrainingPair(image, labels)], fast(freeze_norm=False)))
-    assert not all(torch.equal(a, b) for a, b in zip(means(parent), means(unfrozen)))
+    assert not same(parent, unfrozen)
 
 
 def test_small_images_are_padded():

@@ -9,16 +9,20 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                            QGroupBox, QListWidget, QProgressBar, QSpinBox, QVBoxLayout, QWidget)
+                            QGroupBox, QListWidget, QSpinBox, QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError, save_checkpoint
-from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
+from ._common import LayerCombo, ProgressBar, button, connect_until_destroyed, row, status_label
 from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
                      import_heavy_modules_on_main_thread, install_correction_tracking,
                      notify_error)
 from ._workers import start_job
 
 PREVIEW_LAYER = "fine-tune preview"
+#: default for ``FineTuneWidget.in_subprocess``: training in a thread of the GUI process holds
+#: its GIL in numpy/scipy code (augmentation), which stalls the Qt event loop (see
+#: benchmarks/bench_gui.py); a child process does not
+IN_SUBPROCESS = True
 #: the loss curve is redrawn at most this often (seconds)
 PLOT_INTERVAL = 0.5
 
@@ -122,7 +126,9 @@ class LossPlot:
         self.dice_line.set_data(self.dice_x, self.dice)
         self.canvas.restore_region(self._background)
         self._draw_lines()
-        self.canvas.blit(self.figure.bbox)
+        # update(), not blit(): blit repaints at once, i.e. one more flush of the whole window
+        # (a GL composition in napari); update() joins the dock's other changes in one repaint
+        self.canvas.update()
 
 
 class FineTuneWidget(QWidget):
@@ -139,7 +145,10 @@ class FineTuneWidget(QWidget):
         install_correction_tracking(napari_viewer)
         import_heavy_modules_on_main_thread()  # never in the worker (see _state)
         self.worker: Any = None
-        self.trainer: Any = None
+        #: the running job's stop handle: a ``SubprocessJob`` (or a ``Trainer`` in-process)
+        self.training_job: Any = None
+        #: train in a child process (default), or in the worker thread of this process
+        self.in_subprocess: bool = IN_SUBPROCESS
         self._stop_early = False
         self._pbar: Any = None
         self._run: dict[str, Any] = {}
@@ -233,7 +242,7 @@ class FineTuneWidget(QWidget):
                                   self._choose_save_path)
         layout.addWidget(row(self.revert_button, self.save_button))
 
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
         self.progress_bar.setTextVisible(False)
@@ -244,9 +253,10 @@ class FineTuneWidget(QWidget):
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
         layout.addWidget(self.status)
 
-        # the view (status, progress, loss curve) is redrawn by this timer, not per iteration
+        # the view (status, progress, loss curve) is redrawn by this timer, not per iteration;
+        # it ticks twice per PLOT_INTERVAL: the dock, then napari's activity bar (see _refresh_view)
         self._timer = QTimer(self)
-        self._timer.setInterval(int(PLOT_INTERVAL * 1000))
+        self._timer.setInterval(int(PLOT_INTERVAL * 500))
         self._timer.timeout.connect(self._refresh_view)
 
         self.model_combo.currentIndexChanged.connect(self._model_selected)
@@ -349,7 +359,7 @@ class FineTuneWidget(QWidget):
         from napari.utils import progress
         from napari.utils.notifications import show_info
 
-        from ..training import Trainer, TrainingConfig
+        from ..training import Trainer, TrainingConfig, train_in_subprocess
 
         if self.worker is not None:
             show_info("Fine-tuning is already running; Stop it first.")
@@ -380,17 +390,25 @@ class FineTuneWidget(QWidget):
             config.time_limit = 60.0
 
         self.base_key = key
-        self.trainer = None
+        self.training_job = None
         self._stop_early = False
         self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
                      "start": time.perf_counter(), "notes": notes}
+        in_subprocess = self.in_subprocess
 
-        def job():
-            trainer = Trainer(model, pairs, config)  # prepares the data: off the main thread
-            self.trainer = trainer
+        def job():  # runs in the worker thread
+            if in_subprocess:
+                # the training loop in a child process: its numpy/scipy work (augmentation,
+                # data preparation) cannot hold this process's GIL and stall the GUI
+                training = train_in_subprocess(model, pairs, config)
+                handle = training
+            else:
+                handle = Trainer(model, pairs, config)  # prepares the data
+                training = handle.run()
+            self.training_job = handle
             if self._stop_early:
-                trainer.request_stop()
-            result = yield from trainer.run()
+                handle.request_stop()
+            result = yield from training
             return result
 
         self.plot.clear(time_limit=config.time_limit, iterations=config.iterations)
@@ -410,8 +428,8 @@ class FineTuneWidget(QWidget):
     def stop(self) -> None:
         """End training at the next iteration; the best weights so far become the new version."""
         self._stop_early = True
-        if self.trainer is not None:
-            self.trainer.request_stop()
+        if self.training_job is not None:
+            self.training_job.request_stop()
         self.status.setText("Stopping after this iteration…")
 
     def _on_stats(self, stats: Any) -> None:
@@ -426,26 +444,29 @@ class FineTuneWidget(QWidget):
             self._show_preview(stats.preview)
 
     def _refresh_view(self) -> None:
-        """Timer tick (every PLOT_INTERVAL while training): status, progress bars, loss curve."""
+        """Timer tick while training. Odd ticks (every PLOT_INTERVAL): the dock's status, progress
+        bar and loss curve, repainted together. Even ticks: napari's activity-panel bar, alone:
+        it calls processEvents, i.e. repaints the window at once, so it gets its own tick."""
         run = self._run
         stats = self.last_stats
-        if run.get("fresh") and not run.get("ended") and stats is not None:
-            run["fresh"] = False
-            fraction = stats.fraction
-            self.progress_bar.setValue(int(1000 * fraction))
-            text = (f"iteration {stats.iteration}"
-                    + (f"/{stats.total_iterations}" if stats.total_iterations else "")
-                    + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
-                    + f" · {format_seconds(stats.elapsed)}")
-            if stats.best_score is not None:
-                text += f" · best Dice {stats.best_score:.3f}"
-            self.status.setText(text)
+        run["tick"] = tick = run.get("tick", 0) + 1
+        if run.get("ended") or stats is None:
+            return
+        fraction = stats.fraction
+        if tick % 2:
+            if run.get("fresh"):
+                run["fresh"] = False
+                self.progress_bar.setValue(int(1000 * fraction))
+                text = (f"iteration {stats.iteration}"
+                        + (f"/{stats.total_iterations}" if stats.total_iterations else "")
+                        + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
+                        + f" · {format_seconds(stats.elapsed)}")
+                if stats.best_score is not None:
+                    text += f" · best Dice {stats.best_score:.3f}"
+                self.status.setText(text)
             self.plot.draw()
-            # last: napari's activity-panel bar calls processEvents, which may run later callbacks
-            if self._pbar is not None:
-                self._pbar.update(int(1000 * fraction) - self._pbar.n)
-        else:
-            self.plot.draw()
+        elif self._pbar is not None and int(1000 * fraction) != self._pbar.n:
+            self._pbar.update(int(1000 * fraction) - self._pbar.n)
 
     def _show_preview(self, probabilities: np.ndarray) -> None:
         run = self._run
@@ -495,7 +516,7 @@ class FineTuneWidget(QWidget):
     def _on_finish(self) -> None:
         self._run["finished"] = True
         self.worker = None
-        self.trainer = None
+        self.training_job = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QLabel,
-                            QProgressBar, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QLabel, QSpinBox,
+                            QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError
 from ..postprocess import DEFAULT_MIN_SIZE
-from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
+from ._common import LayerCombo, ProgressBar, button, connect_until_destroyed, row, status_label
 from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, current_slice_index,
                      format_seconds, get_registry, import_heavy_modules_on_main_thread,
                      install_correction_tracking, layer_unit, notify_error)
@@ -111,7 +111,7 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(False)
         layout.addWidget(row(self.segment_button, self.cancel_button))
 
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("%v / %m tiles")

@@ -32,10 +32,13 @@ def test_segment_2d_instances_match_core(make_napari_viewer, qtbot, registry, mo
     widget.threshold_spin.setValue(0.5)
     click(qtbot, widget, "Segment")
     layer = viewer.layers["cells labels"]  # appears at once
+    array = layer.data
     wait_idle(qtbot, widget)
 
     expected = drain(segment(image, load_model(model_2d_path), output="instances",
                              voxel_size=(0.5, 0.5)))
+    # the result is written into the layer's own array (no new array on the main thread)
+    assert layer.data is array and array.dtype == np.uint32
     np.testing.assert_array_equal(layer.data, expected.data)
     assert tuple(layer.scale) == (0.5, 0.5)
     np.testing.assert_array_equal(layer.metadata["napari_unet_probabilities"], expected.probabilities)
