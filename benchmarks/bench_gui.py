@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--finetune-in-thread", action="store_true",
                         help="train in a thread of the GUI process (as before), not in a child "
                              "process (the dock's default)")
+    parser.add_argument("--nice", type=int, default=None,
+                        help="niceness of the training process (default: the dock's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()
@@ -162,6 +164,8 @@ def main() -> None:
     finetune.iterations_spin.setValue(0)
     finetune.device_combo.setCurrentIndex(finetune.device_combo.findData("cpu"))
     finetune.in_subprocess = not args.finetune_in_thread
+    if args.nice is not None:
+        finetune.subprocess_nice = args.nice
     t0 = time.perf_counter()
     finetune.fine_tune()
     click_ms = (time.perf_counter() - t0) * 1000

@@ -90,13 +90,8 @@ def _send(conn: Any, message: tuple[str, Any]) -> bool:
 
 
 def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tuple,
-                kwargs: dict, stop_command: Any, nice: int) -> None:
+                kwargs: dict, stop_command: Any) -> None:
     """Entry point of the child: iterate ``target(*args, **kwargs)``, report over ``conn``."""
-    if nice and hasattr(os, "nice"):
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
     try:
         job = target(*args, **kwargs)
         stopping = False
@@ -129,6 +124,21 @@ def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tu
 # ----------------------------------------------------------------------------------------------
 # parent side
 # ----------------------------------------------------------------------------------------------
+
+def _lower_priority(pid: int, nice: int) -> None:
+    """Add ``nice`` to the niceness of process ``pid`` (POSIX; elsewhere nothing).
+
+    Done by the parent right after the start, so that the child's own start (interpreter,
+    imports: seconds of CPU) already runs at the lower priority.
+    """
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, pid)
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, current + nice))
+    except OSError:  # gone already, or not allowed
+        pass
+
 
 class SubprocessJob(Generator):
     """A generator whose body runs in a child process; see the module docstring."""
@@ -210,12 +220,14 @@ class SubprocessJob(Generator):
         process = self._context.Process(
             target=_child_main, name=f"napari-unet job ({getattr(self._target, '__name__', 'job')})",
             args=(sender, self._stop_event, self._target, self._args, self._kwargs,
-                  self._stop_command, self._nice),
+                  self._stop_command),
             daemon=True)
         with self._lock:
             self._conn, self._process = receiver, process
             with _main_module_not_rerun():
                 process.start()
+        if self._nice:
+            _lower_priority(process.pid, self._nice)
         sender.close()  # the child holds the other end: EOF when it is gone
         self._args, self._kwargs = (), {}  # the child has its copy
 

@@ -807,16 +807,19 @@ def train(model: SegmentationModel, pairs: Sequence[TrainingPair],
     return Trainer(model, pairs, config).run()
 
 
-def train_job(checkpoint: bytes, pairs: Sequence[TrainingPair], config: TrainingConfig | None = None
-              ) -> Generator[TrainingStats, Any, bytes]:
+def train_job(checkpoint: bytes, pairs: Sequence[TrainingPair], config: TrainingConfig | None = None,
+              num_threads: int | None = None) -> Generator[TrainingStats, Any, bytes]:
     """:meth:`Trainer.run` for a model given as checkpoint bytes, returning checkpoint bytes.
 
     The body of :func:`train_in_subprocess` (it runs in the child process): models cross the
     process boundary as :func:`checkpoint.model_to_bytes` data, never as pickled objects.
     ``send("stop")`` ends training early with the best weights, as for :meth:`Trainer.run`.
+    ``num_threads``: ``torch.set_num_threads`` here (the parent's setting; None = torch's default).
     """
     from .checkpoint import model_from_bytes, model_to_bytes
 
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
     trainer = Trainer(model_from_bytes(checkpoint), pairs, config)
     model = yield from trainer.run()
     return model_to_bytes(model)
@@ -831,13 +834,16 @@ def train_in_subprocess(model: SegmentationModel, pairs: Sequence[TrainingPair],
     ``job.request_stop()`` (thread-safe) ends training at the next iteration and the job
     returns the best model; ``job.close()`` stops the child (its best model, if it arrives
     within ``grace`` seconds, is in ``job.result``). See :mod:`napari_unet.subprocess_job`.
+    The child uses as many torch threads as this process (``torch.get_num_threads()``);
+    ``nice`` lowers its priority (POSIX) so that a busy GUI wins the CPU.
     The model is encoded here, so call this off the GUI thread for large models.
     """
     from .checkpoint import model_from_bytes, model_to_bytes
     from .subprocess_job import run_in_subprocess
 
     return run_in_subprocess(train_job, model_to_bytes(model), list(pairs), config,
-                             stop_command="stop", decode=model_from_bytes, nice=nice, grace=grace)
+                             torch.get_num_threads(), stop_command="stop",
+                             decode=model_from_bytes, nice=nice, grace=grace)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def unpicklable_error_job():
     yield  # pragma: no cover
 
 
+def niceness_job():
+    yield os.nice(0)
+
+
 def dying_job():
     yield 1
     os._exit(3)
@@ -168,6 +172,15 @@ def test_a_child_that_dies_is_an_error_not_a_hang():
     assert next(job) == 1
     with pytest.raises(SubprocessJobError, match="exit code 3"):
         next(job)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX niceness")
+def test_nice_lowers_the_childs_priority():
+    mine = os.nice(0)
+    assert drain(run_in_subprocess(niceness_job), [].append) is None
+    seen = []
+    drain(run_in_subprocess(niceness_job, nice=5), seen.append)
+    assert seen == [min(19, mine + 5)]
 
 
 def test_the_parents_main_script_is_not_run_again(tmp_path):

@@ -23,6 +23,10 @@ PREVIEW_LAYER = "fine-tune preview"
 #: its GIL in numpy/scipy code (augmentation), which stalls the Qt event loop (see
 #: benchmarks/bench_gui.py); a child process does not
 IN_SUBPROCESS = True
+#: niceness added to the training process (POSIX): when the GUI needs the CPU (painting, which
+#: is CPU work with software OpenGL) it gets it first; an idle GUI leaves the CPU to training
+#: (benchmarks/bench_gui.py: same iterations, shorter stalls than with 0)
+SUBPROCESS_NICE = 10
 #: the loss curve is redrawn at most this often (seconds)
 PLOT_INTERVAL = 0.5
 
@@ -149,6 +153,7 @@ class FineTuneWidget(QWidget):
         self.training_job: Any = None
         #: train in a child process (default), or in the worker thread of this process
         self.in_subprocess: bool = IN_SUBPROCESS
+        self.subprocess_nice: int = SUBPROCESS_NICE
         self._stop_early = False
         self._pbar: Any = None
         self._run: dict[str, Any] = {}
@@ -252,6 +257,9 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.plot.canvas)
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
         layout.addWidget(self.status)
+        # the free space stays below the status line: a status that wraps to more lines moves
+        # nothing above it (no relayout and repaint of the whole dock)
+        layout.addStretch(1)
 
         # the view (status, progress, loss curve) is redrawn by this timer, not per iteration;
         # it ticks twice per PLOT_INTERVAL: the dock, then napari's activity bar (see _refresh_view)
@@ -394,13 +402,13 @@ class FineTuneWidget(QWidget):
         self._stop_early = False
         self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
                      "start": time.perf_counter(), "notes": notes}
-        in_subprocess = self.in_subprocess
+        in_subprocess, nice = self.in_subprocess, self.subprocess_nice
 
         def job():  # runs in the worker thread
             if in_subprocess:
                 # the training loop in a child process: its numpy/scipy work (augmentation,
                 # data preparation) cannot hold this process's GIL and stall the GUI
-                training = train_in_subprocess(model, pairs, config)
+                training = train_in_subprocess(model, pairs, config, nice=nice)
                 handle = training
             else:
                 handle = Trainer(model, pairs, config)  # prepares the data
