@@ -29,6 +29,7 @@ result must pickle; send models as checkpoint bytes (:func:`checkpoint.model_to_
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import pickle
@@ -89,10 +90,30 @@ def _send(conn: Any, message: tuple[str, Any]) -> bool:
         return False
 
 
-def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tuple,
-                kwargs: dict, stop_command: Any) -> None:
-    """Entry point of the child: iterate ``target(*args, **kwargs)``, report over ``conn``."""
+def _import_target(reference: str) -> Callable[..., Any]:
+    module_name, _, qualname = reference.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _child_main(conn: Any, stop_event: Any, reference: str, payload: bytes, stop_command: Any,
+                nice: int) -> None:
+    """Entry point of the child: iterate ``target(*args, **kwargs)``, report over ``conn``.
+
+    Only this (light) module is imported before the priority is lowered: the target's module
+    and the arguments (whose classes import it) are loaded after, at the lower priority.
+    """
+    if nice and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     try:
+        target = _import_target(reference)
+        args, kwargs = pickle.loads(payload)
+        del payload
         job = target(*args, **kwargs)
         stopping = False
         while True:
@@ -125,19 +146,13 @@ def _child_main(conn: Any, stop_event: Any, target: Callable[..., Any], args: tu
 # parent side
 # ----------------------------------------------------------------------------------------------
 
-def _lower_priority(pid: int, nice: int) -> None:
-    """Add ``nice`` to the niceness of process ``pid`` (POSIX; elsewhere nothing).
-
-    Done by the parent right after the start, so that the child's own start (interpreter,
-    imports: seconds of CPU) already runs at the lower priority.
-    """
-    if not hasattr(os, "setpriority"):
-        return
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, pid)
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, current + nice))
-    except OSError:  # gone already, or not allowed
-        pass
+def _reference(target: Callable[..., Any]) -> str:
+    """``module:qualname`` of a module-level function, for the child to import."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(f"{target!r} cannot run in a child process: pass a module-level "
+                         "function of an importable module")
+    return f"{module}:{qualname}"
 
 
 class SubprocessJob(Generator):
@@ -146,7 +161,7 @@ class SubprocessJob(Generator):
     def __init__(self, target: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, *,
                  stop_command: Any = None, grace: float = 10.0, nice: int = 0,
                  decode: Callable[[Any], Any] | None = None):
-        self._target = target
+        self._reference = _reference(target)
         self._args = tuple(args)
         self._kwargs = dict(kwargs or {})
         self._stop_command = stop_command
@@ -216,20 +231,20 @@ class SubprocessJob(Generator):
 
     # internals --------------------------------------------------------------------------------
     def _start(self) -> None:
+        # the arguments travel as bytes: the child unpickles them after lowering its priority
+        payload = pickle.dumps((self._args, self._kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        self._args, self._kwargs = (), {}
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_child_main, name=f"napari-unet job ({getattr(self._target, '__name__', 'job')})",
-            args=(sender, self._stop_event, self._target, self._args, self._kwargs,
-                  self._stop_command),
+            target=_child_main, name=f"napari-unet job ({self._reference})",
+            args=(sender, self._stop_event, self._reference, payload, self._stop_command,
+                  self._nice),
             daemon=True)
         with self._lock:
             self._conn, self._process = receiver, process
             with _main_module_not_rerun():
                 process.start()
-        if self._nice:
-            _lower_priority(process.pid, self._nice)
         sender.close()  # the child holds the other end: EOF when it is gone
-        self._args, self._kwargs = (), {}  # the child has its copy
 
     def _receive(self, timeout: float | None) -> tuple[str, Any] | None:
         """Next message from the child; None when ``timeout`` passes without one."""

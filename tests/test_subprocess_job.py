@@ -144,6 +144,15 @@ def test_close_terminates_a_child_that_does_not_return(tmp_path):
     assert job.wait(30) and not _alive(pid)
 
 
+def test_the_target_must_be_importable_by_the_child():
+    def local_job():
+        yield 1
+
+    for target in (local_job, lambda: iter(())):
+        with pytest.raises(ValueError, match="module-level function"):
+            run_in_subprocess(target)
+
+
 def test_close_before_start_is_harmless():
     job = run_in_subprocess(count_job, 3)
     job.close()
