@@ -19,14 +19,17 @@ from ._state import (corrected_slices, current_slice_index, format_seconds, get_
 from ._workers import start_job
 
 PREVIEW_LAYER = "fine-tune preview"
-#: default for ``FineTuneWidget.in_subprocess``: training in a thread of the GUI process holds
-#: its GIL in numpy/scipy code (augmentation), which stalls the Qt event loop (see
-#: benchmarks/bench_gui.py); a child process does not
-IN_SUBPROCESS = True
-#: niceness added to the training process (POSIX): when the GUI needs the CPU (painting, which
-#: is CPU work with software OpenGL) it gets it first; an idle GUI leaves the CPU to training
-#: (benchmarks/bench_gui.py: same iterations, shorter stalls than with 0)
-SUBPROCESS_NICE = 10
+#: default for ``FineTuneWidget.in_subprocess``: train in the worker thread (False) or in a
+#: child process (True, ``training.train_in_subprocess``). Measured (benchmarks/bench_gui.py,
+#: quiet 2-core CPU machine): the training thread's GIL use does not stall the GUI (< 11 ms gaps
+#: with no GUI work), so the thread meets the 50 ms target; the child trains ~20% more
+#: iterations in the same time (no GIL shared with the GUI) but costs ~2 s of start-up and a
+#: copy of the data, and its start-up competes with the first repaint after the click
+IN_SUBPROCESS = False
+#: niceness added to the training child process (POSIX). Higher: a busy GUI gets the CPU first,
+#: but the training also yields to every other job on the machine (it nearly stopped next to
+#: one busy process at 10)
+SUBPROCESS_NICE = 0
 #: the loss curve is redrawn at most this often (seconds)
 PLOT_INTERVAL = 0.5
 
@@ -151,7 +154,7 @@ class FineTuneWidget(QWidget):
         self.worker: Any = None
         #: the running job's stop handle: a ``SubprocessJob`` (or a ``Trainer`` in-process)
         self.training_job: Any = None
-        #: train in a child process (default), or in the worker thread of this process
+        #: train in a child process, or (default) in the worker thread of this process
         self.in_subprocess: bool = IN_SUBPROCESS
         self.subprocess_nice: int = SUBPROCESS_NICE
         self._stop_early = False
@@ -406,8 +409,7 @@ class FineTuneWidget(QWidget):
 
         def job():  # runs in the worker thread
             if in_subprocess:
-                # the training loop in a child process: its numpy/scipy work (augmentation,
-                # data preparation) cannot hold this process's GIL and stall the GUI
+                # the training loop in a child process: no GIL shared with the GUI
                 training = train_in_subprocess(model, pairs, config, nice=nice)
                 handle = training
             else:
@@ -445,7 +447,7 @@ class FineTuneWidget(QWidget):
         run = self._run
         if run.get("finished") or run.get("ended"):  # a late update
             return
-        self.last_stats = stats
+        self.last_stats = run["stats"] = stats
         self.plot.add(stats)
         run["fresh"] = True
         if stats.preview is not None:
@@ -456,7 +458,7 @@ class FineTuneWidget(QWidget):
         bar and loss curve, repainted together. Even ticks: napari's activity-panel bar, alone:
         it calls processEvents, i.e. repaints the window at once, so it gets its own tick."""
         run = self._run
-        stats = self.last_stats
+        stats = run.get("stats")  # this run's latest
         run["tick"] = tick = run.get("tick", 0) + 1
         if run.get("ended") or stats is None:
             return

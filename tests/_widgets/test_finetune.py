@@ -141,8 +141,8 @@ def test_pairs_list(make_napari_viewer, qtbot, registry):
     assert widget.pair_list.count() == 1
 
 
-def test_training_runs_in_a_child_process_preview_updated_in_place(make_napari_viewer, qtbot,
-                                                                   registry, model_2d_path):
+def test_training_in_a_child_process_preview_updated_in_place(make_napari_viewer, qtbot,
+                                                             registry, model_2d_path):
     import os
 
     from napari_unet._widgets._finetune import PREVIEW_LAYER
@@ -154,7 +154,8 @@ def test_training_runs_in_a_child_process_preview_updated_in_place(make_napari_v
     viewer.add_labels(labels, name="img labels")
     segment, widget = _docks(viewer)
     segment.load_model_file(model_2d_path)
-    assert widget.in_subprocess  # the default
+    assert not widget.in_subprocess  # the default: the worker thread (see _finetune.IN_SUBPROCESS)
+    widget.in_subprocess = True
     widget.iterations_spin.setValue(4)
     widget.time_spin.setValue(0)
     widget.config_overrides = {"batch_size": 2}
@@ -178,7 +179,9 @@ def test_training_runs_in_a_child_process_preview_updated_in_place(make_napari_v
     assert "New version" in widget.status.text()
 
 
-def test_training_in_a_thread_still_works(make_napari_viewer, qtbot, registry, model_2d_path):
+def test_training_in_the_worker_thread_by_default(make_napari_viewer, qtbot, registry,
+                                                  model_2d_path):
+    from napari_unet._widgets._finetune import PREVIEW_LAYER
     from napari_unet.training import Trainer
 
     viewer = make_napari_viewer()
@@ -187,14 +190,14 @@ def test_training_in_a_thread_still_works(make_napari_viewer, qtbot, registry, m
     viewer.add_labels(labels, name="img labels")
     segment, widget = _docks(viewer)
     segment.load_model_file(model_2d_path)
-    widget.in_subprocess = False
     widget.iterations_spin.setValue(2)
     widget.time_spin.setValue(0)
     widget.config_overrides = {"batch_size": 2}
-    widget.preview_check.setChecked(False)
     click(qtbot, widget, "Fine-tune")
+    array = viewer.layers[PREVIEW_LAYER].data
     handles = []
     widget.worker.yielded.connect(lambda _stats: handles.append(widget.training_job))
     wait_idle(qtbot, widget)
     assert handles and isinstance(handles[0], Trainer)
     assert registry.get(widget.result_key).history[-1]["iterations"] == 2
+    assert viewer.layers[PREVIEW_LAYER].data is array and array.any()  # written in place
