@@ -84,6 +84,40 @@ class ProgressBar(QProgressBar):
             self.setUpdatesEnabled(True)  # schedules update() (no immediate repaint)
 
 
+def fill_model_combo(combo: QComboBox, registry: Any, placeholder: str | None = None) -> bool:
+    """List the registry's models (display text, key as item data) without emitting signals.
+
+    Returns False when the combo is gone (its dock was closed).
+    """
+    try:
+        combo.blockSignals(True)
+    except RuntimeError:
+        return False
+    combo.clear()
+    for entry in registry.entries():
+        combo.addItem(entry.display, entry.key)
+    if placeholder and not len(registry):
+        combo.addItem(placeholder, None)
+    combo.blockSignals(False)
+    return True
+
+
+def select_model_in_combo(combo: QComboBox, key: str) -> bool:
+    """Show model ``key`` as the combo's current item without emitting signals.
+
+    Returns False when the combo is gone (its dock was closed).
+    """
+    try:
+        index = combo.findData(key) if key else -1
+    except RuntimeError:
+        return False
+    if index >= 0 and index != combo.currentIndex():
+        combo.blockSignals(True)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(False)
+    return True
+
+
 def button(text: str, tooltip: str, slot: Any = None, parent: QWidget | None = None) -> QPushButton:
     widget = QPushButton(text, parent)
     widget.setToolTip(tooltip)

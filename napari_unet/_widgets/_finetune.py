@@ -12,7 +12,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QGroupBox, QListWidget, QSpinBox, QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError, save_checkpoint
-from ._common import LayerCombo, ProgressBar, button, connect_until_destroyed, row, status_label
+from ._common import (LayerCombo, ProgressBar, button, connect_until_destroyed, fill_model_combo,
+                      row, select_model_in_combo, status_label)
 from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
                      import_heavy_modules_on_main_thread, install_correction_tracking,
                      notify_error)
@@ -278,25 +279,11 @@ class FineTuneWidget(QWidget):
 
     # models -----------------------------------------------------------------------------------
     def _fill_models(self) -> None:
-        try:
-            self.model_combo.blockSignals(True)
-        except RuntimeError:
-            return
-        self.model_combo.clear()
-        for entry in self.registry.entries():
-            self.model_combo.addItem(entry.display, entry.key)
-        self.model_combo.blockSignals(False)
-        self._show_current(self.registry.current or "")
+        if fill_model_combo(self.model_combo, self.registry):
+            self._show_current(self.registry.current or "")
 
     def _show_current(self, key: str) -> None:
-        try:
-            index = self.model_combo.findData(key) if key else -1
-        except RuntimeError:
-            return
-        if index >= 0:
-            self.model_combo.blockSignals(True)
-            self.model_combo.setCurrentIndex(index)
-            self.model_combo.blockSignals(False)
+        select_model_in_combo(self.model_combo, key)
 
     def _model_selected(self, index: int) -> None:
         key = self.model_combo.itemData(index)

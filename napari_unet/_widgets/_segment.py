@@ -12,7 +12,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from ..checkpoint import CheckpointError
 from ..postprocess import DEFAULT_MIN_SIZE
-from ._common import LayerCombo, ProgressBar, button, connect_until_destroyed, row, status_label
+from ._common import (LayerCombo, ProgressBar, button, connect_until_destroyed, fill_model_combo,
+                      row, select_model_in_combo, status_label)
 from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, current_slice_index,
                      format_seconds, get_registry, import_heavy_modules_on_main_thread,
                      install_correction_tracking, layer_unit, notify_error)
@@ -129,28 +130,12 @@ class SegmentWidget(QWidget):
 
     # models -----------------------------------------------------------------------------------
     def _fill_models(self) -> None:
-        try:
-            self.model_combo.blockSignals(True)
-        except RuntimeError:  # dock closed
-            return
-        self.model_combo.clear()
-        for entry in self.registry.entries():
-            self.model_combo.addItem(entry.display, entry.key)
-        if not len(self.registry):
-            self.model_combo.addItem("(no model: load a model file)", None)
-        self.model_combo.blockSignals(False)
-        self._show_current(self.registry.current or "")
+        if fill_model_combo(self.model_combo, self.registry, "(no model: load a model file)"):
+            self._show_current(self.registry.current or "")
 
     def _show_current(self, key: str) -> None:
-        try:
-            index = self.model_combo.findData(key) if key else -1
-        except RuntimeError:
-            return
-        if index >= 0 and index != self.model_combo.currentIndex():
-            self.model_combo.blockSignals(True)
-            self.model_combo.setCurrentIndex(index)
-            self.model_combo.blockSignals(False)
-        self._describe(key)
+        if select_model_in_combo(self.model_combo, key):
+            self._describe(key)
 
     def _model_selected(self, index: int) -> None:
         key = self.model_combo.itemData(index)
