@@ -17,6 +17,8 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${DATA:-$HERE/../shared/data}"
 OUT="${OUT:-$HERE/napari_unet/pretrained}"
 WORK="${WORK:-/tmp/napari-unet-shipped}"
+# `napari-unet train` never writes into the package's model folder: train into $TRAINED, then copy
+TRAINED="${TRAINED:-$WORK/models}"
 TIME="${TIME_LIMIT:-600}"
 # one torch thread per training: on a CPU shared with other jobs, two threads per process were
 # 3x slower (threads waiting for each other); on a free machine set TORCH_THREADS=0 (torch default)
@@ -67,22 +69,22 @@ train() {
         --dims 2 --task membranes --base-channels 16 --depth 4 --patch 128,128 --batch-size 8 \
         --time-limit "$TIME" --name em-membranes-2d \
         --description "EM membranes, 2D (ISBI 2012 serial-section TEM); instances = cells" \
-        -o "$OUT/em-membranes-2d.pt" ;;
+        -o "$TRAINED/em-membranes-2d.pt" ;;
     nuclei-2d) napari-unet train --image "$WORK/bbbc_train/images" --labels "$WORK/bbbc_train/labels" \
         --dims 2 --task foreground_boundary --base-channels 16 --depth 4 --patch 128,128 --batch-size 8 \
         --time-limit "$TIME" --name nuclei-2d \
         --description "Fluorescent nuclei, 2D (BBBC039 U2OS Hoechst); splits touching nuclei" \
-        -o "$OUT/nuclei-2d.pt" ;;
+        -o "$TRAINED/nuclei-2d.pt" ;;
     nuclei-3d) napari-unet train --image "$WORK/nuclei3d_train.tif" --labels "$WORK/nuclei3d_train_labels.tif" \
         --dims 3 --task foreground_boundary --base-channels 8 --depth 4 --patch 16,64,64 --batch-size 2 \
         --time-limit "$TIME" --name nuclei-3d \
         --description "Nuclei in 3D confocal stacks (anisotropic z), foreground + boundary" \
-        -o "$OUT/nuclei-3d.pt" ;;
+        -o "$TRAINED/nuclei-3d.pt" ;;
     cells-3d) napari-unet train --image "$WORK/cells3d_train.tif" --labels "$WORK/cells3d_train_labels.tif" \
         --dims 3 --task membranes --anisotropic 0 --base-channels 8 --depth 4 --patch 32,64,64 --batch-size 2 \
         --percentiles 1,95 --time-limit "$TIME" --name cells-3d \
         --description "Membrane-stained cells in 3D confocal stacks; instances = cells" \
-        -o "$OUT/cells-3d.pt" ;;
+        -o "$TRAINED/cells-3d.pt" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
@@ -123,7 +125,7 @@ PY
 
 for m in "${models[@]}"; do
   if [ "$mode" = train ]; then
-    start=$(date +%s); train "$m"; chmod 644 "$OUT/$m.pt"
+    start=$(date +%s); train "$m"; cp "$TRAINED/$m.pt" "$OUT/$m.pt"; chmod 644 "$OUT/$m.pt"
     echo "$m: trained in $(( $(date +%s) - start )) s wall"
   else
     evaluate "$m"

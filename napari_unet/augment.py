@@ -11,6 +11,8 @@ field does not move voxels along z.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,6 +46,12 @@ def _rot_planes(spatial_dims: int, anisotropic: bool) -> list[tuple[int, int]]:
     return [(1, 2), (0, 1), (0, 2)]
 
 
+def elastic_margin(settings: AugmentSettings) -> int:
+    """Voxels read on each side of a patch so that its elastic deformation samples real image
+    content (four standard deviations of the control point shifts, and one more)."""
+    return int(math.ceil(4 * settings.elastic_magnitude)) + 1
+
+
 def augment(image: np.ndarray, others: Sequence[np.ndarray], rng: np.random.Generator, *,
             spatial_dims: int, anisotropic: bool = False,
             settings: AugmentSettings | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -67,9 +75,45 @@ def augment(image: np.ndarray, others: Sequence[np.ndarray], rng: np.random.Gene
     -------
     (image, others)
         Same shapes and dtypes as the inputs.
+
+    See Also
+    --------
+    augment_patch : the same for a patch of a larger image, read (and warped) from it directly.
+    """
+    image = np.asarray(image)
+    return augment_patch(image, others, (0,) * image.ndim, image.shape, rng, spatial_dims=spatial_dims,
+                         anisotropic=anisotropic, settings=settings)
+
+
+def augment_patch(image: np.ndarray, others: Sequence[np.ndarray], start: Sequence[int],
+                  shape: Sequence[int], rng: np.random.Generator, *, spatial_dims: int,
+                  anisotropic: bool = False,
+                  settings: AugmentSettings | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Cut the patch at ``start`` of size ``shape`` out of ``image`` and ``others`` and augment it.
+
+    Only the patch is read, or with an elastic deformation the patch and a margin around it
+    (:func:`elastic_margin`, clipped to the image), so the deformation moves real image content
+    into the patch; its field is drawn on a coarse grid and upsampled to the patch only. The
+    inputs are never modified and the outputs never share memory with them.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Spatial image ``(Y, X)`` or ``(Z, Y, X)``, float, roughly in 0..1 (normalised).
+    others : sequence of numpy.ndarray
+        Label-like arrays over the same spatial axes, optionally with leading axes.
+    start, shape : sequence of int
+        Corner and size of the patch (inside the image).
+    rng, spatial_dims, anisotropic, settings
+        As for :func:`augment`.
+
+    Returns
+    -------
+    (image, others)
+        Float32 image patch of ``shape``; the others cut the same way, dtypes kept.
     """
     settings = settings or AugmentSettings()
-    image = np.asarray(image, dtype=np.float32)
+    image = np.asarray(image)
     if image.ndim != spatial_dims:
         raise ValueError(f"image patch must have {spatial_dims} axes, got shape {image.shape}")
     spatial = image.shape
@@ -77,6 +121,19 @@ def augment(image: np.ndarray, others: Sequence[np.ndarray], rng: np.random.Gene
     for other in others:
         if other.shape[other.ndim - spatial_dims:] != spatial:
             raise ValueError(f"array of shape {other.shape} does not match the patch {spatial}")
+    start = tuple(int(a) for a in start)
+    shape = tuple(int(s) for s in shape)
+    if len(start) != spatial_dims or len(shape) != spatial_dims or any(
+            a < 0 or s < 1 or a + s > n for a, s, n in zip(start, shape, spatial)):
+        raise ValueError(f"patch at {start} of shape {shape} is not inside the image {spatial}")
+
+    if settings.elastic_probability > 0 and rng.random() < settings.elastic_probability:
+        image, others = _elastic_patch(image, others, start, shape, rng, settings,
+                                       fixed_z=anisotropic and spatial_dims == 3)
+    else:
+        region = tuple(slice(a, a + s) for a, s in zip(start, shape))
+        image = image[region]
+        others = [o[(Ellipsis, *region)] for o in others]
 
     def move(fn) -> None:
         nonlocal image, others
@@ -89,52 +146,76 @@ def augment(image: np.ndarray, others: Sequence[np.ndarray], rng: np.random.Gene
                 move(lambda a, lead, ax=axis: np.flip(a, lead + ax))
     if settings.rotations:
         for p, q in _rot_planes(spatial_dims, anisotropic):
-            if spatial[p] != spatial[q]:
+            if shape[p] != shape[q]:
                 continue  # a rotation would change the patch shape
             k = int(rng.integers(4))
             if k:
                 move(lambda a, lead, p=p, q=q, k=k: np.rot90(a, k, axes=(lead + p, lead + q)))
-    if settings.elastic_probability > 0 and rng.random() < settings.elastic_probability:
-        coords = _elastic_coordinates(spatial, rng, settings.elastic_spacing,
-                                      settings.elastic_magnitude, anisotropic and spatial_dims == 3)
-        image = ndi.map_coordinates(image, coords, order=1, mode="reflect").astype(np.float32)
-        others = [_warp_nearest(o, coords, spatial_dims) for o in others]
-    image = np.ascontiguousarray(image, dtype=np.float32)
+    image = np.array(image, dtype=np.float32, order="C")  # a copy: the input is never touched
     if rng.random() < settings.intensity_probability:
         image = _intensity(image, rng, settings)
     if settings.noise_probability > 0 and rng.random() < settings.noise_probability:
         sigma = float(rng.uniform(0, settings.noise_sigma))
-        image = image + rng.normal(0.0, sigma, size=image.shape).astype(np.float32)
-    return image, [np.ascontiguousarray(o) for o in others]
+        image += sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
+    return image, [np.array(o, order="C") for o in others]
 
 
-def _elastic_coordinates(shape: tuple[int, ...], rng: np.random.Generator, spacing: int,
-                         magnitude: float, fixed_z: bool) -> np.ndarray:
-    """Sampling coordinates ``(ndim, *shape)``: identity plus a smooth random displacement."""
-    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+def _elastic_patch(image: np.ndarray, others: list[np.ndarray], start: tuple[int, ...],
+                   shape: tuple[int, ...], rng: np.random.Generator, settings: AugmentSettings,
+                   fixed_z: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The patch at ``start`` warped by a smooth random field, read from the patch and a margin:
+    the image interpolated linearly, the others with nearest neighbour."""
+    dims = len(shape)
+    margin = elastic_margin(settings)
+    lo = [a if fixed_z and axis == 0 else max(0, a - margin) for axis, a in enumerate(start)]
+    hi = [a + s if fixed_z and axis == 0 else min(n, a + s + margin)
+          for axis, (a, s, n) in enumerate(zip(start, shape, image.shape))]
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    displacement = elastic_displacement(shape, rng, settings.elastic_spacing,
+                                        settings.elastic_magnitude, fixed_z)
+    coords = np.empty((dims, *shape), dtype=np.float32)
+    for axis in range(dims):
+        position = np.arange(shape[axis], dtype=np.float32) + (start[axis] - lo[axis])
+        position = position.reshape([-1 if a == axis else 1 for a in range(dims)])
+        np.clip(displacement[axis] + position, 0, hi[axis] - lo[axis] - 1, out=coords[axis])
+    warped = ndi.map_coordinates(np.asarray(image[crop], dtype=np.float32), coords, order=1,
+                                 mode="nearest", output=np.float32)
+    nearest = tuple(np.rint(c).astype(np.intp) for c in coords)
+    return warped, [o[(Ellipsis, *crop)][(Ellipsis, *nearest)] for o in others]
+
+
+def elastic_displacement(shape: Sequence[int], rng: np.random.Generator, spacing: int,
+                         magnitude: float, fixed_z: bool = False) -> np.ndarray:
+    """Smooth random displacement ``(ndim, *shape)``: normal shifts (standard deviation
+    ``magnitude``) at control points ``spacing`` apart, cubic-spline interpolated.
+
+    The interpolation is separable, one small matrix per axis (:func:`_spline_matrix`), and
+    equals ``scipy.ndimage.zoom(coarse, order=3, mode="nearest", grid_mode=True)`` of the
+    control points. ``fixed_z``: no displacement along axis 0.
+    """
+    shape = tuple(int(s) for s in shape)
     coarse = tuple(max(2, int(np.ceil(s / spacing)) + 1) for s in shape)
-    coords = []
-    for axis, g in enumerate(grid):
+    out = np.zeros((len(shape), *shape), dtype=np.float32)
+    for axis in range(len(shape)):
         if fixed_z and axis == 0:
-            coords.append(g)
             continue
         field = rng.normal(0.0, magnitude, size=coarse).astype(np.float32)
-        zoom = [s / c for s, c in zip(shape, coarse)]
-        dense = ndi.zoom(field, zoom, order=3, mode="nearest", grid_mode=True)
-        dense = dense[tuple(slice(0, s) for s in shape)]
-        if dense.shape != shape:  # rounding of zoom; pad by edge values
-            dense = np.pad(dense, [(0, s - d) for s, d in zip(shape, dense.shape)], mode="edge")
-        coords.append(g + dense)
-    return np.stack(coords)
+        for along, (c, s) in enumerate(zip(coarse, shape)):
+            field = np.moveaxis(np.tensordot(_spline_matrix(c, s), field, axes=(1, along)), 0, along)
+        out[axis] = field
+    return out
 
 
-def _warp_nearest(array: np.ndarray, coords: np.ndarray, spatial_dims: int) -> np.ndarray:
-    lead = array.shape[:array.ndim - spatial_dims]
-    flat = array.reshape((-1, *array.shape[array.ndim - spatial_dims:]))
-    dtype = array.dtype
-    work = flat.astype(np.uint8) if dtype == bool else flat
-    out = np.stack([ndi.map_coordinates(c, coords, order=0, mode="reflect") for c in work])
-    return out.astype(dtype, copy=False).reshape((*lead, *out.shape[1:]))
+@functools.lru_cache(maxsize=64)
+def _spline_matrix(coarse: int, size: int) -> np.ndarray:
+    """``(size, coarse)`` matrix that upsamples ``coarse`` control values to ``size`` samples
+    (cubic spline, as ``scipy.ndimage.zoom`` with ``grid_mode=True``)."""
+    matrix = ndi.zoom(np.eye(coarse), (size / coarse, 1), order=3, mode="nearest", grid_mode=True)
+    if matrix.shape[0] < size:  # rounding of zoom; pad by edge values
+        matrix = np.pad(matrix, [(0, size - matrix.shape[0]), (0, 0)], mode="edge")
+    matrix = np.ascontiguousarray(matrix[:size], dtype=np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _intensity(image: np.ndarray, rng: np.random.Generator, settings: AugmentSettings) -> np.ndarray:

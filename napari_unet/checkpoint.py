@@ -114,8 +114,17 @@ def _payload(model: SegmentationModel) -> dict[str, Any]:
 
 
 def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file, then rename)."""
+    """Write ``model`` to ``path`` atomically (temporary file, then rename).
+
+    Raises
+    ------
+    CheckpointError
+        ``path`` is in the folder of the shipped models (see :func:`check_not_shipped`).
+    OSError
+        The file cannot be written; the error names ``path``.
+    """
     path = Path(path)
+    check_not_shipped(path)
     payload = _payload(model)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -136,9 +145,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         napari-unet checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a model file (.pt)")
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise CheckpointError(f"cannot read model file {path.name}: {err.strerror or err}") from None
+    _check_magic(head, path.name)
     return _load(path, path.name, map_location)
+
+
+# torch.save writes a zip archive (legacy files: a pickle, protocol 2 or higher)
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+
+
+def _check_magic(head: bytes, name: str) -> None:
+    """Refuse what is not a torch file at all (text, an image, ...) before unpickling it."""
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(f"{name} is not a checkpoint (not a file saved by napari-unet or "
+                              "torch.save)")
+
+
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    """The first two lines of an error message as one, shortened (the full text stays in the
+    exception chain, shown by ``--verbose``)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = " ".join(lines[:2])
+    more = len(lines) > 2 or len(text) > limit
+    text = text[:limit].rstrip(" :,.")
+    return f"{text} ..." if more else text
 
 
 def model_to_bytes(model: SegmentationModel) -> bytes:
@@ -150,6 +191,7 @@ def model_to_bytes(model: SegmentationModel) -> bytes:
 
 def model_from_bytes(data: bytes, map_location: str | torch.device = "cpu") -> SegmentationModel:
     """The model in checkpoint bytes from :func:`model_to_bytes` (loaded as safely as a file)."""
+    _check_magic(bytes(data[:4]), "model data")
     return _load(io.BytesIO(data), "model data", map_location)
 
 
@@ -174,13 +216,40 @@ def _load(source: Any, name: str, map_location: str | torch.device) -> Segmentat
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{name} is damaged: {err}") from err
+        raise CheckpointError(f"{name} is damaged: {_one_line(err)}") from err
     network.eval()
     return model
 
 
 def _pretrained_dir() -> Path:
     return Path(str(resources.files(PRETRAINED_PACKAGE)))
+
+
+def check_not_shipped(path: str | os.PathLike) -> None:
+    """Refuse to write ``path`` when it is in the shipped models' folder or is a shipped model.
+
+    Paths are compared after resolving links (and by inode for existing files), so another
+    spelling of the same place is refused too.
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the folder of the shipped models.
+    """
+    path = Path(path).expanduser()
+    folder = _pretrained_dir()
+    inside = os.path.realpath(path.parent) == os.path.realpath(folder)
+    if not inside and path.exists():
+        for shipped in folder.glob("*.pt"):
+            try:
+                if os.path.samefile(path, shipped):
+                    inside = True
+                    break
+            except OSError:
+                continue
+    if inside:
+        raise CheckpointError(f"refusing to write {path}: it is in the folder of the models "
+                              f"shipped with napari-unet ({folder}); choose another file")
 
 
 def list_pretrained() -> dict[str, Path]:

@@ -21,7 +21,7 @@ connects to a running scheduler.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -30,30 +30,34 @@ from typing import Any, Generator, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import SegmentationModel
-from .inference import OUTPUTS, Progress, _to_output_dtype, predict_probabilities
-from .models import UNet, UNetConfig
+from .checkpoint import SegmentationModel, model_from_bytes, model_to_bytes
+from .inference import (
+    Progress,
+    TileRunner,
+    _to_output_dtype,
+    make_plan,
+    prepare_network,
+    select_device,
+)
 from .normalization import Normalizer, fit_normalizer
 from .postprocess import DEFAULT_MIN_SIZE
+from .precision import resolve_precision
 from .progress import drain
 from .streaming import (
     DEFAULT_MAX_TILE_BYTES,
-    PROBABILITY_DTYPES,
-    StreamPlan,
     StreamResult,
     StreamSettings,
     TileWriter,
     _normalizer_from_json,
     _normalizer_to_json,
-    _public_arrays,
-    _set_state,
     ATTRS_KEY,
-    make_plan,
-    merge_chunk_instances,
-    open_stream,
+    finish_stream,
+    model_fingerprint,
     pending_tiles,
-    prepare_model,
+    start_stream,
+    stored_plan,
 )
+from .tiling import Tile, TilePlan
 
 __all__ = [
     "dask_client",
@@ -102,22 +106,15 @@ def _peak_rss() -> int:
 
 
 def model_payload(model: SegmentationModel) -> dict[str, Any]:
-    """Plain data (config, tensors, metadata) from which workers rebuild ``model``."""
-    digest = hashlib.sha1()
-    state = {}
-    for name, tensor in model.network.state_dict().items():
-        state[name] = tensor.detach().cpu().clone()
-        digest.update(name.encode())
-        digest.update(state[name].numpy().tobytes())
-    return {"config": model.config.to_dict(), "state_dict": state, "metadata": model.metadata(),
-            "token": digest.hexdigest()}
+    """What workers rebuild ``model`` from: the checkpoint file's bytes (loaded as safely as a
+    file) and a token naming them."""
+    return {"checkpoint": model_to_bytes(model), "token": model_fingerprint(model)}
 
 
 def model_from_payload(payload: dict[str, Any]) -> SegmentationModel:
-    network = UNet(UNetConfig.from_dict(payload["config"]))
-    network.load_state_dict(payload["state_dict"])
-    network.eval()
-    return SegmentationModel(network=network, **payload["metadata"])
+    model = model_from_bytes(payload["checkpoint"])
+    model.network.eval()
+    return model
 
 
 # per worker process: models built from payloads, opened images and output groups
@@ -132,10 +129,17 @@ def _cached(kind: str, key: str, build: Any) -> Any:
     return _CACHE[(kind, key)]
 
 
-def _worker_model(payload: dict[str, Any], fuse: bool = True) -> SegmentationModel:
+def _worker_model(payload: dict[str, Any]) -> SegmentationModel:
     _limit_torch_threads()
-    return _cached("model", f"{payload['token']}:{fuse}",
-                   lambda: prepare_model(model_from_payload(payload), fuse))
+    return _cached("model", payload["token"], lambda: model_from_payload(payload))
+
+
+def _worker_network(payload: dict[str, Any], device: torch.device, precision: str) -> Any:
+    """The worker's prepared network (folded batch norm, device, layout), built once."""
+    model = _worker_model(payload)
+    policy = resolve_precision(precision, device)
+    return _cached("network", f"{payload['token']}:{device}:{policy.name}",
+                   lambda: prepare_network(model.network, device, policy))
 
 
 def _limit_torch_threads() -> None:
@@ -177,8 +181,9 @@ def _aligned_chunks(length: int, core: int, depth: int) -> tuple[int, ...]:
 
 
 def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabilities",
-                 threshold: float = 0.5, device: str = "cpu", tile_shape: Sequence[int] | None = None,
-                 halo: Sequence[int] | None = None, normalizer: Normalizer | None = None,
+                 threshold: float = 0.5, device: str = "cpu", precision: str = "auto",
+                 tile_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
+                 normalizer: Normalizer | None = None,
                  max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES, dtype: Any = np.float32,
                  client: Any = None) -> Any:
     """Lazy prediction of a dask array with :func:`dask.array.map_overlap`.
@@ -203,8 +208,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
         raise ValueError("predict_dask computes probabilities or labels; instances need the "
                          "cross-chunk merge of predict_to_zarr_distributed")
     image = image if isinstance(image, da.Array) else da.from_array(image)
-    plan = make_plan(image, model, device=device, tile_shape=tile_shape, halo=halo,
-                     max_tile_bytes=max_tile_bytes)
+    plan = make_plan(image, model, device=device, precision=precision, tile_shape=tile_shape,
+                     halo=halo, max_bytes=max_tile_bytes)
     normalizer = normalizer or fit_normalizer(image, model.normalization)
     # map_overlap needs chunks at least as thick as the overlap: cores of at least the halo
     cores = tuple(max(c, -(-h // d) * d) for c, h, d in zip(plan.core, plan.halo, plan.divisor))
@@ -216,7 +221,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
     weights = client.scatter(payload, broadcast=True) if client is not None else dask.delayed(payload, pure=True)
     kwargs = dict(weights=weights, plan=plan, chunks_per_axis=spatial_chunks, halo_depth=depth,
                   normalizer=_normalizer_to_json(normalizer), kind=output,
-                  threshold=float(threshold), device=device, out_dtype=np.dtype(dtype).str)
+                  threshold=float(threshold), device=device, precision=precision,
+                  out_dtype=np.dtype(dtype).str)
     full_depth = ((0,) if offset else ()) + depth
     if output == "labels":
         return da.map_overlap(_predict_block, image, depth=full_depth, boundary="none", trim=False,
@@ -230,36 +236,46 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
                           meta=np.empty((0,) * (len(spatial_chunks) + 1), np.dtype(dtype)), **kwargs)
 
 
-def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: StreamPlan,
+def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: TilePlan,
                    chunks_per_axis: tuple[tuple[int, ...], ...], halo_depth: tuple[int, ...],
                    normalizer: dict[str, Any], kind: str, threshold: float, device: str,
-                   out_dtype: str, block_info: dict | None = None) -> np.ndarray:
+                   precision: str, out_dtype: str, block_info: dict | None = None) -> np.ndarray:
+    """One dask block (core + overlap) through the shared tile runner: the block is one tile."""
     from . import postprocess
 
     model = _worker_model(weights)
+    torch_device = select_device(device)
+    network = _worker_network(weights, torch_device, precision)
     location = block_info[None]["chunk-location"]
     spatial_location = location[-len(chunks_per_axis):]
-    crop = []
+    spatial_shape = block.shape[1:] if plan.has_channels else block.shape
+    write = []
     for index, chunks, pad in zip(spatial_location, chunks_per_axis, halo_depth):
         low = pad if index > 0 else 0
-        crop.append(slice(low, low + chunks[index]))
-    net_halo = plan.halo[1:] if plan.slicewise else plan.halo
-    spatial_shape = block.shape[1:] if plan.has_channels else block.shape
-    probabilities = drain(predict_probabilities(
-        block, model, device=device, tile_shape=spatial_shape, batch_size=plan.batch_size,
-        halo=net_halo, dtype=np.float32, normalizer=Normalizer(**_normalizer_from_json(normalizer)),
-        fuse=False))
-    core = probabilities[(slice(None), *crop)]
+        write.append(slice(low, low + chunks[index]))
+    tile = Tile(tuple(slice(0, n) for n in spatial_shape), tuple(write))
+    block_plan = dataclasses.replace(plan, spatial=tuple(spatial_shape), batch_size=1)
+    runner = TileRunner(block, network, Normalizer(**_normalizer_from_json(normalizer)),
+                        torch_device, resolve_precision(precision, torch_device), model.task,
+                        block_plan)
+    core = np.empty((model.config.out_channels, *tile.write_shape), np.float32)
+    origin = [s.start for s in tile.write]
+
+    def into_core(part: Tile, values: np.ndarray) -> None:
+        inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.write, origin))
+        core[(slice(None), *inner)] = values
+
+    drain(runner.run([tile], into_core))
     if kind == "labels":
         return postprocess.to_semantic(core, model.task, threshold=threshold).astype(np.uint8)
-    return _to_output_dtype(np.ascontiguousarray(core), np.dtype(out_dtype))
+    return _to_output_dtype(core, np.dtype(out_dtype))
 
 
 # --- one task per tile, into a zarr store --------------------------------------------------
 
 
 def _tile_task(index: int, *, weights: dict[str, Any], image: Any, image_key: str, store: str,
-               run_id: str, allow_channels: bool, device: str) -> int:
+               run_id: str, allow_channels: bool, device: str, precision: str) -> int:
     import zarr
 
     model = _worker_model(weights)
@@ -267,14 +283,14 @@ def _tile_task(index: int, *, weights: dict[str, Any], image: Any, image_key: st
     def build_writer() -> TileWriter:
         group = zarr.open_group(store, mode="r+")
         info = dict(group.attrs[ATTRS_KEY])
-        plan = StreamPlan.from_dict(info["fingerprint"]["plan"])
+        plan = stored_plan(group)
         settings_data = dict(info["fingerprint"]["settings"])
         if settings_data.get("voxel_size") is not None:
             settings_data["voxel_size"] = tuple(settings_data["voxel_size"])
         settings = StreamSettings(**settings_data)
         normalizer = Normalizer(**_normalizer_from_json(info["normalizer"]))
         source = _open_input(image, allow_channels)
-        return TileWriter(group, source, model, plan, settings, normalizer, device)
+        return TileWriter(group, source, model, plan, settings, normalizer, device, precision)
 
     writer = _cached("writer", f"{store}:{run_id}:{weights['token']}:{image_key}", build_writer)
     writer.run(int(index))
@@ -297,6 +313,7 @@ def predict_to_zarr_distributed(
     voxel_size: Sequence[float] | None = None,
     unit: str | None = None,
     device: str = "cpu",
+    precision: str = "auto",
     tile_shape: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
     max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES,
@@ -309,33 +326,21 @@ def predict_to_zarr_distributed(
     that pickles (numpy, zarr; scattered once). ``path`` must be on storage every worker can
     write (a shared file system on a cluster). Same output, same resume, same parameters.
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-    if probability_dtype not in PROBABILITY_DTYPES:
-        raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}")
     input_path = Path(image).expanduser().resolve() if isinstance(image, (str, os.PathLike)) else None
     local_image = _open_input(str(input_path), allow_channels) if input_path is not None else image
-    plan = make_plan(local_image, model, device=device, tile_shape=tile_shape, halo=halo,
-                     max_tile_bytes=max_tile_bytes)
-    sampling = None
-    if voxel_size is not None and len(voxel_size) == model.spatial_dims == len(plan.spatial):
-        sampling = tuple(float(v) for v in voxel_size)
-    settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
-                              probability_dtype=probability_dtype, threshold=float(threshold),
-                              method=method, voxel_size=sampling, min_size=int(min_size))
-    group, _, resumed = open_stream(path, plan=plan, settings=settings, model=model, image=local_image,
-                                    overwrite=overwrite, input_path=input_path,
-                                    voxel_size=voxel_size, unit=unit)
-    total = plan.n_tiles
-    result = StreamResult(Path(path), output, {}, total)
-    if resumed and group.attrs[ATTRS_KEY].get("state") == "done":
-        result.tiles_skipped = total
-        result.n_objects = group.attrs[ATTRS_KEY].get("n_objects")
-        result.arrays = _public_arrays(group, settings)
+    run = start_stream(local_image, model, path, output=output, probabilities=probabilities,
+                       probability_dtype=probability_dtype, threshold=threshold, min_size=min_size,
+                       method=method, voxel_size=voxel_size, unit=unit, device=device,
+                       precision=precision, tile_shape=tile_shape, halo=halo,
+                       max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path)
+    group, plan, result = run.group, run.plan, run.result
+    if run.complete:
         return result
     todo = [int(i) for i in pending_tiles(group)]
+    total = plan.n_tiles
     done = result.tiles_skipped = total - len(todo)
     start = time.perf_counter()
+    yield Progress(done, total, 0.0, message=plan.describe(), stage="plan")
     if todo:
         from distributed import as_completed
 
@@ -348,7 +353,7 @@ def predict_to_zarr_distributed(
         futures = client.map(_tile_task, todo, weights=weights, image=source, image_key=image_key,
                              store=str(Path(path).resolve()),
                              run_id=group.attrs[ATTRS_KEY].get("run_id", ""), allow_channels=allow_channels,
-                             device=device, pure=False)
+                             device=device, precision=precision, pure=False)
         try:
             for future in as_completed(futures):
                 index = future.result()
@@ -357,13 +362,7 @@ def predict_to_zarr_distributed(
                                region=plan.tile(index).write)
         finally:
             client.cancel(futures)
-    if output == "instances":
-        result.n_objects = yield from merge_chunk_instances(group, min_size=min_size,
-                                                            min_overlap=min_overlap)
-    else:
-        _set_state(group, state="done")
-    result.arrays = _public_arrays(group, settings)
-    return result
+    return (yield from finish_stream(run, min_size=min_size, min_overlap=min_overlap))
 
 
 # --- batch: one task per file --------------------------------------------------------------
@@ -373,7 +372,7 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
     from .inference import segment
     from .io import read_image, write_image_tiff, write_labels_tiff
 
-    model = _worker_model(weights, fuse=False)
+    model = _worker_model(weights)
     output = options.get("output", "labels")
     if target.lower().endswith(".zarr"):
         from .io import open_lazy
@@ -384,11 +383,13 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
                               threshold=options.get("threshold", 0.5),
                               min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
                               unit=image.unit, device=options.get("device", "cpu"),
+                              precision=options.get("precision", "auto"),
                               tile_shape=options.get("tile_shape"), input_path=source,
                               overwrite=options.get("overwrite", False)))
         return target
     image = read_image(source, allow_channels=model.config.in_channels > 1)
     result = drain(segment(image.data, model, output=output, device=options.get("device", "cpu"),
+                           precision=options.get("precision", "auto"),
                            tile_shape=options.get("tile_shape"), threshold=options.get("threshold", 0.5),
                            min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
                            dtype=np.float32))
@@ -436,7 +437,7 @@ def predict_batch(files: Sequence[str | Path], model: SegmentationModel, out_dir
 
     Each output is ``out_dir/<name><suffix>`` (``.tif``: in memory per file; ``.zarr``:
     streamed). ``options``: ``output``, ``threshold``, ``min_size``, ``device``,
-    ``tile_shape``, ``overwrite``. Returns the written paths, in input order.
+    ``precision``, ``tile_shape``, ``overwrite``. Returns the written paths, in input order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

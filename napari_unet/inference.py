@@ -8,11 +8,10 @@ are kept, on the network's pooling grid, so the tiled result equals one untiled 
 
 from __future__ import annotations
 
-import contextlib
-import math
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +21,11 @@ from . import postprocess
 from .models import UNet, fuse_for_inference
 from .normalization import Normalizer, fit_normalizer
 from .postprocess import DEFAULT_MIN_SIZE
-from .tiling import Tile, count_tiles, plan_tiles
+from .precision import PrecisionPolicy, prepare_batch, resolve_precision
+from .tiling import Tile, TilePlan, plan_run, plan_tiles
 
 OUTPUTS = ("probabilities", "labels", "instances")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-_MIN_TILE_HALVINGS = 4
 
 
 @dataclass
@@ -95,10 +94,16 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision used on ``device``: bf16 where CUDA supports it, else fp16; none on CPU/MPS."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Mixed precision ``auto`` uses on ``device`` (``None`` = fp32)."""
+    return resolve_precision("auto", device).dtype
+
+
+#: CPU working-set cap of one run's tiles: larger tiles compute fewer halo voxels, and past
+#: this the halo overhead of the shipped models is small (see ``benchmarks/bench_inference.py``)
+CPU_TILE_BUDGET = 8 * 2**30
+#: Slices of a 2D model on a stack per forward pass on the CPU (more are no faster there and
+#: delay the first results on screen)
+CPU_MAX_SLICE_VOXELS = 2**22
 
 
 def _available_memory(device: torch.device) -> int:
@@ -113,43 +118,27 @@ def _available_memory(device: torch.device) -> int:
         return 4 * 2**30
 
 
-def _bytes_per_voxel(network: UNet, device: torch.device) -> float:
-    """Rough working-set size per input voxel of one tile, measured on this architecture."""
-    config = network.config
-    # low-memory forward on CPU keeps the skip tensors (about 1.3x the base width);
-    # the plain forward on GPU holds about 10 base-width tensors at full resolution
-    features = 1.4 * config.base_channels if device.type == "cpu" else 10 * config.base_channels
-    bytes_per_value = 2 if autocast_dtype(device) else 4
-    return bytes_per_value * features + 8 * (config.in_channels + config.out_channels)
+def bytes_per_voxel(network: UNet, device: torch.device, policy: PrecisionPolicy | None = None) -> float:
+    """Working-set size per input voxel of one tile (measured: ``benchmarks/bench_inference.py``).
 
-
-def auto_tile_settings(network: UNet, work_shape: Sequence[int], device: torch.device,
-                       slicewise: bool, max_bytes: float | None = None) -> tuple[tuple[int, ...], int]:
-    """Tile shape (per work axis) and tile batch size that fit this device's free memory.
-
-    Uses a quarter of free memory (at most 1.5 GB on the CPU, where larger tiles are no faster),
-    and at most ``max_bytes`` when given (streamed inference bounds its working set this way).
+    The slab-wise CPU forward keeps the skip tensors and a few full-resolution temporaries, about
+    3.7 base-width values per voxel; the plain GPU forward holds about 10.
     """
+    config = network.config
+    policy = policy or resolve_precision("auto", device)
+    value_bytes = 4 if policy.dtype is None else 2
+    widths = 3.7 if device.type == "cpu" else 10.0
+    return widths * config.base_channels * value_bytes + 8 * (config.in_channels + config.out_channels)
+
+
+def tile_budget(device: torch.device, max_bytes: float | None = None) -> float:
+    """Bytes one run's tiles may use: a quarter of free memory (capped on the CPU)."""
     budget = _available_memory(device) / 4
     if device.type == "cpu":
-        budget = min(budget, 1.5 * 2**30)
+        budget = min(budget, CPU_TILE_BUDGET)
     if max_bytes is not None:
         budget = min(budget, float(max_bytes))
-    max_voxels = max(4096, int(budget / _bytes_per_voxel(network, device)))
-    spatial = list(work_shape[1:] if slicewise else work_shape)
-    divisor = network.config.divisor()
-    tile = list(spatial)
-    # shrink the longest axis until a tile fits, keeping multiples of the divisor
-    while math.prod(tile) > max_voxels:
-        axis = max(range(len(tile)), key=lambda a: tile[a] / divisor[a])
-        if tile[axis] <= 2 * divisor[axis]:
-            break
-        tile[axis] = max(2 * divisor[axis], (tile[axis] // 2 + divisor[axis] - 1) // divisor[axis] * divisor[axis])
-    if slicewise:
-        batch = max(1, min(work_shape[0], max_voxels // max(1, math.prod(tile)), 64))
-        return (1, *tile), batch
-    batch = max(1, min(8, max_voxels // max(1, math.prod(tile))))
-    return tuple(tile), batch
+    return budget
 
 
 def _work_layout(image: Any, network: UNet) -> tuple[bool, bool]:
@@ -168,50 +157,178 @@ def _work_layout(image: Any, network: UNet) -> tuple[bool, bool]:
     return dims == 2 and spatial_ndim == 3, channels > 1
 
 
-class _TileRunner:
-    """Runs batches of tiles through the network, with OOM back-off and CPU fallback."""
+def make_plan(image: Any, model: SegmentationModel, *, device: str | torch.device = "cpu",
+              precision: str = "auto", tile_shape: Sequence[int] | None = None,
+              halo: Sequence[int] | None = None, max_bytes: float | None = None,
+              batch_size: int | None = None) -> TilePlan:
+    """The tile plan for running ``model`` on ``image`` (anything with ``shape``/``ndim``).
 
-    def __init__(self, image: Any, network: UNet, normalizer: Normalizer, device: torch.device,
-                 amp: bool, task: str, out: Any, slicewise: bool, has_channels: bool):
-        self.image, self.normalizer, self.task, self.out = image, normalizer, task, out
-        self.slicewise, self.has_channels = slicewise, has_channels
-        self.device = device
-        self.amp = amp
-        self.network = network.to(device)
+    Without ``tile_shape`` the planner picks the tiles that compute the fewest voxels per voxel
+    written (:func:`napari_unet.tiling.choose_cores`) within the device's memory budget
+    (:func:`tile_budget`, at most ``max_bytes``). ``tile_shape`` is per spatial axis of the
+    image; for a 2D model on a stack ``(y, x)`` or ``(slices, y, x)``.
+    """
+    network = model.network
+    slicewise, has_channels = _work_layout(image, network)
+    spatial = tuple(int(n) for n in (image.shape[1:] if has_channels else image.shape))
+    config = network.config
+    net_halo = tuple(int(h) for h in halo) if halo is not None else config.halo()
+    if len(net_halo) != config.spatial_dims:
+        raise ValueError(f"halo {tuple(net_halo)} does not match the model's {config.spatial_dims} axes")
+    work_halo = (0, *net_halo) if slicewise else net_halo
+    work_div = (1, *config.divisor()) if slicewise else config.divisor()
+    torch_device = select_device(device)
+    policy = resolve_precision(precision, torch_device)
+    budget = tile_budget(torch_device, max_bytes)
+    max_voxels = max(4096, int(budget / bytes_per_voxel(network, torch_device, policy)))
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    max_slices = None
+    if slicewise:  # a tile of a stack is a batch of slices
+        if batch_size is not None:
+            max_slices = int(batch_size)
+        elif torch_device.type == "cpu":
+            max_slices = max(1, CPU_MAX_SLICE_VOXELS // max(1, spatial[1] * spatial[2]))
+    tile = None
+    if tile_shape is not None:
+        tile = tuple(int(t) for t in tile_shape)
+        if slicewise and len(tile) == 2:
+            tile = (max_slices or 1, *tile)
+    plan = plan_run(spatial, work_halo, work_div, max_voxels=max_voxels, slicewise=slicewise,
+                    has_channels=has_channels, tile_shape=tile, max_slices=max_slices)
+    if batch_size is not None and not slicewise:
+        plan = dataclasses.replace(plan, batch_size=int(batch_size))
+    return plan
+
+
+def prepare_network(network: UNet, device: torch.device, policy: PrecisionPolicy,
+                    fuse: bool = True) -> UNet:
+    """An eval-mode copy (batch norm folded when ``fuse``) on ``device`` in the policy's layout."""
+    net = fuse_for_inference(network) if fuse else network.eval()
+    return net.to(device=device, memory_format=policy.memory_format(net.config.spatial_dims))
+
+
+class TileRunner:
+    """Runs tiles of one image through one prepared network: the engine every run shares.
+
+    Parameters
+    ----------
+    source : array-like
+        The image (numpy, zarr, dask, a lazy TIFF): only tile regions are read.
+    network : UNet
+        Prepared with :func:`prepare_network` (or any eval-mode network).
+    normalizer : Normalizer
+        Fitted once on the whole image, so tiles agree.
+    device, policy
+        Where and in which precision to run.
+    task : str
+        The model's task (``semantic`` gives softmax, everything else sigmoid).
+    plan : TilePlan
+        Halo, divisor and layout of the tiles.
+
+    :meth:`run` predicts a list of tiles and hands each finished core to a ``write`` callback:
+    in-memory runs write into an array, streamed runs into zarr chunks, dask blocks into their
+    own output. Out of memory, it halves the batch, then the tile, then moves to the CPU.
+    """
+
+    def __init__(self, source: Any, network: UNet, normalizer: Normalizer, device: torch.device,
+                 policy: PrecisionPolicy, task: str, plan: TilePlan):
+        self.source, self.network, self.normalizer = source, network, normalizer
+        self.device, self.policy, self.task, self.plan = device, policy, task, plan
         self.messages: list[str] = []
 
+    # -- one batch --------------------------------------------------------------------------
+
     def _read(self, tile: Tile) -> np.ndarray:
-        index = ((slice(None),) if self.has_channels else ()) + tile.read
-        data = self.normalizer(np.asarray(self.image[index]))
-        if self.slicewise:  # a (1, y, x) tile of a stack is one 2D item; its z axis becomes channels
-            return data[:, 0] if self.has_channels else data
-        return data if self.has_channels else data[None]
+        """Network input items ``(n, C, *tile)`` for one tile (``n`` > 1 = slices of a stack)."""
+        index = ((slice(None),) if self.plan.has_channels else ()) + tile.read
+        data = self.normalizer(np.asarray(self.source[index]))
+        if not self.plan.has_channels:
+            data = data[None]
+        if self.plan.slicewise:  # (C, z, y, x) -> z items of (C, y, x)
+            return np.moveaxis(data, 1, 0)
+        return data[None]
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        dtype = autocast_dtype(self.device) if self.amp else None
-        context = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-                   else contextlib.nullcontext())
-        with torch.inference_mode(), context:
-            if self.device.type == "cpu":
-                logits = self.network.forward_low_memory(batch, slab_voxels=2**20)
-            else:
-                logits = self.network(batch)
+        batch = prepare_batch(batch, self.policy)
+        with torch.inference_mode():
+            with self.policy.autocast():
+                if self.device.type == "cpu":
+                    logits = self.network.forward_low_memory(batch, slab_voxels=2**20)
+                else:
+                    logits = self.network(batch)
             logits = logits.float()
             if self.task == "semantic":
                 return torch.softmax(logits, dim=1)
-            return torch.sigmoid(logits)
+            return logits.sigmoid_()
 
-    def run(self, tiles: list[Tile]) -> None:
-        """Predict ``tiles`` (same read shape) and write their centres to the output."""
-        batch = torch.from_numpy(np.stack([self._read(t) for t in tiles])).to(self.device)
+    def _run_batch(self, tiles: list[Tile], write: Callable[[Tile, np.ndarray], None]) -> None:
+        items = [self._read(tile) for tile in tiles]
+        counts = [len(item) for item in items]
+        batch = torch.from_numpy(np.concatenate(items) if len(items) > 1 else items[0]).to(self.device)
+        del items
         probabilities = self._forward(batch).cpu().numpy()
         del batch
-        for tile, tile_probs in zip(tiles, probabilities):
-            crop = tile.crop[1:] if self.slicewise else tile.crop
-            values = tile_probs[(slice(None), *crop)]
-            if self.slicewise:
-                values = values[:, None]
-            self.out[(slice(None), *tile.write)] = _to_output_dtype(values, self.out.dtype)
+        start = 0
+        for tile, count in zip(tiles, counts):
+            values = probabilities[start:start + count]
+            start += count
+            if self.plan.slicewise:  # z items of (C, y, x) -> (C, z, y, x)
+                values = np.moveaxis(values, 0, 1)
+                crop = (slice(None), *tile.crop[1:])
+            else:
+                values = values[0]
+                crop = tile.crop
+            write(tile, values[(slice(None), *crop)])
+
+    # -- many tiles, with memory back-off ---------------------------------------------------
+
+    def run(self, tiles: Sequence[Tile], write: Callable[[Tile, np.ndarray], None]
+            ) -> Generator[RunnerEvent, None, None]:
+        """Predict ``tiles`` in batches of ``plan.batch_size`` (same read shape), calling
+        ``write(tile, probabilities)`` for every finished core (float32, channels first).
+
+        Yields a :class:`RunnerEvent` after every batch and every memory back-off.
+        """
+        pending: list[tuple[list[Tile], int, bool]] = [
+            (batch, 0, True) for batch in _batches(list(tiles), self.plan.batch_size)]
+        fell_back = False
+        while pending:
+            batch, halvings, whole = pending.pop(0)
+            try:
+                self._run_batch(batch, write)
+            except torch.OutOfMemoryError:
+                self.free_memory()
+                if len(batch) > 1:  # smaller batch first
+                    half = len(batch) // 2
+                    pending[:0] = [(batch[:half], halvings, whole), (batch[half:], halvings, whole)]
+                    message = f"out of memory: tile batch reduced to {half}"
+                    added = 0
+                elif halvings < _MAX_TILE_HALVINGS and _can_shrink(batch[0], self.plan.divisor):
+                    sub = self._split(batch[0], halvings + 1)
+                    pending[:0] = [([t], halvings + 1, False) for t in sub]
+                    message = f"out of memory: tile reduced to {sub[0].read_shape}"
+                    added = len(sub) - 1
+                elif not fell_back:
+                    fell_back = True
+                    self.fall_back_to_cpu("out of memory")
+                    pending.insert(0, (batch, halvings, whole))
+                    message, added = self.messages[-1], 0
+                else:
+                    raise MemoryError("not enough memory to run the model even on the smallest "
+                                      "tiles; close other programs or use a smaller model") from None
+                if message != (self.messages[-1] if self.messages else None):
+                    self.messages.append(message)
+                yield RunnerEvent([], added, message)
+                continue
+            yield RunnerEvent(batch, 0, "")
+
+    def _split(self, tile: Tile, halvings: int) -> list[Tile]:
+        """Sub-tiles of ``tile``'s core, each ``2**halvings`` times smaller per axis."""
+        plan = self.plan
+        smaller = tuple(max(d, min(t, n) >> halvings)
+                        for t, n, d in zip(plan.tile_shape, plan.spatial, plan.divisor))
+        return plan_tiles(plan.spatial, smaller, plan.halo, plan.divisor, region=tile.write)
 
     def free_memory(self) -> None:
         """Give cached accelerator memory back after an out-of-memory error."""
@@ -220,11 +337,33 @@ class _TileRunner:
 
     def fall_back_to_cpu(self, reason: str) -> None:
         previous = self.device
-        self.network = self.network.to("cpu")
         self.device = torch.device("cpu")
+        try:
+            self.policy = resolve_precision(self.policy.requested, self.device)
+        except ValueError:
+            self.policy = resolve_precision("auto", self.device)
+        self.network = self.network.to(device=self.device,
+                                       memory_format=self.policy.memory_format(self.plan_dims))
         if previous.type == "cuda":
             torch.cuda.empty_cache()
         self.messages.append(f"{reason} on {previous.type.upper()}; continuing on the CPU (slower)")
+
+    @property
+    def plan_dims(self) -> int:
+        return self.network.config.spatial_dims
+
+
+@dataclass
+class RunnerEvent:
+    """What :meth:`TileRunner.run` yields: ``finished`` tiles (their cores are written), tiles
+    ``added`` by a memory back-off (sub-tiles), and a ``message`` ("" when there is none)."""
+
+    finished: list[Tile]
+    added: int
+    message: str
+
+
+_MAX_TILE_HALVINGS = 4
 
 
 def _to_output_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -244,19 +383,47 @@ def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
         yield batch
 
 
+def _can_shrink(tile: Tile, divisor: Sequence[int]) -> bool:
+    """Whether a tile's core is larger than the divisor along some axis."""
+    return any(size > d for size, d in zip(tile.write_shape, divisor))
+
+
+def first_tiles(plan: TilePlan, start_at: Sequence[int] | None,
+                indices: Sequence[int] | None = None) -> list[Tile]:
+    """The plan's tiles in run order: nearest to ``start_at`` first.
+
+    For a 2D model on a stack the slice under ``start_at`` runs alone first (a batch of one),
+    then the rest of its tile, so the first result is on screen after one slice.
+    """
+    order = plan.order(start_at, indices)
+    tiles = [plan.tile(i) for i in order]
+    if start_at is None or not plan.slicewise or not tiles or tiles[0].write_shape[0] == 1:
+        return tiles
+    first = tiles.pop(0)
+    z = min(max(int(start_at[0]), first.write[0].start), first.write[0].stop - 1)
+    parts = []
+    for lo, hi in ((z, z + 1), (first.write[0].start, z), (z + 1, first.write[0].stop)):
+        if hi > lo:
+            parts.append(Tile((slice(lo, hi), *first.read[1:]), (slice(lo, hi), *first.write[1:])))
+    return parts + tiles
+
+
 def predict_probabilities(
     image: Any,
     model: SegmentationModel,
     *,
     device: str | torch.device = "auto",
+    precision: str = "auto",
     tile_shape: Sequence[int] | None = None,
     batch_size: int | None = None,
     halo: Sequence[int] | None = None,
-    amp: bool = True,
     dtype: Any = np.float16,
     out: Any = None,
     normalizer: Normalizer | None = None,
     fuse: bool = True,
+    start_at: Sequence[int] | None = None,
+    max_bytes: float | None = None,
+    plan: TilePlan | None = None,
 ) -> Generator[Progress, None, Any]:
     """Predict per-voxel probabilities tile by tile.
 
@@ -269,19 +436,28 @@ def predict_probabilities(
     model : SegmentationModel
     device : str
         ``auto`` (CUDA > MPS > CPU), ``cpu``, ``cuda`` or ``mps``.
+    precision : str
+        ``auto`` (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32),
+        ``fp32`` (exact), ``bf16`` or ``fp16``; see :mod:`napari_unet.precision`.
     tile_shape : sequence of int, optional
         Largest region (core + halo) run at once, per spatial axis of the image (for a 2D model
-        on a stack: ``(y, x)``). Default: from the device's free memory.
+        on a stack: ``(y, x)``). Default: the planner's choice within the device's free memory.
     batch_size : int, optional
-        Tiles (or slices) per forward pass. Default: from free memory.
+        Tiles per forward pass, or for a 2D model on a stack slices per forward pass
+        (default: what fits).
     halo : sequence of int, optional
         Overlap per tile side; default the receptive field, which makes tiling seam-free.
-    amp : bool
-        Mixed precision on CUDA.
     dtype : numpy dtype
         ``float16`` (default), ``float32`` or ``uint8`` (0..255) for the output.
     out : array-like, optional
         Preallocated output of shape ``(channels, *spatial)`` (e.g. a zarr array).
+    start_at : sequence of int, optional
+        A voxel (spatial axes of the image), e.g. the slice or view on screen: its tile runs
+        first (for a 2D model on a stack: that slice alone), then the nearest ones.
+    max_bytes : float, optional
+        Cap of the tiles' working set.
+    plan : TilePlan, optional
+        A plan made by :func:`make_plan` (overrides ``tile_shape``, ``halo``, ``batch_size``).
 
     Yields
     ------
@@ -294,68 +470,36 @@ def predict_probabilities(
         Probabilities ``(channels, *spatial)``: sigmoid per channel, or softmax for semantic models.
     """
     network = model.network
-    slicewise, has_channels = _work_layout(image, network)
-    spatial = tuple(image.shape[1:] if has_channels else image.shape)
-    torch_device = select_device(device)
     config = network.config
-    net = fuse_for_inference(network) if fuse else network.eval()
-
-    auto_tile, auto_batch = auto_tile_settings(net, spatial, torch_device, slicewise)
-    if tile_shape is not None:
-        tile = (1, *tuple(tile_shape)[-2:]) if slicewise else tuple(tile_shape)
-        if len(tile) != len(spatial):
-            raise ValueError(f"tile_shape {tuple(tile_shape)} does not match the image's {len(spatial)} axes")
-    else:
-        tile = auto_tile
-    batch_size = batch_size or auto_batch
-    net_halo = tuple(halo) if halo is not None else config.halo()
-    net_div = config.divisor()
-    work_halo = (0, *net_halo) if slicewise else net_halo
-    work_div = (1, *net_div) if slicewise else net_div
-    if len(work_halo) != len(spatial):
-        raise ValueError(f"halo {tuple(net_halo)} does not match the model's {config.spatial_dims} axes")
-
+    torch_device = select_device(device)
+    policy = resolve_precision(precision, torch_device)
+    if plan is None:
+        plan = make_plan(image, model, device=torch_device, precision=precision,
+                         tile_shape=tile_shape, halo=halo, max_bytes=max_bytes, batch_size=batch_size)
+    spatial = plan.spatial
     if out is None:
         out = np.empty((config.out_channels, *spatial), dtype=dtype)
     elif tuple(out.shape) != (config.out_channels, *spatial):
         raise ValueError(f"output array has shape {tuple(out.shape)}, expected {(config.out_channels, *spatial)}")
     normalizer = normalizer or fit_normalizer(image, model.normalization)
-    runner = _TileRunner(image, net, normalizer, torch_device, amp, model.task, out, slicewise, has_channels)
+    runner = TileRunner(image, prepare_network(network, torch_device, policy, fuse), normalizer,
+                        torch_device, policy, model.task, plan)
+
+    def write(tile: Tile, values: np.ndarray) -> None:
+        out[(slice(None), *tile.write)] = _to_output_dtype(values, out.dtype)
 
     start = time.perf_counter()
-    total = count_tiles(spatial, tile, work_halo, work_div)
-    done = 0
-    pending: list[tuple[list[Tile], int]] = [
-        (batch, 0) for batch in _batches(plan_tiles(spatial, tile, work_halo, work_div), batch_size)
-    ]
-    fell_back = False
-    while pending:
-        tiles, halvings = pending.pop(0)
-        try:
-            runner.run(tiles)
-        except torch.OutOfMemoryError:
-            runner.free_memory()
-            if len(tiles) > 1:  # smaller batch first
-                half = len(tiles) // 2
-                pending[:0] = [(tiles[:half], halvings), (tiles[half:], halvings)]
-                runner.messages.append(f"out of memory: tile batch reduced to {half}")
-            elif halvings < _MIN_TILE_HALVINGS and _can_shrink(tiles[0], work_div):
-                smaller = tuple(max(d, min(t, n) >> (halvings + 1))
-                                for t, n, d in zip(tile, spatial, work_div))
-                sub = plan_tiles(spatial, smaller, work_halo, work_div, region=tiles[0].write)
-                pending[:0] = [([t], halvings + 1) for t in sub]
-                total += len(sub) - 1
-                runner.messages.append(f"out of memory: tile reduced to {smaller}")
-            elif not fell_back:
-                fell_back = True
-                runner.fall_back_to_cpu("out of memory")
-                pending.insert(0, (tiles, halvings))
-            else:
-                raise MemoryError("not enough memory to run the model even on the smallest tiles; "
-                                  "close other programs or use a smaller model") from None
-            yield Progress(done, total, time.perf_counter() - start, message=runner.messages[-1])
-            continue
-        for finished in tiles:
+    tiles = first_tiles(plan, start_at)
+    total, done = len(tiles), 0
+    yield Progress(0, total, 0.0, message=f"{policy.label()}, {plan.describe()}", stage="plan")
+    for warning in _plan_warnings(config, plan):
+        runner.messages.append(warning)
+        yield Progress(0, total, 0.0, message=warning)
+    for event in runner.run(tiles, write):
+        total += event.added
+        if event.message:
+            yield Progress(done, total, time.perf_counter() - start, message=event.message)
+        for finished in event.finished:
             done += 1
             values = out[(slice(None), *finished.write)] if isinstance(out, np.ndarray) else None
             yield Progress(done, total, time.perf_counter() - start, region=finished.write,
@@ -363,9 +507,22 @@ def predict_probabilities(
     return out
 
 
-def _can_shrink(tile: Tile, divisor: Sequence[int]) -> bool:
-    """Whether a tile's core is larger than the divisor along some axis."""
-    return any(size > d for size, d in zip(tile.write_shape, divisor))
+#: above this many voxels computed per voxel written, a plan is worth a warning
+_WASTEFUL_PLAN = 3.0
+
+
+def _plan_warnings(config: Any, plan: TilePlan) -> list[str]:
+    """What the user should know about a plan: inexact norms, tiles mostly made of halo."""
+    warnings = []
+    if config.norm != "batch" and plan.n_tiles > 1:
+        # group and instance norm see a whole tile: tiled results differ from untiled ones
+        warnings.append(f"this model uses {config.norm} norm, whose tiled result is not exact "
+                        "(tile borders can differ); a tile as large as the image (--tile) avoids it")
+    if plan.read_per_written > _WASTEFUL_PLAN:
+        warnings.append(f"tiles of {plan.tile_shape} leave cores of {plan.core} after the halo "
+                        f"{plan.halo}: {plan.read_per_written:.1f} voxels computed per voxel "
+                        "written; larger tiles (or more memory) would be faster")
+    return warnings
 
 
 def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *,
@@ -408,7 +565,7 @@ def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
         except StopIteration as stop:
             probabilities = stop.value
             break
-        if last.message:
+        if last.message and last.stage != "plan":
             messages.append(last.message)
         yield last
     done = last.done if last else 0

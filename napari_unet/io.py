@@ -17,13 +17,16 @@ nibabel, pydicom and Pillow are imported only when a file of their kind is read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import math
 import os
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tifffile
@@ -31,6 +34,8 @@ import tifffile
 __all__ = [
     "ImageReadError",
     "LoadedImage",
+    "OutputPathError",
+    "check_output_path",
     "SUPPORTED_SUFFIXES",
     "atomic_write",
     "read_image",
@@ -78,6 +83,10 @@ _UNIT_ALIASES = {
 
 class ImageReadError(ValueError):
     """An image could not be opened; the message says why in one line."""
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a folder, a missing or read-only folder, ...)."""
 
 
 @dataclass
@@ -292,10 +301,63 @@ def normalize_unit(unit: str | None) -> str | None:
 # --- TIFF -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _tifffile_log() -> Iterator[list[str]]:
+    """Collect tifffile's log messages instead of printing them (they become part of our error)."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("tifffile")
+    handler = _Collect(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+_TIFF_DAMAGE_HINTS = ("invalid page offset", "truncated")
+
+
+def _check_tiff_structure(tif: tifffile.TiffFile, path: Path, messages: list[str]) -> None:
+    """Refuse a truncated or damaged TIFF before any pixel is read.
+
+    tifffile opens such files with a log message and a series that is shorter than the file
+    claims (or pages whose data lie past the end of the file); reading then fails much later
+    or silently returns the wrong shape.
+    """
+    damage = [m for m in messages if any(hint in m.lower() for hint in _TIFF_DAMAGE_HINTS)]
+    if damage:
+        reason = damage[-1].split("> ", 1)[-1].strip()
+        raise ImageReadError(f"cannot read {path}: the TIFF file is truncated or damaged ({reason})")
+    size = os.path.getsize(path)
+    series = tif.series[0]
+    if series.dataoffset is not None:
+        end = int(series.dataoffset) + int(series.nbytes)
+    else:
+        end = 0
+        for page in series.pages:
+            if page is None:
+                continue
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                end = max(end, int(offset) + int(count))
+    if end > size:
+        raise ImageReadError(
+            f"cannot read {path}: the TIFF file is truncated or damaged (its image data end at "
+            f"byte {end}, the file has {size} bytes)")
+
+
 def _read_tiff(path: Path) -> _RawImage:
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_log() as messages, tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise ImageReadError(f"cannot read {path}: TIFF holds no image")
+        _check_tiff_structure(tif, path, messages)
         series = tif.series[0]
         data = series.asarray()
         axes = series.axes
@@ -580,10 +642,13 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+        raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
     ome = path.name.lower().endswith((".ome.tif", ".ome.tiff"))
     suffix = "".join(path.suffixes[-2:]) if ome else path.suffix
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    except OSError as err:
+        raise _os_error_for(err, path) from err
     tmp = Path(tmp_name)
     try:
         os.close(fd)
@@ -593,12 +658,71 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError):
+            raise _os_error_for(err, path) from err
         raise
+    return path
+
+
+def _os_error_for(err: OSError, path: Path) -> OSError:
+    """The same kind of error, about ``path`` (the user's file) instead of a temporary file."""
+    if err.errno is None:
+        return OSError(f"cannot write {path}: {err}")
+    return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``: the surest test that writing there works."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".napari-unet-probe.")
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_path(path: PathLike, *, create_parent: bool = False, folder: bool = False) -> Path:
+    """Check before a long computation that ``path`` can be written; returns it expanded.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The output the user asked for.
+    create_parent : bool
+        Missing parent folders will be created (their nearest existing ancestor must be a
+        writable folder); otherwise the parent folder must exist.
+    folder : bool
+        The output is a folder (zarr store, batch output): an existing folder is fine, an
+        existing file is not. Otherwise an existing folder is refused.
+
+    Raises
+    ------
+    OutputPathError
+        One line naming ``path``: it is a folder (or a file, for ``folder=True``), its folder
+        does not exist, a parent is a file, or the folder cannot be written (permissions, a
+        read-only file system).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and not folder:
+        raise OutputPathError(f"cannot write {path}: it is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"cannot write {path}: a file of that name exists (expected a folder)")
+    parent = path.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if ancestor != parent and not create_parent:
+        raise OutputPathError(f"cannot write {path}: the folder {parent} does not exist")
+    target = path if folder and path.is_dir() else ancestor
+    try:
+        _probe_writable(target)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OutputPathError(f"cannot write {path}: {reason} ({target})") from None
     return path
 
 
@@ -942,14 +1066,16 @@ def _open_tiff_lazy(path: Path) -> _RawImage:
     import dask.array as da
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_log() as messages, tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise ImageReadError(f"cannot read {path}: TIFF holds no image")
+        _check_tiff_structure(tif, path, messages)
         series = tif.series[0]
         axes = series.axes
         page = series.pages[0] if series.pages and series.pages[0] is not None else tif.pages[0]
         spacing, unit = _tiff_calibration(tif, page)
-    store = tifffile.imread(path, aszarr=True, series=0, level=0)
+    with _tifffile_log():
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
     array = zarr.open(store, mode="r")
     if not hasattr(array, "shape"):  # a pyramid: level 0
         array = array["0"]

@@ -16,11 +16,38 @@ SCORE_ORDER = (
 )
 
 
+def as_label_image(array: np.ndarray, what: str = "labels") -> np.ndarray:
+    """``array`` as a label image (bool or integers, 0 = background), or a clear ValueError.
+
+    Float arrays holding only whole numbers (labels saved as float) become ``int64``; NaN,
+    infinite or fractional values (a probability map) are refused rather than counted as
+    foreground.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+    what : str
+        How the message names the array, e.g. a file name.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} must be a label image (integers), got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} has NaN or infinite values; a label image holds integers "
+                         "(0 = background)")
+    if not np.array_equal(array, np.round(array)):
+        raise ValueError(f"{what} holds fractional values (a probability map?); binarise it "
+                         "first (eval --threshold 0.5) or predict with --output labels")
+    return array.astype(np.int64)
+
+
 def _check_shapes(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"pred shape {pred.shape} differs from gt shape {gt.shape}")
-    return pred, gt
+    return as_label_image(pred, "pred"), as_label_image(gt, "gt")
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -339,3 +339,24 @@ def fuse_for_inference(network: UNet) -> UNet:
                 module[conv_index] = fuse_conv_bn_eval(module[conv_index], module[conv_index + 1])
                 module[conv_index + 1] = nn.Identity()
     return fused
+
+
+def inplane_only_levels_for(voxel_size: "tuple[float, ...] | list[float] | None",
+                            depth: int) -> tuple[int, ...]:
+    """Pooling levels of a 3D UNet that pool in-plane only, for voxels of ``voxel_size`` (z, y, x).
+
+    Each in-plane-only level doubles the y-x spacing; there are as many as bring it closest to
+    the z spacing: ``floor(log2(z / min(y, x)) + 0.25)`` (z spacing 1.7x the in-plane spacing or
+    more gives one level, 3.4x two, ...), at most ``depth - 1``. Isotropic, unknown or 2D voxel
+    sizes give none.
+    """
+    if voxel_size is None or len(voxel_size) != 3 or depth < 2:
+        return ()
+    z, y, x = (float(v) for v in voxel_size)
+    if min(z, y, x) <= 0:
+        return ()
+    ratio = z / min(y, x)
+    if ratio <= 1:
+        return ()
+    count = int(math.floor(math.log2(ratio) + 0.25))
+    return tuple(range(max(0, min(count, depth - 1))))

@@ -73,12 +73,58 @@ def _uses_lut(arr: np.ndarray) -> bool:
     return max_id <= _MAX_LUT_ID or max_id <= 4 * arr.size
 
 
+#: elements per ``np.bincount`` call in :func:`chunked_bincount`
+BINCOUNT_CHUNK = 1 << 22
+
+
+def chunked_bincount(values: np.ndarray, chunk: int = BINCOUNT_CHUNK) -> np.ndarray:
+    """``np.bincount(values.ravel())`` of non-negative integers, computed a chunk at a time.
+
+    Equal to ``np.bincount``; ``np.bincount`` holds the interpreter lock for its whole run
+    (0.5 s on 10^8 voxels), which freezes a GUI running it in a thread; each chunk here takes
+    a few milliseconds, and the ids are cast to ``intp`` a chunk at a time (no 8-byte copy of
+    the whole array).
+    """
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    counts = np.zeros(int(flat.max()) + 1, dtype=np.int64)
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk].astype(np.intp, copy=False)
+        part_counts = np.bincount(part)
+        counts[:part_counts.size] += part_counts
+    return counts
+
+
+def fill_binary_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (default structure), computed by labelling.
+
+    The holes are the background components (face connectivity) that do not touch the array's
+    border. The same result as scipy's iterated dilation, several times faster on large
+    volumes, and without holding the interpreter lock for long (scipy's dilation holds it for
+    ~0.15 s per iteration on 10^8 voxels).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0 or mask.ndim == 0:
+        return mask.copy()
+    components, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for index in (0, -1):
+            face = np.take(components, index, axis=axis)
+            outside[np.unique(face)] = True
+    outside[0] = True  # 0 = the mask itself
+    return mask | ~outside[components]
+
+
 def _label_sizes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nonzero ids present in ``arr`` (sorted) and their voxel counts."""
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if _uses_lut(arr):
-        counts = np.bincount(arr.ravel().astype(np.intp, copy=False))
+        counts = chunked_bincount(arr)
         ids = np.flatnonzero(counts)
         ids = ids[ids != 0]
         return ids, counts[ids]
@@ -204,7 +250,7 @@ def remove_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
     arr = _as_label_array(labels)
     if arr.dtype == bool:
         components, _ = ndi.label(arr)
-        sizes = np.bincount(components.ravel())
+        sizes = chunked_bincount(components)
         keep = sizes >= min_size
         keep[0] = False
         return keep[components]
@@ -233,10 +279,10 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     """
     arr = _as_label_array(labels)
     if arr.dtype == bool:
-        return ndi.binary_fill_holes(arr)
+        return fill_binary_holes(arr)
     out = arr.copy()
     background = arr == 0
-    holes = ndi.binary_fill_holes(~background) & background
+    holes = fill_binary_holes(~background) & background
     if not holes.any():
         return out
     compact, original_ids = _compact(arr)

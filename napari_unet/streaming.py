@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import shutil
 import time
 import uuid
@@ -48,22 +47,20 @@ from .checkpoint import SegmentationModel
 from .inference import (
     OUTPUTS,
     Progress,
+    TileRunner,
     _to_output_dtype,
-    _work_layout,
-    auto_tile_settings,
-    predict_probabilities,
+    make_plan,
+    prepare_network,
     select_device,
 )
-from .models import fuse_for_inference
 from .normalization import Normalizer, fit_normalizer
 from . import postprocess
 from .postprocess import DEFAULT_MIN_SIZE
-from .progress import drain
-from .tiling import Tile, core_size, plan_tiles
+from .precision import resolve_precision
+from .tiling import Tile, TilePlan
 
 __all__ = [
     "DEFAULT_MAX_TILE_BYTES",
-    "StreamPlan",
     "StreamResult",
     "StreamSettings",
     "make_plan",
@@ -75,93 +72,10 @@ __all__ = [
 
 STORE_FORMAT = "napari-unet-stream/1"
 ATTRS_KEY = "napari_unet"
-#: Working-set budget of one tile (the engine's estimate); peak memory stays well below 2 GB.
-DEFAULT_MAX_TILE_BYTES = 384 * 2**20
+#: Working-set budget of one tile (the engine's estimate), so peak memory stays below 2 GB
+#: whatever the volume; a larger budget computes fewer halo voxels (``--max-tile-gb``).
+DEFAULT_MAX_TILE_BYTES = 2**30
 PROBABILITY_DTYPES = ("float32", "float16", "uint8")
-
-
-# --- plan ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """Tiles over an image's spatial axes; ``core`` (the tile core) is the output chunk shape.
-
-    ``tile_shape``, ``halo``, ``divisor``, ``core`` and ``grid`` are per spatial axis of the
-    image (for a 2D model on a stack ``z`` has halo 0 and divisor 1).
-    """
-
-    spatial: tuple[int, ...]
-    tile_shape: tuple[int, ...]
-    halo: tuple[int, ...]
-    divisor: tuple[int, ...]
-    core: tuple[int, ...]
-    slicewise: bool
-    has_channels: bool
-    batch_size: int = 1
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(math.ceil(n / c) for n, c in zip(self.spatial, self.core))
-
-    @property
-    def n_tiles(self) -> int:
-        return math.prod(self.grid)
-
-    def tiles(self) -> list[Tile]:
-        """All tiles, in row-major order of :attr:`grid` (tile ``i`` is ``np.unravel_index(i, grid)``)."""
-        tiles = plan_tiles(self.spatial, self.tile_shape, self.halo, self.divisor)
-        assert len(tiles) == self.n_tiles
-        return tiles
-
-    def tile(self, index: int) -> Tile:
-        """Tile number ``index`` without planning all of them."""
-        position = np.unravel_index(index, self.grid)
-        read, write = [], []
-        for g, n, c, h in zip(position, self.spatial, self.core, self.halo):
-            start, stop = int(g) * c, min(n, (int(g) + 1) * c)
-            write.append(slice(start, stop))
-            read.append(slice(max(0, start - h), min(n, stop + h)))
-        return Tile(tuple(read), tuple(write))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StreamPlan":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def make_plan(image: Any, model: SegmentationModel, *, device: str | torch.device = "cpu",
-              tile_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
-              max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES) -> StreamPlan:
-    """The tile plan for streaming ``image`` (anything with ``shape``/``ndim``) through ``model``.
-
-    The default tile is the largest whose working set (the engine's estimate) fits
-    ``max_tile_bytes`` and the device's free memory.
-    """
-    network = model.network
-    slicewise, has_channels = _work_layout(image, network)
-    spatial = tuple(int(n) for n in (image.shape[1:] if has_channels else image.shape))
-    config = network.config
-    net_halo = tuple(halo) if halo is not None else config.halo()
-    if len(net_halo) != config.spatial_dims:
-        raise ValueError(f"halo {tuple(net_halo)} does not match the model's {config.spatial_dims} axes")
-    work_halo = (0, *net_halo) if slicewise else net_halo
-    work_div = (1, *config.divisor()) if slicewise else config.divisor()
-    auto, batch = auto_tile_settings(network, spatial, select_device(device), slicewise,
-                                     max_bytes=max_tile_bytes)
-    if tile_shape is not None:
-        tile = tuple(int(t) for t in tile_shape)
-        if slicewise and len(tile) == 2:
-            tile = (batch, *tile)
-        if len(tile) != len(spatial):
-            raise ValueError(f"tile_shape {tuple(tile_shape)} does not match the image's {len(spatial)} axes")
-    else:
-        tile = (batch, *auto[1:]) if slicewise else auto
-    core = tuple(core_size(t, h, d, n) for t, h, d, n in zip(tile, work_halo, work_div, spatial))
-    return StreamPlan(spatial, tile, tuple(work_halo), tuple(work_div), core, slicewise,
-                      has_channels, batch_size=batch if slicewise else 1)
 
 
 # --- settings and store --------------------------------------------------------------------
@@ -209,7 +123,8 @@ class StreamResult:
         return self.arrays[self.output]
 
 
-def _model_fingerprint(model: SegmentationModel) -> str:
+def model_fingerprint(model: SegmentationModel) -> str:
+    """A hash of what the model computes (config, task, normalisation, weights)."""
     digest = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
     digest.update(model.task.encode())
     digest.update(repr(sorted(model.normalization.items())).encode())
@@ -225,9 +140,8 @@ def _label_dtype(settings: StreamSettings, out_channels: int) -> np.dtype:
     return np.dtype(np.uint8)
 
 
-def _fingerprint(plan: StreamPlan, settings: StreamSettings, model_hash: str) -> dict[str, Any]:
-    return {"plan": plan.to_dict(), "settings": _jsonable(dataclasses.asdict(settings)),
-            "model": model_hash}
+def _fingerprint(settings: StreamSettings, model_hash: str) -> dict[str, Any]:
+    return {"settings": _jsonable(dataclasses.asdict(settings)), "model": model_hash}
 
 
 def _jsonable(value: Any) -> Any:
@@ -252,20 +166,27 @@ def stream_info(path: str | Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and info.get("format") == STORE_FORMAT else None
 
 
-def open_stream(path: str | Path, *, plan: StreamPlan, settings: StreamSettings,
+def stored_plan(group: Any) -> TilePlan:
+    """The tile plan a streamed output was created with (its chunks are the plan's cores)."""
+    return TilePlan.from_dict(dict(group.attrs[ATTRS_KEY])["plan"])
+
+
+def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
                 model: SegmentationModel, normalizer: Normalizer | None = None,
                 image: Any = None, overwrite: bool = False, input_path: str | Path | None = None,
                 voxel_size: Sequence[float] | None = None, unit: str | None = None
-                ) -> tuple[Any, Normalizer, bool]:
+                ) -> tuple[Any, Normalizer, bool, TilePlan]:
     """Create the output group, or reopen a compatible one to resume.
 
-    Returns ``(group, normalizer, resumed)``. The normaliser is fitted on ``image`` once, when
-    the store is created, and read back from the store when resuming.
+    Returns ``(group, normalizer, resumed, plan)``. The normaliser is fitted on ``image`` once,
+    when the store is created, and read back from the store when resuming. A resumed run
+    continues with the stored plan (``plan`` is only used for a new store), so it can resume on
+    another device or with less free memory.
 
     Raises
     ------
     FileExistsError
-        ``path`` exists but is not a streamed output of the same model, plan and settings
+        ``path`` exists but is not a streamed output of the same model and settings
         (pass ``overwrite=True`` to replace a napari-unet output).
     ValueError
         ``path`` is the input.
@@ -275,8 +196,8 @@ def open_stream(path: str | Path, *, plan: StreamPlan, settings: StreamSettings,
     path = Path(path)
     if input_path is not None and path.resolve() == Path(input_path).resolve():
         raise ValueError("refusing to overwrite the input image; choose another output")
-    model_hash = _model_fingerprint(model)
-    fingerprint = _fingerprint(plan, settings, model_hash)
+    model_hash = model_fingerprint(model)
+    fingerprint = _fingerprint(settings, model_hash)
     if path.exists():
         info = stream_info(path)
         if info is None:
@@ -286,7 +207,8 @@ def open_stream(path: str | Path, *, plan: StreamPlan, settings: StreamSettings,
                 raise FileExistsError(f"{path} exists and is not a napari-unet output; choose another path")
         elif info.get("fingerprint") == fingerprint and not overwrite:
             group = zarr.open_group(str(path), mode="r+")
-            return group, Normalizer(**_normalizer_from_json(info["normalizer"])), True
+            return (group, Normalizer(**_normalizer_from_json(info["normalizer"])), True,
+                    stored_plan(group))
         elif overwrite:
             shutil.rmtree(path)
         else:
@@ -318,7 +240,8 @@ def open_stream(path: str | Path, *, plan: StreamPlan, settings: StreamSettings,
         group.create_array("_counts", shape=plan.grid, chunks=(1,) * len(plan.grid),
                            dtype="uint32", fill_value=0)
     info = {
-        "format": STORE_FORMAT, "fingerprint": fingerprint, "state": "predicting",
+        "format": STORE_FORMAT, "fingerprint": fingerprint, "plan": plan.to_dict(),
+        "state": "predicting",
         "run_id": uuid.uuid4().hex,
         "output": settings.output, "model": model.label, "task": model.task,
         "class_names": list(model.class_names), "axes": _axes_letters(len(plan.spatial)),
@@ -329,7 +252,7 @@ def open_stream(path: str | Path, *, plan: StreamPlan, settings: StreamSettings,
     if voxel_size is not None and unit is not None:
         attrs.update(voxel_size=[float(v) for v in voxel_size], unit=str(unit))
     group.attrs.update(attrs)
-    return group, normalizer, False
+    return group, normalizer, False, plan
 
 
 def _axis_names(ndim: int) -> list[str]:
@@ -369,25 +292,23 @@ def local_dask() -> Any:
 
 
 
-def prepare_model(model: SegmentationModel, fuse: bool = True) -> SegmentationModel:
-    """The model with batch norm folded into its convolutions, in eval mode (done once per run)."""
-    network = fuse_for_inference(model.network) if fuse else model.network.eval()
-    return dataclasses.replace(model, network=network)
-
-
 class TileWriter:
-    """Predicts single tiles of a plan and writes them into the output group.
+    """Predicts single tiles of a plan with the shared :class:`~napari_unet.inference.TileRunner`
+    and writes them into the output group.
 
     Used by :func:`predict_to_zarr` in this process and by the dask workers of
-    :mod:`napari_unet.cluster` (each opens the group by path).
+    :mod:`napari_unet.cluster` (each opens the group by path and keeps one writer).
     """
 
-    def __init__(self, group: Any, image: Any, model: SegmentationModel, plan: StreamPlan,
-                 settings: StreamSettings, normalizer: Normalizer, device: str | torch.device = "cpu"):
+    def __init__(self, group: Any, image: Any, model: SegmentationModel, plan: TilePlan,
+                 settings: StreamSettings, normalizer: Normalizer, device: str | torch.device = "cpu",
+                 precision: str = "auto", fuse: bool = True):
         self.group, self.image, self.model, self.plan = group, image, model, plan
         self.settings, self.normalizer = settings, normalizer
         self.device = select_device(device)
-        self.net_halo = plan.halo[1:] if plan.slicewise else plan.halo
+        self.policy = resolve_precision(precision, self.device)
+        network = prepare_network(model.network, self.device, self.policy, fuse)
+        self.runner = TileRunner(image, network, normalizer, self.device, self.policy, model.task, plan)
         self.arrays = {name: group[name] for name in settings.arrays()}
         self.done = group["_done"]
         self.counts = group["_counts"] if settings.output == "instances" else None
@@ -395,20 +316,19 @@ class TileWriter:
 
     def predict(self, tile: Tile) -> np.ndarray:
         """float32 probabilities ``(C, *core)`` of ``tile``, exactly as the whole-image engine."""
-        index = ((slice(None),) if self.plan.has_channels else ()) + tile.read
-        with local_dask():
-            block = np.asarray(self.image[index])
-        job = predict_probabilities(
-            block, self.model, device=self.device, tile_shape=tile.read_shape,
-            batch_size=self.plan.batch_size, halo=self.net_halo, dtype=np.float32,
-            normalizer=self.normalizer, fuse=False)
-        probabilities = drain(job, self._note)
-        del block
-        return np.ascontiguousarray(probabilities[(slice(None), *tile.crop)])
+        values = np.empty((self.model.config.out_channels, *tile.write_shape), np.float32)
+        origin = [s.start for s in tile.write]
 
-    def _note(self, update: Progress) -> None:
-        if update.message:
-            self.messages.append(update.message)
+        def write(part: Tile, probabilities: np.ndarray) -> None:
+            # a memory back-off may deliver the core in sub-tiles
+            inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.write, origin))
+            values[(slice(None), *inner)] = probabilities
+
+        with local_dask():
+            for event in self.runner.run([tile], write):
+                if event.message:
+                    self.messages.append(event.message)
+        return values
 
     def write(self, index: int, tile: Tile, probabilities: np.ndarray) -> None:
         settings = self.settings
@@ -459,6 +379,7 @@ def predict_to_zarr(
     voxel_size: Sequence[float] | None = None,
     unit: str | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "auto",
     tile_shape: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
     max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES,
@@ -467,6 +388,7 @@ def predict_to_zarr(
     input_path: str | Path | None = None,
     fuse: bool = True,
     max_tiles: int | None = None,
+    start_at: Sequence[int] | None = None,
 ) -> Generator[Progress, None, StreamResult]:
     """Predict a (lazy) image tile by tile straight into a zarr group; resumable.
 
@@ -492,9 +414,9 @@ def predict_to_zarr(
         area is at least this fraction of the smaller of their areas on that face (0 merges
         any contact, which reproduces whole-image connected components exactly; the default
         keeps touching neighbours that a watershed separated apart).
-    device, tile_shape, halo, normalizer, fuse
+    device, precision, tile_shape, halo, normalizer, fuse, start_at
         As for :func:`napari_unet.inference.predict_probabilities`; the tile is chosen so the
-        working set fits ``max_tile_bytes``.
+        working set fits ``max_tile_bytes``. A resumed run keeps the plan stored in the output.
     overwrite : bool
         Replace an existing napari-unet output made with other settings.
     max_tiles : int, optional
@@ -510,35 +432,24 @@ def predict_to_zarr(
     -------
     StreamResult
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-    if probability_dtype not in PROBABILITY_DTYPES:
-        raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}")
-    plan = make_plan(image, model, device=device, tile_shape=tile_shape, halo=halo,
-                     max_tile_bytes=max_tile_bytes)
-    sampling = None
-    if voxel_size is not None and len(voxel_size) == model.spatial_dims == len(plan.spatial):
-        sampling = tuple(float(v) for v in voxel_size)
-    settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
-                              probability_dtype=probability_dtype, threshold=float(threshold),
-                              method=method, voxel_size=sampling, min_size=int(min_size))
-    group, normalizer, resumed = open_stream(
-        path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
-        overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)
-    total = plan.n_tiles
-    result = StreamResult(Path(path), output, {}, total, messages=[])
-    if resumed and group.attrs[ATTRS_KEY].get("state") == "done":
-        result.tiles_skipped = total
-        result.n_objects = group.attrs[ATTRS_KEY].get("n_objects")
-        result.arrays = _public_arrays(group, settings)
-        result.messages.append("already complete")
+    run = start_stream(image, model, path, output=output, probabilities=probabilities,
+                       probability_dtype=probability_dtype, threshold=threshold, min_size=min_size,
+                       method=method, voxel_size=voxel_size, unit=unit, device=device,
+                       precision=precision, tile_shape=tile_shape, halo=halo,
+                       max_tile_bytes=max_tile_bytes, normalizer=normalizer, overwrite=overwrite,
+                       input_path=input_path)
+    group, plan, result = run.group, run.plan, run.result
+    if run.complete:
         return result
-    writer = TileWriter(group, image, prepare_model(model, fuse), plan, settings, normalizer, device)
-    todo = pending_tiles(group)
+    writer = TileWriter(group, image, model, plan, run.settings, run.normalizer, device, precision, fuse)
+    todo = plan.order(start_at, pending_tiles(group))
+    total = plan.n_tiles
     done = result.tiles_skipped = total - len(todo)
     start = time.perf_counter()
     messages = result.messages
-    if resumed and done:
+    yield Progress(done, total, 0.0, message=f"{writer.policy.label()}, {plan.describe()}",
+                   stage="plan")
+    if run.resumed and done:
         messages.append(f"resuming: {done} of {total} tiles already done")
         yield Progress(done, total, 0.0, message=messages[-1])
     for count, index in enumerate(todo):
@@ -553,15 +464,74 @@ def predict_to_zarr(
                        probabilities=probs, message="; ".join(notes))
         del probs
     if done < total:  # stopped early (max_tiles)
-        result.arrays = {name: group[name] for name in settings.arrays()}
+        result.arrays = {name: group[name] for name in run.settings.arrays()}
         return result
-    if output == "instances":
-        result.n_objects = yield from merge_chunk_instances(group, min_size=min_size,
-                                                            min_overlap=min_overlap)
+    return (yield from finish_stream(run, min_size=min_size, min_overlap=min_overlap))
+
+
+@dataclass
+class StreamRun:
+    """A streamed output opened for a run: its group, plan, settings and the result so far."""
+
+    group: Any
+    plan: TilePlan
+    settings: StreamSettings
+    normalizer: Normalizer
+    resumed: bool
+    result: StreamResult
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stored output was already finished (nothing left to run)."""
+        return self.resumed and self.group.attrs[ATTRS_KEY].get("state") == "done"
+
+
+def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, output: str,
+                 probabilities: bool, probability_dtype: str, threshold: float, min_size: int,
+                 method: str, voxel_size: Sequence[float] | None, unit: str | None,
+                 device: str | torch.device, precision: str, tile_shape: Sequence[int] | None,
+                 halo: Sequence[int] | None, max_tile_bytes: float | None,
+                 normalizer: Normalizer | None = None, overwrite: bool = False,
+                 input_path: str | Path | None = None) -> StreamRun:
+    """Check the options, plan the tiles and open (or reopen) the output: the start shared by
+    :func:`predict_to_zarr` and :func:`napari_unet.cluster.predict_to_zarr_distributed`."""
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    if probability_dtype not in PROBABILITY_DTYPES:
+        raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}")
+    plan = make_plan(image, model, device=device, precision=precision, tile_shape=tile_shape,
+                     halo=halo, max_bytes=max_tile_bytes)
+    sampling = None
+    if voxel_size is not None and len(voxel_size) == model.spatial_dims == len(plan.spatial):
+        sampling = tuple(float(v) for v in voxel_size)
+    settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
+                              probability_dtype=probability_dtype, threshold=float(threshold),
+                              method=method, voxel_size=sampling, min_size=int(min_size))
+    group, normalizer, resumed, plan = open_stream(
+        path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
+        overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)
+    if tuple(plan.spatial) != tuple(int(n) for n in image.shape[-len(plan.spatial):]):
+        raise ValueError(f"{path} was made for an image of shape {plan.spatial}, not {tuple(image.shape)}")
+    run = StreamRun(group, plan, settings, normalizer, resumed,
+                    StreamResult(Path(path), output, {}, plan.n_tiles, messages=[]))
+    if run.complete:
+        run.result.tiles_skipped = plan.n_tiles
+        run.result.n_objects = group.attrs[ATTRS_KEY].get("n_objects")
+        run.result.arrays = _public_arrays(group, settings)
+        run.result.messages.append("already complete")
+    return run
+
+
+def finish_stream(run: StreamRun, *, min_size: int, min_overlap: float
+                  ) -> Generator[Progress, None, StreamResult]:
+    """After the last tile: merge instances across chunks (or mark the output done)."""
+    if run.settings.output == "instances":
+        run.result.n_objects = yield from merge_chunk_instances(run.group, min_size=min_size,
+                                                                min_overlap=min_overlap)
     else:
-        _set_state(group, state="done")
-    result.arrays = _public_arrays(group, settings)
-    return result
+        _set_state(run.group, state="done")
+    run.result.arrays = _public_arrays(run.group, run.settings)
+    return run.result
 
 
 def _public_arrays(group: Any, settings: StreamSettings) -> dict[str, Any]:
@@ -611,7 +581,7 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
     info = dict(group.attrs[ATTRS_KEY])
     if info.get("state") == "done":
         return int(info.get("n_objects", 0))
-    plan = StreamPlan.from_dict(info["fingerprint"]["plan"])
+    plan = stored_plan(group)
     local = group["_local"]
     classes = group["labels"] if info["task"] == "semantic" else None
     grid = plan.grid

@@ -88,3 +88,82 @@ def test_intensity_changes_only_the_image():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         augment(np.zeros((8, 8)), [np.zeros((8, 9))], np.random.default_rng(0), spatial_dims=2)
+
+
+def test_elastic_displacement_equals_a_cubic_zoom_of_the_control_points():
+    from scipy import ndimage as ndi
+
+    from napari_unet.augment import elastic_displacement
+    for shape in [(24, 40), (128, 128), (7, 33, 50), (16, 64, 64)]:
+        field = elastic_displacement(shape, np.random.default_rng(3), 24, 2.5)
+        rng = np.random.default_rng(3)
+        coarse = tuple(max(2, int(np.ceil(s / 24)) + 1) for s in shape)
+        for axis in range(len(shape)):
+            control = rng.normal(0.0, 2.5, size=coarse).astype(np.float32)
+            dense = ndi.zoom(control, [s / c for s, c in zip(shape, coarse)], order=3, mode="nearest",
+                             grid_mode=True)
+            assert dense.shape == shape and field[axis].shape == shape
+            np.testing.assert_allclose(field[axis], dense, atol=1e-4)
+            assert field[axis].std() > 0.5
+    flat_z = elastic_displacement((6, 24, 24), np.random.default_rng(0), 24, 2.5, fixed_z=True)
+    assert not flat_z[0].any() and flat_z[1].any()
+
+
+def _coordinate_arrays(shape):
+    """Integer coordinate grids (one per axis) of ``shape``, stacked as a ``(ndim, *shape)``
+    label-like array, and an image that is linear in the coordinates."""
+    grid = np.indices(shape).astype(np.int32)
+    weights = np.array([7.0, 3.0, 1.0][-len(shape):]).reshape((-1,) + (1,) * len(shape))
+    return grid, (grid * weights).sum(axis=0).astype(np.float32), weights.ravel()
+
+
+@pytest.mark.parametrize("shape,patch,anisotropic", [((60, 70), (24, 24), False),
+                                                     ((20, 50, 50), (8, 16, 16), False),
+                                                     ((20, 50, 50), (6, 16, 16), True)])
+def test_augment_patch_keeps_image_labels_and_mask_aligned(shape, patch, anisotropic):
+    from napari_unet.augment import augment_patch, elastic_margin
+    grid, image, weights = _coordinate_arrays(shape)
+    mask = (grid.sum(axis=0) % 3) == 0  # any function of the position
+    settings = AugmentSettings(elastic_probability=0.5, intensity_probability=0.0, noise_probability=0.0)
+    margin = elastic_margin(settings)
+    start = tuple((s - p) // 2 for s, p in zip(shape, patch))
+    before = (grid.copy(), image.copy(), mask.copy())
+    read_outside = False
+    for seed in range(16):
+        out, (coords, moved_mask) = augment_patch(image, [grid, mask], start, patch,
+                                                  np.random.default_rng(seed), spatial_dims=len(shape),
+                                                  anisotropic=anisotropic, settings=settings)
+        assert out.shape == patch and coords.shape == (len(shape), *patch) and moved_mask.shape == patch
+        # every output voxel comes from one source voxel; the mask is that voxel's mask, and the
+        # image there is the linear image at a point within half a voxel per axis of it
+        assert np.array_equal(moved_mask, mask[tuple(coords)])
+        expected = (coords * weights.reshape((-1,) + (1,) * len(shape))).sum(axis=0)
+        assert np.abs(out - expected).max() <= 0.5 * weights.sum() + 1e-3
+        for axis, (a, p) in enumerate(zip(start, patch)):
+            lo, hi = coords[axis].min(), coords[axis].max()
+            reach = 0 if anisotropic and axis == 0 else margin
+            assert a - reach <= lo and hi < a + p + reach
+            read_outside |= bool(lo < a or hi >= a + p)
+        if anisotropic:  # each z slice of the patch comes from one source slice
+            assert all(len(np.unique(coords[0][z])) == 1 for z in range(patch[0]))
+        assert not np.shares_memory(out, image) and not np.shares_memory(coords, grid)
+    assert read_outside  # the deformation brought in real content from around the patch
+    assert all(np.array_equal(a, b) for a, b in zip(before, (grid, image, mask)))
+
+
+def test_augment_patch_without_elastic_is_a_flip_or_rotation_of_the_region():
+    from napari_unet.augment import augment_patch
+    grid, image, _ = _coordinate_arrays((30, 40))
+    settings = AugmentSettings(elastic_probability=0.0, intensity_probability=0.0, noise_probability=0.0)
+    region = grid[:, 5:21, 10:26].reshape(2, -1)
+    for seed in range(6):
+        out, (coords,) = augment_patch(image, [grid], (5, 10), (16, 16), np.random.default_rng(seed),
+                                       spatial_dims=2, settings=settings)
+        assert sorted(map(tuple, coords.reshape(2, -1).T)) == sorted(map(tuple, region.T))
+        assert np.array_equal(out, image[tuple(coords)])
+
+
+def test_augment_patch_rejects_a_patch_outside_the_image():
+    from napari_unet.augment import augment_patch
+    with pytest.raises(ValueError, match="not inside"):
+        augment_patch(np.zeros((20, 20)), [], (10, 0), (16, 16), np.random.default_rng(0), spatial_dims=2)

@@ -140,3 +140,50 @@ def test_load_model_by_name_or_path(tmp_path):
         load_model("no-such-model")
     for name in list_pretrained():
         assert load_model(name).name == name
+
+
+# --- faults (issue 14) ----------------------------------------------------------------------
+
+
+def test_shipped_models_and_their_folder_are_never_written(tmp_path):
+    import hashlib
+
+    shipped = list_pretrained()
+    folder = next(iter(shipped.values())).parent
+    before = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in shipped.items()}
+    link = tmp_path / "link"
+    link.symlink_to(folder, target_is_directory=True)
+    alias = tmp_path / "alias.pt"
+    alias.symlink_to(shipped["cells-3d"])
+    model = tiny_model(2, depth=2, base=2)
+    for target in (shipped["cells-3d"], folder / "new.pt", link / "new.pt", folder / "sub" / ".." / "x.pt", alias):
+        with pytest.raises(CheckpointError, match=r"^refusing to write .*shipped with napari-unet"):
+            save_checkpoint(model, target)
+    assert not (folder / "new.pt").exists() and not (folder / "x.pt").exists()
+    assert before == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in list_pretrained().items()}
+    assert save_checkpoint(model, tmp_path / "fine.pt").is_file()
+
+
+def test_text_file_and_folder_given_as_model(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("(not a model)\n")
+    with pytest.raises(CheckpointError, match=r"^notes.pt is not a checkpoint") as info:
+        load_checkpoint(text)
+    assert "pickled" not in str(info.value)
+    with pytest.raises(CheckpointError, match=r"is a folder, not a model file"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^model data is not a checkpoint"):
+        model_from_bytes(b"hello")
+
+
+def test_damaged_checkpoint_message_is_one_line_with_the_details_chained(tmp_path):
+    path = save_checkpoint(tiny_model(2, depth=2, base=2), tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["base_channels"] = 8
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 300 and message.endswith(" ...")
+    assert message.startswith("m.pt is damaged: Error(s) in loading state_dict for UNet: size mismatch")
+    assert str(info.value.__cause__).count("size mismatch") > 10

@@ -106,3 +106,24 @@ def test_hounsfield_window_overrides_model_normalisation(tmp_path, model_file):
                      "--output", "probabilities", "--hu-window", window]) == 0
         outs.append(read_image(out).data)
     assert not np.allclose(outs[0], outs[1])
+
+
+def test_predict_precision_choice(tmp_path, model_file, stack_file, capsys):
+    from napari_unet.checkpoint import load_checkpoint
+
+    image = read_image(stack_file)
+    model = load_checkpoint(model_file)
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"p_{precision}.tif"
+        assert main(["predict", str(stack_file), "-o", str(out), "--model", str(model_file),
+                     "--device", "cpu", "--output", "probabilities", "--precision", precision]) == 0
+        expected = drain(segment(image.data, model, output="probabilities", device="cpu",
+                                 precision=precision)).data
+        np.testing.assert_allclose(read_image(out).data, expected[0].astype(np.float32), atol=1e-3)
+    exact, fast = read_image(tmp_path / "p_fp32.tif").data, read_image(tmp_path / "p_bf16.tif").data
+    assert 0 < np.abs(exact - fast).max() < 0.05
+    assert main(["predict", str(stack_file), "-o", str(tmp_path / "x.tif"), "--model", str(model_file),
+                 "--precision", "int8"]) == 2
+    assert main(["predict", str(stack_file), "-o", str(tmp_path / "y.tif"), "--model", str(model_file),
+                 "--max-tile-gb", "0"]) == 2
+    assert "--max-tile-gb must be positive" in capsys.readouterr().err

@@ -10,8 +10,8 @@ from napari_unet import inference
 from napari_unet.checkpoint import SegmentationModel
 from napari_unet.inference import (
     Progress,
-    auto_tile_settings,
     autocast_dtype,
+    make_plan,
     predict_probabilities,
     segment,
     select_device,
@@ -43,8 +43,8 @@ def untiled(image: np.ndarray, model: SegmentationModel) -> np.ndarray:
 def test_tiled_equals_untiled_2d(shape, tile, halo_steps, batch):
     image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
     halo = tuple(h + d * halo_steps for h, d in zip(MODEL_2D.config.halo(), MODEL_2D.config.divisor()))
-    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=tile, halo=halo,
-                                        batch_size=batch, dtype=np.float32))
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="fp32",
+                                        tile_shape=tile, halo=halo, batch_size=batch, dtype=np.float32))
     assert np.abs(tiled - untiled(image, MODEL_2D)).max() <= 1e-4
 
 
@@ -53,15 +53,16 @@ def test_tiled_equals_untiled_2d(shape, tile, halo_steps, batch):
        tile=st.tuples(st.integers(2, 24), st.integers(8, 40), st.integers(8, 40)))
 def test_tiled_equals_untiled_3d_anisotropic(shape, tile):
     image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
-    tiled = drain(predict_probabilities(image, MODEL_3D, device="cpu", tile_shape=tile, dtype=np.float32))
+    tiled = drain(predict_probabilities(image, MODEL_3D, device="cpu", precision="fp32",
+                                        tile_shape=tile, dtype=np.float32))
     assert np.abs(tiled - untiled(image, MODEL_3D)).max() <= 1e-4
 
 
 def test_too_small_halo_makes_seams():
     """The halo is what makes tiling exact: without it the test above would fail."""
     image = np.random.default_rng(0).random((64, 64), dtype=np.float32)
-    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(32, 32),
-                                        halo=(0, 0), dtype=np.float32))
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="fp32",
+                                        tile_shape=(32, 32), halo=(0, 0), dtype=np.float32))
     assert np.abs(tiled - untiled(image, MODEL_2D)).max() > 1e-3
 
 
@@ -69,20 +70,24 @@ def test_2d_model_on_stack_runs_slice_by_slice_in_batches():
     stack = np.random.default_rng(1).random((5, 40, 37), dtype=np.float32)
     progress = []
     result = drain(predict_probabilities(stack, MODEL_2D, device="cpu", batch_size=2,
-                                         dtype=np.float32), progress.append)
+                                         precision="fp32", dtype=np.float32), progress.append)
     assert result.shape == (1, 5, 40, 37)
     normalizer = fit_normalizer(stack, MODEL_2D.normalization)
     for z in (0, 4):
         single = drain(predict_probabilities(stack[z], MODEL_2D, device="cpu", dtype=np.float32,
-                                             normalizer=normalizer))
+                                             precision="fp32", normalizer=normalizer))
         assert np.abs(result[:, z] - single).max() <= 1e-5
-    assert [p.region[0] for p in progress] == [slice(z, z + 1) for z in range(5)]
+    regions = [p.region[0] for p in progress if p.region is not None]
+    assert regions == [slice(0, 2), slice(2, 4), slice(4, 5)]  # batches of 2 slices
 
 
 def test_progress_reports_regions_and_views_of_finished_tiles():
     image = np.random.default_rng(2).random((70, 50), dtype=np.float32)
     updates: list[Progress] = []
     out = drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(48, 48)), updates.append)
+    plan_step = updates.pop(0)
+    assert plan_step.stage == "plan" and "read/written" in plan_step.message
+    updates = [u for u in updates if u.region is not None]  # without notes (a wasteful tile)
     assert [u.done for u in updates] == list(range(1, len(updates) + 1))
     assert all(u.total == len(updates) for u in updates)
     assert updates[-1].fraction == 1.0 and updates[-1].eta == 0.0
@@ -118,20 +123,24 @@ def test_closing_the_generator_stops_at_the_next_tile():
     image = np.random.default_rng(4).random((96, 96), dtype=np.float32)
     calls = []
     job = predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(40, 40), batch_size=1)
-    original = inference._TileRunner.run
+    original = inference.TileRunner._run_batch
 
-    def counting_run(self, tiles):
+    def counting_run(self, tiles, write):
         calls.append(len(tiles))
-        return original(self, tiles)
+        return original(self, tiles, write)
 
-    inference._TileRunner.run = counting_run
+    inference.TileRunner._run_batch = counting_run
     try:
+        assert next(job).stage == "plan" and not calls
         first = next(job)
+        while first.region is None:  # notes about the plan come before any tile runs
+            assert not calls
+            first = next(job)
         job.close()
         with pytest.raises(StopIteration):
             next(job)
     finally:
-        inference._TileRunner.run = original
+        inference.TileRunner._run_batch = original
     assert first.done == 1 and len(calls) == 1 and first.total > 1
 
 
@@ -200,25 +209,26 @@ def test_device_selection():
             select_device("cuda")
 
 
-def test_mixed_precision_only_on_cuda(monkeypatch):
-    assert autocast_dtype(torch.device("cpu")) is None
+def test_auto_precision_on_cuda_is_bf16_or_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert autocast_dtype(torch.device("cuda")) == torch.float16
 
 
-def test_auto_tile_settings_follow_free_memory(monkeypatch):
-    network = MODEL_3D.network
+def test_plan_follows_free_memory(monkeypatch):
     monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**30)
-    big, _ = auto_tile_settings(network, (40, 256, 256), torch.device("cpu"), slicewise=False)
-    assert big == (40, 256, 256)
+    image = np.zeros((40, 256, 256), np.float32)
+    big = make_plan(image, MODEL_3D, device="cpu")
+    assert big.core == (40, 256, 256) and big.read_per_written == 1.0
     monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**20)
-    small, batch = auto_tile_settings(network, (40, 256, 256), torch.device("cpu"), slicewise=False)
-    assert math.prod(small) < math.prod(big) and batch >= 1
-    assert all(s % d == 0 or s == n for s, d, n in zip(small, network.config.divisor(), (40, 256, 256)))
-    tile, slices = auto_tile_settings(MODEL_2D.network, (30, 64, 64), torch.device("cpu"), slicewise=True)
-    assert tile[0] == 1 and slices >= 1
+    small = make_plan(image, MODEL_3D, device="cpu")
+    assert math.prod(small.tile_shape) < math.prod(big.tile_shape) and small.batch_size >= 1
+    assert small.read_per_written > 1.0
+    assert all(c % d == 0 or c == n for c, d, n in zip(small.core, MODEL_3D.config.divisor(), image.shape))
+    stack = make_plan(np.zeros((30, 64, 64), np.float32), MODEL_2D, device="cpu")
+    assert stack.slicewise and stack.halo[0] == 0 and stack.core[1:] == (64, 64)
 
 
 def test_normalization_percentile_and_hounsfield_window():
@@ -282,3 +292,95 @@ def test_default_min_size_drops_seed_fragments():
     assert inference.probabilities_to_output(probabilities, "foreground_boundary", "instances").max() == 1
     fragments = inference.probabilities_to_output(probabilities, "foreground_boundary", "instances", min_size=0)
     assert fragments.max() == 2
+
+
+# --- fast engine: precision, layout, first tiles -------------------------------------------
+
+
+def test_channels_last_fp32_equals_the_plain_layout():
+    for model, shape in ((MODEL_2D, (2, 1, 40, 56)), (MODEL_3D, (1, 1, 12, 32, 24))):
+        x = torch.randn(*shape)
+        network = inference.fuse_for_inference(model.network)
+        with torch.inference_mode():
+            plain = network(x)
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            fast = network.to(memory_format=fmt)
+            for result in (fast(x.contiguous(memory_format=fmt)),
+                           fast.forward_low_memory(x.contiguous(memory_format=fmt), slab_voxels=256)):
+                assert torch.abs(result - plain).max() <= 1e-5
+
+
+def test_bf16_tiled_agrees_with_bf16_untiled_and_with_fp32():
+    image = np.random.default_rng(11).random((96, 112), dtype=np.float32)
+    whole = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="bf16",
+                                        tile_shape=(96, 112), dtype=np.float32))
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="bf16",
+                                        tile_shape=(40, 48), dtype=np.float32))
+    exact = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="fp32",
+                                        dtype=np.float32))
+    assert np.mean((tiled > 0.5) == (whole > 0.5)) >= 0.999
+    assert np.mean((whole > 0.5) == (exact > 0.5)) >= 0.995
+    assert 0 < np.abs(whole - exact).max() <= 0.05  # really ran in bf16, and close
+
+
+def test_2d_model_on_a_stack_starts_with_the_slice_on_screen_alone():
+    stack = np.random.default_rng(12).random((9, 32, 32), dtype=np.float32)
+    updates = []
+    result = drain(predict_probabilities(stack, MODEL_2D, device="cpu", batch_size=4,
+                                         precision="fp32", dtype=np.float32, start_at=(6, 10, 10)),
+                   updates.append)
+    regions = [u.region for u in updates if u.region is not None]
+    assert regions[0][0] == slice(6, 7)
+    covered = np.zeros(9, int)
+    for region in regions:
+        covered[region[0]] += 1
+    assert (covered == 1).all()
+    plain = drain(predict_probabilities(stack, MODEL_2D, device="cpu", precision="fp32", dtype=np.float32))
+    assert np.abs(result - plain).max() <= 1e-5
+
+
+def test_3d_model_starts_with_the_tile_under_the_view():
+    image = np.random.default_rng(13).random((12, 64, 64), dtype=np.float32)
+    updates = []
+    drain(predict_probabilities(image, MODEL_3D, device="cpu", tile_shape=(12, 32, 32),
+                                start_at=(5, 60, 60)), updates.append)
+    first = next(u.region for u in updates if u.region is not None)
+    assert all(s.start <= p < s.stop for s, p in zip(first, (5, 60, 60)))
+
+
+def test_group_norm_models_warn_that_tiles_are_not_exact():
+    model = tiny_model(2, depth=2, base=8, norm="group")
+    image = np.random.default_rng(14).random((64, 64), dtype=np.float32)
+    messages = []
+    drain(predict_probabilities(image, model, device="cpu", tile_shape=(32, 32)),
+          lambda p: p.message and messages.append(p.message))
+    assert any("not exact" in m for m in messages)
+    messages.clear()
+    drain(predict_probabilities(image, model, device="cpu"), lambda p: p.message and messages.append(p.message))
+    assert not any("not exact" in m for m in messages)  # one tile: exact
+
+
+@pytest.mark.parametrize("name, sample", [("em-membranes-2d", "em_2d"), ("nuclei-2d", "nuclei_2d"),
+                                          ("nuclei-3d", "nuclei_3d"), ("cells-3d", "cells_3d")])
+def test_shipped_models_bf16_labels_agree_with_fp32_on_sample_images(name, sample):
+    import tifffile
+
+    from napari_unet.checkpoint import load_model
+    from .conftest import SAMPLE_DATA
+
+    image = tifffile.imread(SAMPLE_DATA / f"{sample}.tif")
+    model = load_model(name)
+    labels = {}
+    for mode in ("bf16", "fp32"):
+        result = drain(segment(image, model, output="labels", device="cpu", precision=mode))
+        labels[mode] = result.data
+    assert np.mean(labels["bf16"] == labels["fp32"]) >= 0.995
+
+
+def test_a_tile_mostly_made_of_halo_is_reported_not_silently_shrunk():
+    image = np.random.default_rng(15).random((96, 96), dtype=np.float32)
+    halo = MODEL_2D.config.halo()
+    notes = []
+    drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(2 * halo[0] + 4,) * 2),
+          lambda p: p.message and notes.append(p.message))
+    assert any("voxels computed per voxel written" in n for n in notes)

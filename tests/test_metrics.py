@@ -182,3 +182,26 @@ def test_scores_bounded_and_symmetric(gt, data):
         assert scores.true_positives == swapped.true_positives
         assert scores.true_positives <= min(scores.n_pred, scores.n_gt)
     assert metrics.dice(pred, gt) == pytest.approx(metrics.dice(gt, pred))
+
+
+# --- float and NaN inputs (issue 14) --------------------------------------------------------
+
+
+def test_probability_maps_and_nan_are_refused_not_counted_as_foreground():
+    gt = np.ones((6, 6), np.uint8)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.dice(np.full((6, 6), np.nan), gt)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.evaluate(np.full((6, 6), np.nan), gt)
+    with pytest.raises(ValueError, match="fractional values"):
+        metrics.evaluate(np.full((6, 6), 0.7), squares((6, 6), [(0, 0), (3, 3)], 2))
+    with pytest.raises(ValueError, match="^pred holds fractional values"):
+        metrics.match_instances(np.full((6, 6), 0.7), gt)
+
+
+def test_whole_number_floats_are_labels():
+    gt = squares((20, 20), [(2, 2), (12, 12)], 5)
+    scores = metrics.evaluate(gt.astype(np.float32), gt)
+    assert scores["f1"] == 1.0 and scores["dice"] == 1.0
+    np.testing.assert_array_equal(metrics.as_label_image(np.array([0.0, 3.0])), [0, 3])
+    assert metrics.as_label_image(gt) is gt

@@ -314,3 +314,25 @@ def test_cli_predict_to_zarr_from_lazy_tiff_and_resume(tmp_path, capsys):
     assert main(["predict", str(source), "-o", str(out), "--model", str(checkpoint),
                  "--device", "cpu", "--tile", "16,32,32", "--output", "instances"]) == 2
     assert "another model or other settings" in capsys.readouterr().err
+
+
+def test_resume_uses_the_stored_plan_with_less_memory_or_another_tile(tmp_path, monkeypatch):
+    from napari_unet import inference
+    from napari_unet.streaming import stored_plan
+
+    model = tiny_model(3)
+    image = RNG.integers(0, 4000, size=(20, 48, 40)).astype(np.uint16)
+    expected = reference(image, model)
+    out = tmp_path / "out.zarr"
+    drain(predict_to_zarr(image, model, out, probabilities=True, tile_shape=(20, 28, 28), max_tiles=3))
+    first_plan = stored_plan(zarr.open_group(str(out)))
+    # the machine now has much less free memory: a fresh plan would be different
+    monkeypatch.setattr(inference, "_available_memory", lambda device: 2**20)
+    assert make_plan(image, model, device="cpu").core != first_plan.core
+    notes = []
+    result = drain(predict_to_zarr(image, model, out, probabilities=True),
+                   lambda p: p.message and notes.append(p.message))
+    assert result.tiles_skipped == 3 and result.tiles_total == first_plan.n_tiles
+    assert stored_plan(zarr.open_group(str(out))) == first_plan
+    assert any("read/written" in n for n in notes) and any("resuming" in n for n in notes)
+    assert np.abs(result.arrays["probabilities"][...] - expected).max() <= 1e-5

@@ -205,7 +205,13 @@ def test_train_in_subprocess_stop_and_errors():
         drain(bad)
 
 
-def test_validation_split_tracks_the_best_weights():
+def every_iteration(monkeypatch):
+    """Validation after every iteration (``validation_interval=0`` and no time share cap)."""
+    monkeypatch.setattr("napari_unet.training.EVALUATION_SHARE", 1e9)
+
+
+def test_validation_split_tracks_the_best_weights(monkeypatch):
+    every_iteration(monkeypatch)
     image, labels = blobs((8, 32, 32), n=6)
     trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
                       fast(iterations=6, validation_fraction=0.25, validation_interval=0.0))
@@ -213,8 +219,13 @@ def test_validation_split_tracks_the_best_weights():
     result = drain(trainer.run(), stats.append)
     scores = [s.validation_dice for s in stats if s.validation_dice is not None]
     assert len(scores) == 6 and all(0 <= s <= 1 for s in scores)
-    assert result.history[-1]["best_score"] == pytest.approx(max(scores), abs=1e-4)
-    assert stats[-1].best_score == pytest.approx(max(scores))
+    recorded = [score for _, score in trainer.validation_scores]
+    assert [i for i, _ in trainer.validation_scores] == list(range(1, 7)) and recorded == scores
+    # the model before training is scored too, for comparison
+    assert 0 <= trainer.start_score <= 1 and stats[0].start_score == trainer.start_score
+    assert result.history[-1]["start_score"] == pytest.approx(trainer.start_score, abs=1e-4)
+    assert result.history[-1]["best_score"] == pytest.approx(max(recorded), abs=1e-4)
+    assert stats[-1].best_score == pytest.approx(max(recorded))
 
 
 def test_single_image_validation_strip_and_preview():
@@ -279,3 +290,392 @@ def test_default_budget_is_sixty_seconds():
     stats = TrainingStats(iteration=5, total_iterations=None, loss=1.0, learning_rate=1e-3, elapsed=30.0,
                           samples_per_second=1.0, time_limit=60.0)
     assert stats.fraction == pytest.approx(0.5)
+
+
+# --- targets from what was corrected (issue 9) ------------------------------------------------
+
+def _paste(base, truth, slices):
+    """``truth`` on ``slices`` pasted into ``base`` with fresh ids, as a user paints corrections."""
+    out = base.astype(np.int64)
+    for z in slices:
+        ids, inverse = np.unique(truth[z], return_inverse=True)
+        fresh = np.where(ids == 0, 0, np.arange(len(ids)) + out.max() + 1)
+        out[z] = fresh[inverse].reshape(truth[z].shape)
+    return out
+
+
+def _a_prediction(truth):
+    """Another segmentation of the same objects: shifted, with other ids."""
+    from skimage.measure import label
+    return label(np.roll(truth > 0, 2, axis=2)) * 3 + 1
+
+
+def test_label_boundaries_ignore_unannotated_neighbours():
+    from skimage.segmentation import find_boundaries
+    from napari_unet.training import label_boundaries
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, (6, 7, 8))
+    assert np.array_equal(label_boundaries(labels), find_boundaries(labels, connectivity=1, mode="thick"))
+    annotated = np.zeros(labels.shape, bool)
+    annotated[2] = True
+    other = labels.copy()
+    other[~annotated] = rng.integers(5, 9, other[~annotated].shape)
+    a, b = (label_boundaries(x, annotated) for x in (labels, other))
+    assert np.array_equal(a, b) and not a[~annotated].any()
+    assert np.array_equal(a[2], label_boundaries(labels[2]))  # lone slice: its own 2D boundaries
+    assert np.array_equal(label_boundaries(labels, axes=(1, 2))[3], label_boundaries(labels[3]))
+
+
+@pytest.mark.parametrize("dims,task", [(2, "foreground_boundary"), (2, "membranes"),
+                                       (3, "foreground_boundary"), (3, "membranes")])
+def test_corrected_slices_give_the_same_targets_in_truth_and_in_a_prediction(dims, task):
+    image, truth = blobs((12, 32, 32), n=8, radius=5)
+    slices = [3, 6, 7]
+    pasted = _paste(_a_prediction(truth), truth, slices)
+    channel = -1  # the boundary / membrane output
+    # the whole-stack targets (the old behaviour) do differ on the corrected slices
+    assert not np.array_equal(training_targets(truth, task)[channel][slices],
+                              training_targets(pasted, task)[channel][slices])
+    model = new_model(dims, task, **TINY)
+    a, b = (Trainer(model, [TrainingPair(image, lab, slices=slices)], fast()) for lab in (truth, pasted))
+    for items_a, items_b in ((a._items, b._items), (a._val_items, b._val_items)):
+        assert len(items_a) == len(items_b)
+        for x, y in zip(items_a, items_b):
+            assert np.array_equal(x.target, y.target)
+            for m, n in ((x.mask, y.mask), (x.valid, y.valid)):
+                assert (m is None and n is None) or np.array_equal(m, n)
+    # a slice without annotated neighbours has its own 2D targets, for a 2D and a 3D model
+    alone = training_targets(truth[3], task)
+    item = next(it for it in a._items + a._val_items if dims == 3 or it.source == (0, 3))
+    assert np.array_equal(item.target[:, 3] if dims == 3 else item.target, alone)
+
+
+def test_2d_model_on_a_stack_gets_per_slice_targets():
+    image, truth = blobs((6, 32, 32), n=8, radius=5)
+    trainer = Trainer(new_model(2, "foreground_boundary", **TINY), [TrainingPair(image, truth)],
+                      fast(validation_fraction=0))
+    assert [it.source for it in trainer._items] == [(0, z) for z in range(6)]
+    for z, item in enumerate(trainer._items):
+        assert np.array_equal(item.target, training_targets(truth[z], "foreground_boundary"))
+    # a 3D model on the fully annotated stack keeps 3D targets
+    trainer3 = Trainer(new_model(3, "foreground_boundary", **TINY), [TrainingPair(image, truth)],
+                       fast(validation_fraction=0))
+    assert np.array_equal(trainer3._items[0].target, training_targets(truth, "foreground_boundary"))
+
+
+# --- validation split and best weights (issue 9) ----------------------------------------------
+
+def test_auto_validation_holds_out_runs_of_slices_with_their_neighbours():
+    image, labels = blobs((16, 32, 32), n=8, radius=5)
+    model = new_model(3, "foreground_boundary", inplane_only_levels=(0,), **TINY)
+    chosen = set()
+    for seed in range(5):
+        trainer = Trainer(model, [TrainingPair(image, labels, slices=[2, 3, 8, 12])], fast(seed=seed))
+        assert trainer.keeps_best and "keeping the best-scoring weights" in trainer.validation_message
+        (item,) = trainer._items
+        assert trainer._val_items == [item]
+        held = set(np.flatnonzero(item.valid.any(axis=(1, 2))).tolist())
+        trained = set(np.flatnonzero(item.mask.any(axis=(1, 2))).tolist())
+        assert held in ({2, 3}, {8}, {12}) and trained == {2, 3, 8, 12} - held
+        assert all(abs(h - t) > 1 for h in held for t in trained)  # neighbours never trained on
+        chosen.add(min(held))
+    assert len(chosen) > 1  # the seed picks the part
+    # a fully annotated stack: its last slices, one slice between them and the training slices
+    trainer = Trainer(model, [TrainingPair(image, labels)], fast())
+    (item,) = trainer._items
+    assert np.flatnonzero(item.valid.any(axis=(1, 2))).tolist() == [13, 14, 15]
+    assert np.flatnonzero(item.mask.any(axis=(1, 2))).tolist() == list(range(12))
+    assert "slices 13-15 of image 1 (slice 12 of image 1 not trained on)" in trainer.validation_message
+
+
+@pytest.mark.parametrize("pairs_of,slices,config", [
+    ("stack", [5], {}), ("stack", [4, 5], {}), ("stack", [2, 9], {"validation_fraction": 0}),
+    ("image", None, {}),
+])
+def test_without_a_part_to_hold_out_the_last_weights_are_kept(pairs_of, slices, config):
+    image, labels = blobs((12, 32, 32) if pairs_of == "stack" else (32, 32), n=6, radius=5)
+    trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels, slices=slices)],
+                      fast(**config))
+    assert not trainer.keeps_best and not trainer._val_items
+    assert "keeping the last weights" in trainer.validation_message
+    stats = []
+    result = drain(trainer.run(), stats.append)
+    assert trainer.validation_message in stats[0].message and not stats[0].keeps_best
+    assert result.history[-1]["kept"] == "last" and result.history[-1]["best_score"] is None
+    last = trainer.network.state_dict()
+    assert all(torch.equal(v, last[k]) for k, v in result.network.state_dict().items())
+
+
+def test_two_images_keep_the_weights_that_score_best_on_the_held_out_one(monkeypatch):
+    every_iteration(monkeypatch)
+    pairs = [TrainingPair(*blobs((40, 40), n=6, seed=s)) for s in range(3)]
+    # a high learning rate: the validation score rises, then falls again
+    trainer = Trainer(new_model(2, "foreground", **TINY), pairs,
+                      fast(iterations=20, batch_size=4, learning_rate=5e-2, validation_interval=0.0,
+                           augment=False))
+    assert trainer.keeps_best and trainer.validation_message.startswith("held out for validation: image ")
+    stats = []
+    result = drain(trainer.run(), stats.append)
+    assert stats[0].keeps_best and trainer.validation_message in stats[0].message
+    scores = dict(trainer.validation_scores)
+    assert sorted(scores) == list(range(1, 21))
+    best = max(scores.values())
+    last_score = trainer._validate(trainer.network)
+    assert last_score == pytest.approx(scores[20]) and last_score < best - 0.01  # the setup is a real test
+    # the returned weights, scored again on the held-out image, are the best ones
+    assert trainer._validate(result.network) == pytest.approx(best)
+    assert scores[trainer.best_iteration] == best and result.history[-1]["best_iteration"] == trainer.best_iteration
+    assert result.history[-1]["kept"] == "best" and result.history[-1]["best_score"] == pytest.approx(best, abs=1e-4)
+    # instance labels: the score also counts objects (F1 on the held-out image)
+    f1s = [st.validation_f1 for st in stats if st.validation_dice is not None]
+    assert f1s and all(f is not None and 0 <= f <= 1 for f in f1s)
+
+
+def test_validation_scores_objects_slice_by_slice():
+    from napari_unet.metrics import match_instances
+    from napari_unet.progress import drain as run
+    from napari_unet.inference import predict_probabilities, probabilities_to_output
+    from napari_unet.normalization import Normalizer
+
+    image, labels = blobs((12, 32, 32), n=8, radius=5)
+    model = new_model(3, "foreground_boundary", **TINY)
+    trainer = Trainer(model, [TrainingPair(image, labels, slices=[2, 8])], fast(seed=1))
+    (item,) = trainer._val_items
+    (z,) = np.flatnonzero(item.valid.any(axis=(1, 2)))
+    trainer._validate(model.network)
+    probs = run(predict_probabilities(item.image, model, device="cpu", normalizer=Normalizer(0.0, 1.0),
+                                      dtype=np.float32))
+    lo = max(0, z - 3)
+    expected = match_instances(probabilities_to_output(probs[:, lo:z + 4], model.task, "instances")[z - lo],
+                               labels[z]).f1
+    assert trainer._last_f1 == pytest.approx(expected)
+    # binary labels: no objects to score
+    binary = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, (labels > 0).astype(np.uint8),
+                                                                      slices=[2, 8])], fast())
+    assert binary.keeps_best and binary._val_items[0].labels is None
+    binary._validate(binary.parent.network)
+    assert binary._last_f1 is None
+
+
+@pytest.mark.parametrize("task", ["foreground_boundary", "membranes"])
+def test_a_corrected_region_gives_the_same_targets_in_truth_and_in_a_prediction(task):
+    image, truth = blobs((12, 32, 32), n=8, radius=5)
+    region = np.zeros(truth.shape, bool)
+    region[2:9, 4:20] = True
+    ids, inverse = np.unique(truth[region], return_inverse=True)
+    pasted = _a_prediction(truth)
+    pasted[region] = np.where(ids == 0, 0, ids + 1000)[inverse]  # the region, with fresh ids
+    a, b = (Trainer(new_model(3, task, **TINY), [TrainingPair(image, lab, annotated=region)], fast())
+            for lab in (truth, pasted))
+    (x,), (y,) = a._items, b._items
+    assert np.array_equal(x.target, y.target) and np.array_equal(x.mask, y.mask)
+    assert x.target[-1][region].any() and not x.target[:, ~region].any()
+
+
+# --- precision, memory layout, patch pipeline (issue 8) ------------------------------------
+
+def test_training_precision_follows_the_policy(monkeypatch):
+    from napari_unet import precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    image, labels = blobs((32, 32))
+    pair = [TrainingPair(image, labels)]
+    model = new_model(2, "foreground", **TINY)
+    auto = Trainer(model, pair, fast())
+    assert auto.policy.name == "bf16" and auto.policy.requested == "auto"
+    assert Trainer(model, pair, fast(precision="fp32")).policy.name == "fp32"
+    assert Trainer(model, pair, fast(precision="bf16", amp=False)).policy.name == "fp32"  # amp=False: exact
+    with pytest.raises(ValueError, match="unknown precision"):
+        Trainer(model, pair, fast(precision="fp8"))
+    stats = []
+    drain(auto.run(), stats.append)
+    assert "training in bf16 (auto: native bf16 CPU), channels-last" in stats[0].message
+    assert not any(s.message for s in stats[1:])
+
+
+def test_bf16_training_keeps_weights_and_batch_norm_statistics_in_fp32():
+    image, labels = blobs((40, 40))
+    parent = new_model(2, "foreground", **TINY)
+    trainer = Trainer(parent, [TrainingPair(image, labels)],
+                      fast(precision="bf16", freeze_norm=False, iterations=2))
+    result = drain(trainer.run())
+    assert trainer.policy.dtype == torch.bfloat16
+    for tensors in (trainer.network.state_dict(), result.network.state_dict()):
+        floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        assert floats and all(v.dtype == torch.float32 for v in floats.values())
+    before = parent.network.state_dict()
+    means = [k for k in before if k.endswith("running_mean")]
+    assert means and any(not torch.equal(before[k], result.network.state_dict()[k]) for k in means)
+    assert all(torch.isfinite(v).all() for v in result.network.state_dict().values() if v.is_floating_point())
+
+
+def test_channels_last_training_equals_contiguous_in_fp32(monkeypatch):
+    import dataclasses
+    from napari_unet import training
+    image, labels = blobs((8, 32, 32), n=5)
+    runs = {}
+    real = training.resolve_precision
+    for channels_last in (True, False):
+        monkeypatch.setattr(training, "resolve_precision", lambda *a, cl=channels_last, **k:
+                            dataclasses.replace(real(*a, **k), channels_last=cl))
+        trainer = Trainer(new_model(3, "foreground", **TINY), [TrainingPair(image, labels)],
+                          fast(precision="fp32", iterations=3))
+        stats = []
+        result = drain(trainer.run(), stats.append)
+        assert trainer.policy.exact and trainer.policy.channels_last == channels_last
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        conv = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv3d))
+        assert conv.weight.is_contiguous(memory_format=fmt)
+        runs[channels_last] = ([s.loss for s in stats], result.network.state_dict())
+        assert ("channels-last" in stats[0].message) == channels_last
+    (loss_cl, state_cl), (loss_c, state_c) = runs[True], runs[False]
+    assert loss_cl == pytest.approx(loss_c, rel=1e-4, abs=1e-5)
+    for key, value in state_c.items():
+        assert torch.allclose(state_cl[key].float(), value.float(), rtol=1e-3, atol=1e-4), key
+
+
+class _FakeScaler:
+    """Stands in for ``torch.amp.GradScaler`` (no GPU here): records how it is used."""
+
+    made: list["_FakeScaler"] = []
+
+    def __init__(self, device: str):
+        self.device, self.calls = device, []
+        _FakeScaler.made.append(self)
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 1.0
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def test_fp16_on_cuda_trains_with_a_grad_scaler(monkeypatch):
+    from napari_unet import training
+    from napari_unet.precision import PrecisionPolicy
+    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+        "fp16", "cuda", requested, "GPU without bf16"))
+    monkeypatch.setattr(torch.amp, "GradScaler", _FakeScaler)
+    _FakeScaler.made.clear()
+    image, labels = blobs((32, 32))
+    trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast())
+    assert trainer.policy.needs_grad_scaler
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # autocast("cuda") on a CPU-only machine
+        stats = []
+        drain(trainer.run(), stats.append)
+    (scaler,) = _FakeScaler.made
+    assert scaler.device == "cuda" and scaler.calls == ["scale", "step", "update"] * 3
+    assert "training in fp16 (auto: GPU without bf16)" in stats[0].message
+    # bf16 and fp32 need no scaler
+    _FakeScaler.made.clear()
+    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+        "bf16", "cpu", requested))
+    drain(Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast()).run())
+    assert not _FakeScaler.made
+
+
+def test_patches_are_read_without_full_size_allocations():
+    import tracemalloc
+
+    from napari_unet.augment import AugmentSettings
+    image, labels = blobs((1024, 1024), n=40, radius=10)
+    annotated = np.zeros(image.shape, bool)
+    annotated[:, 300:] = True
+    trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels, annotated)],
+                      fast(patch_shape=(64, 64), batch_size=4,
+                           augment_settings=AugmentSettings(elastic_probability=1.0)))
+    rng = np.random.default_rng(0)
+    batch = trainer._sample_batch(rng)  # warm-up (caches)
+    batch_bytes = sum(a.nbytes for a in batch)
+    tracemalloc.start()
+    try:
+        for _ in range(10):
+            trainer._sample_batch(rng)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a patch with its elastic margin and sampling coordinates: a few batches' worth; a bool
+    # array of the image's size alone would be 1 MiB
+    assert peak < 8 * batch_bytes < image.size
+
+
+def test_validation_on_a_cut_out_window_scores_like_the_whole_stack():
+    image, labels = blobs((40, 24, 24), n=12, radius=4)
+    trainer = Trainer(new_model(3, "foreground_boundary", **TINY),
+                      [TrainingPair(image, labels, slices=[4, 20, 36])], fast())
+    (item,), (view,) = trainer._val_items, trainer._validation_views()
+    assert view.image.shape[0] < item.image.shape[0] and view.valid.sum() == item.valid.sum()
+    network = trainer.parent.network
+    windowed = trainer._validate(network), trainer._last_f1
+    trainer._val_views = list(trainer._val_items)  # score the whole stack instead
+    assert (trainer._validate(network), trainer._last_f1) == pytest.approx(windowed, abs=1e-6)
+
+
+def test_validation_and_preview_are_throttled_by_their_cost(monkeypatch):
+    from napari_unet import training
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(training, "time", clock)
+    image, labels = blobs((8, 32, 32), n=6)
+    trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
+                      fast(iterations=40, validation_fraction=0.25, validation_interval=0.0,
+                           preview_image=image[0], preview_interval=0.0))
+    assert trainer._val_items
+    calls = {"validation": 0, "preview": 0}
+
+    def costs(name, seconds, value):
+        def run(network):
+            calls[name] += 1
+            clock.now += seconds
+            return value
+        return run
+
+    step = trainer._set_train_mode
+    monkeypatch.setattr(trainer, "_set_train_mode", lambda n: (step(n), setattr(clock, "now", clock.now + 1.0)))
+    monkeypatch.setattr(trainer, "_validate", costs("validation", 1.0, 0.5))
+    monkeypatch.setattr(trainer, "_preview", costs("preview", 0.5, None))
+    drain(trainer.run())
+    # each gets half of EVALUATION_SHARE (10%) of the ~45 s: 1 s validations, the one of the
+    # starting weights included, and 0.5 s previews, besides the two at the end
+    assert calls["validation"] == 3 and 3 <= calls["preview"] <= 5  # unthrottled: 41 each
+    timings = trainer.timings
+    assert timings["validation"] == calls["validation"] and timings["preview"] == 0.5 * calls["preview"]
+    assert (timings["validation"] - 1.0 + timings["preview"] - 0.5) / timings["total"] <= 0.1
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_diverged_weights_are_never_kept(monkeypatch, held_out):
+    import napari_unet.training as training
+
+    every_iteration(monkeypatch)
+    real, calls = training.masked_loss, []
+
+    def diverging(*args, **kwargs):  # the loss turns NaN from the third step on
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(training, "masked_loss", diverging)
+    pairs = [TrainingPair(*blobs((32, 32), n=5, seed=s)) for s in range(3 if held_out else 1)]
+    parent = new_model(2, "foreground", **TINY)
+    trainer = Trainer(parent, pairs, fast(iterations=5, validation_interval=0.0))
+    assert trainer.keeps_best == held_out
+    result = drain(trainer.run())
+    assert not training._finite_state(trainer.network)  # the run did diverge
+    assert training._finite_state(result.network)
+    if held_out:
+        assert trainer.best_iteration in (1, 2)
+    else:
+        assert "diverged" in result.history[-1]["validation"]
+        assert all(torch.equal(v, parent.network.state_dict()[k]) for k, v in result.network.state_dict().items())

@@ -7,7 +7,7 @@ napari's brush, fill and eraser stay the main tools; this dock adds the object-l
 from __future__ import annotations
 
 import re
-import weakref
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -15,33 +15,19 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QLin
                             QListWidget, QListWidgetItem, QSpinBox, QVBoxLayout, QWidget)
 
 from .. import postprocess
-from ._common import LayerCombo, button, connect_until_destroyed, row, status_label
-from ._history import EditHistory
+from ._common import (DockKeys, LayerCombo, ProgressBar, button, connect_until_destroyed, row,
+                      status_label)
+from ._history import history_for
 from ._state import (corrected_slices, corrections_changed, current_slice_index,
                      install_correction_tracking, notify_error, set_corrected_slices,
                      set_current_slice)
+from ._workers import start_job
 
 SCOPES = ("current slice (2D)", "whole stack (3D)")
 SEEDS_LAYER = "split seeds"
-
-_HISTORIES: "weakref.WeakKeyDictionary[Any, EditHistory]" = weakref.WeakKeyDictionary()
-
-
-def history_for(layer: Any) -> EditHistory:
-    """The undo/redo history of a labels layer (created on first use, with its key bindings)."""
-    history = _HISTORIES.get(layer)
-    if history is None:
-        history = EditHistory(layer)
-        _HISTORIES[layer] = history
-        from app_model.types import KeyCode, KeyMod
-
-        # instance bindings take precedence over napari's class bindings (which only undo paint)
-        layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, lambda lyr: history_for(lyr).undo(),
-                       overwrite=True)
-        layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ,
-                       lambda lyr: history_for(lyr).redo(), overwrite=True)
-    return history
-
+#: key bindings (napari uses Alt+C/S/T and the menus Alt+F/V/L/P/W/H; napari-animation
+#: Alt+F/R/D/A/B)
+KEYS = {"merge": "Alt-M", "split": "Alt-X", "delete": "Alt-K", "mark": "Alt-O"}
 
 def parse_ids(text: str) -> list[int]:
     """``"3, 7 12"`` → ``[3, 7, 12]``; raises ValueError on anything else."""
@@ -98,7 +84,7 @@ class EditWidget(QWidget):
         specs = [
             ("Merge", "Merge the listed labels (or those under the seeds) into one (Alt+M)", self.merge),
             ("Split", "Split a label: seeded watershed from the seed points, or automatic (Alt+X)", self.split),
-            ("Delete", "Delete the listed labels, or the selected one (Alt+D)", self.delete),
+            ("Delete", "Delete the listed labels, or the selected one (Alt+K)", self.delete),
             ("Fill holes", "Fill holes inside every object", self.fill_holes),
             ("Remove small", "Remove objects smaller than the size on the right", self.remove_small),
             ("Relabel", "Renumber objects 1..N (always the whole stack)", self.relabel),
@@ -123,7 +109,7 @@ class EditWidget(QWidget):
                                    "there")
         self.slice_list.itemDoubleClicked.connect(self._jump_to_item)
         box.addWidget(self.slice_list)
-        self.mark_button = button("Mark current", "Mark the slice on screen as corrected (Alt+C)",
+        self.mark_button = button("Mark current", "Mark the slice on screen as corrected (Alt+O)",
                                   self.mark_current)
         self.unmark_button = button("Unmark", "Remove the selected slices from the list",
                                     self.unmark_selected)
@@ -131,6 +117,12 @@ class EditWidget(QWidget):
         box.addWidget(row(self.mark_button, self.unmark_button, self.goto_button))
         layout.addWidget(corrections)
 
+        self.progress_bar = ProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(False)
+        self.progress_bar.setToolTip("Whole-stack operations run in the background")
+        layout.addWidget(self.progress_bar)
         self.status = status_label("Select a labels layer; paint with napari's tools, use the "
                                    "operations above for whole objects.")
         layout.addWidget(self.status)
@@ -139,10 +131,13 @@ class EditWidget(QWidget):
         self.labels_combo.currentIndexChanged.connect(self._layer_changed)
         connect_until_destroyed(self, corrections_changed, self._corrections_changed)
         self._layer_changed()
-        bindings: dict[str, Callable[[], Any]] = {"Alt-M": self.merge, "Alt-X": self.split,
-                                                   "Alt-D": self.delete, "Alt-C": self.mark_current}
-        for key, slot in bindings.items():
-            napari_viewer.bind_key(key, lambda _viewer, slot=slot: slot(), overwrite=True)
+        #: the running whole-stack operation (a napari worker), None when idle
+        self.worker: Any = None
+        self._job: dict[str, Any] = {}
+        self._pbar: Any = None
+        self.keys = DockKeys(self, napari_viewer, {
+            KEYS["merge"]: self.merge, KEYS["split"]: self.split, KEYS["delete"]: self.delete,
+            KEYS["mark"]: self.mark_current})
 
     # helpers ----------------------------------------------------------------------------------
     def layer(self) -> Any:
@@ -215,14 +210,23 @@ class EditWidget(QWidget):
 
     def _apply(self, description: str, operation: Callable[[np.ndarray], np.ndarray],
                force_3d: bool = False) -> bool:
-        """Run ``operation`` on the scope's data and record it (undoable); errors → notifications."""
+        """Run ``operation`` on the scope's data and record it (undoable); errors → notifications.
+
+        A slice (or a 2D image) is done at once; a whole stack in a worker thread, the layer
+        being updated on the main thread when it is done (see :meth:`_apply_in_worker`).
+        """
         from napari.utils.notifications import show_info
 
+        if self.worker is not None:
+            show_info(f"{self._job.get('description', 'An operation')} is still running; wait for it.")
+            return False
         try:
             layer = self.layer()
             region, z = self._slice_region(layer)
             if force_3d:
                 region, z = tuple(slice(0, n) for n in layer.data.shape), None
+            if z is None and layer.ndim >= 3:
+                return self._apply_in_worker(layer, description, operation)
             before = np.asarray(layer.data[region])
             block = before[..., 0, :, :] if z is not None else before  # 2D: the slice itself
             result = np.asarray(operation(block))
@@ -240,6 +244,80 @@ class EditWidget(QWidget):
         where = f"slice {z}" if z is not None else ("whole stack" if layer.ndim >= 3 else "image")
         self.status.setText(f"{description} ({where}). Ctrl+Z undoes it.")
         return True
+
+    def _apply_in_worker(self, layer: Any, description: str,
+                         operation: Callable[[np.ndarray], np.ndarray]) -> bool:
+        """Whole-stack ``operation`` in a napari worker; the layer gets the result (a new array,
+        no copy on the main thread) in the callback. If the layer is painted or changed while
+        the operation runs, the result is dropped: the paint is never lost."""
+        from napari.utils import progress
+
+        history = history_for(layer)
+        history._check_free()
+        data = layer.data  # the array itself: the worker only reads it
+
+        def job():  # runs in the worker thread
+            yield "computing"
+            result = np.asarray(operation(np.asarray(data)))
+            yield "comparing"
+            if result.shape != data.shape:
+                raise ValueError(f"{description}: result has shape {result.shape}, expected {data.shape}")
+            if np.array_equal(result, data):
+                return None
+            return _in_dtype_of(result, data.dtype)
+
+        history.busy = description
+        self._job = {"layer": layer, "data": data, "description": description,
+                     "paints": history.paint_count, "start": time.perf_counter(), "history": history}
+        self._pbar = progress(total=0, desc=f"{description} ({layer.name})")
+        self.progress_bar.setRange(0, 0)
+        for widget in self.buttons.values():
+            widget.setEnabled(False)
+        self.status.setText(f"{description} (whole stack) running in the background…")
+        self.worker = start_job(job(), on_yield=self._on_job_step, on_return=self._on_job_result,
+                                on_error=self._on_job_error, on_finish=self._on_job_finish)
+        return True
+
+    def _on_job_step(self, stage: str) -> None:
+        job = self._job
+        self.status.setText(f"{job['description']} (whole stack): {stage}… "
+                            f"{time.perf_counter() - job['start']:.1f} s")
+
+    def _on_job_result(self, result: np.ndarray | None) -> None:
+        job = self._job
+        layer, history, description = job["layer"], job["history"], job["description"]
+        job["ok"] = False
+        if history.paint_count != job["paints"] or layer.data is not job["data"]:
+            self.status.setText(f"{description}: the labels changed while it ran, so its result "
+                                "was not applied (your edits are kept). Run it again.")
+            return
+        if result is None:
+            self.status.setText(f"{description}: nothing changed.")
+            return
+        history.busy = None
+        history.replace(result, description)
+        job["ok"] = True
+        self.status.setText(f"{description} (whole stack) in "
+                            f"{time.perf_counter() - job['start']:.1f} s. Ctrl+Z undoes it.")
+
+    def _on_job_error(self, err: BaseException) -> None:
+        self.status.setText(notify_error(err, self._job.get("description", "Edit")))
+
+    def _on_job_finish(self) -> None:
+        history = self._job.get("history")
+        if history is not None:
+            history.busy = None
+        self.worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        try:
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(1)
+            for widget in self.buttons.values():
+                widget.setEnabled(True)
+        except RuntimeError:  # dock closed
+            pass
 
     # operations -------------------------------------------------------------------------------
     def merge(self) -> bool:
@@ -335,9 +413,9 @@ class EditWidget(QWidget):
         def operation(block: np.ndarray) -> np.ndarray:
             out = postprocess.binary_to_instances(block > 0)
             if z is not None:  # new ids after those of the other slices
-                others = np.asarray(layer.data).copy()
-                others[..., z, :, :] = 0
-                offset = int(others.max())
+                data = layer.data
+                offset = max(int(np.max(data[..., :z, :, :], initial=0)),
+                             int(np.max(data[..., z + 1:, :, :], initial=0)))
                 out = out.astype(np.promote_types(out.dtype, layer.data.dtype))
                 out[out > 0] += offset
             return out
@@ -428,3 +506,15 @@ class EditWidget(QWidget):
         z = item.data(256)
         if layer is not None and z is not None:
             set_current_slice(self.viewer, layer, int(z))
+
+
+def _in_dtype_of(result: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``result`` in the layer's ``dtype`` when its ids fit (wider otherwise)."""
+    if result.dtype == dtype:
+        return result
+    if result.dtype == bool or not np.issubdtype(dtype, np.integer):
+        return result.astype(dtype)
+    largest = int(result.max(initial=0))
+    if largest <= np.iinfo(dtype).max and int(result.min(initial=0)) >= 0:
+        return result.astype(dtype)
+    return result.astype(np.promote_types(dtype, result.dtype))

@@ -11,16 +11,41 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QLin
 
 from .. import postprocess
 from ..io import write_image_tiff, write_labels_tiff
-from ._common import LayerCombo, button, row, status_label
+from ._common import DockKeys, LayerCombo, MainThreadSteps, button, row, status_label
 from ._state import PROBABILITIES_KEY, SOURCE_KEY, layer_unit, notify_error
 from ._workers import start_job
 
-MODES = ("instances", "binary")
+#: ``as in the layer`` (default) writes the ids as they are: an instance layer as instances,
+#: classes as classes, a mask as 0/1. ``instances`` also splits a mask into objects;
+#: ``binary`` writes foreground = 1 (only when asked)
+MODES = ("as in the layer", "instances", "binary")
+KEY = "Alt-E"
+#: bytes copied per event-loop pass when the layer is snapshot for writing
+COPY_CHUNK_BYTES = 512 * 2**10
+
+
+def copy_steps(data: Any, chunk_bytes: int | None = None) -> Any:
+    """A generator copying ``data`` along its first axis, a piece (``chunk_bytes``, default
+    :data:`COPY_CHUNK_BYTES`) per step; returns the copy."""
+    chunk_bytes = chunk_bytes or COPY_CHUNK_BYTES
+    out = np.empty(np.shape(data), dtype=data.dtype)
+    n = out.shape[0] if out.ndim else 0
+    if n == 0:
+        out[...] = data
+        return out
+    step = max(1, chunk_bytes // max(1, out.nbytes // n))
+    for lo in range(0, n, step):
+        out[lo:lo + step] = data[lo:lo + step]
+        yield
+    return out
 
 
 def labels_for_export(data: np.ndarray, mode: str) -> np.ndarray:
-    """The array written for ``mode``: ``binary`` = 0/1, ``instances`` = one id per object."""
+    """The array written for ``mode``: ``as in the layer`` = unchanged, ``binary`` = 0/1,
+    ``instances`` = one id per object (a binary mask is split into its connected objects)."""
     data = np.asarray(data)
+    if mode == MODES[0]:
+        return data
     if mode == "binary":
         return postprocess.instances_to_binary(data).astype(np.uint8)
     if mode == "instances":
@@ -84,8 +109,9 @@ class ExportWidget(QWidget):
         fields.addRow("Labels", self.labels_combo)
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
-        self.mode_combo.setToolTip("instances: one id per object (a binary mask is split into "
-                                   "objects); binary: foreground = 1")
+        self.mode_combo.setToolTip("as in the layer: the ids as they are (instances stay "
+                                   "instances, classes stay classes); instances: a binary mask is "
+                                   "also split into objects; binary: foreground = 1")
         fields.addRow("Write as", self.mode_combo)
         self.unit_edit = QLineEdit("um")
         self.unit_edit.setToolTip("Unit of the voxel size (the layer's scale), e.g. um, nm, mm")
@@ -102,14 +128,15 @@ class ExportWidget(QWidget):
         self.path_edit.setToolTip("Output file (.tif); written atomically, never over the input")
         fields.addRow("File", row(self.path_edit, button("Browse…", "Choose the output file",
                                                           self._choose_path)))
-        self.export_button = button("Export", "Write the TIFF (Alt+E)", self.export)
+        self.export_button = button("Export", f"Write the TIFF ({KEY.replace('-', '+')})",
+                                    self.export)
         layout.addWidget(self.export_button)
         self.status = status_label("Choose a labels layer and a file, then click Export.")
         layout.addWidget(self.status)
         layout.addStretch(1)
         self.labels_combo.currentIndexChanged.connect(self._layer_changed)
         self._layer_changed()
-        napari_viewer.bind_key("Alt-E", lambda _viewer: self.export(), overwrite=True)
+        self.keys = DockKeys(self, napari_viewer, {KEY: self.export})
 
     def _layer_changed(self, *_args: Any) -> None:
         layer = self.labels_combo.layer()
@@ -126,8 +153,6 @@ class ExportWidget(QWidget):
             source = layer.metadata.get(SOURCE_KEY)
             folder = Path(source).parent if source else Path.cwd()
             self.path_edit.setText(str(folder / f"{layer.name.replace(' ', '_')}.tif"))
-        binary = int(np.asarray(layer.data).max(initial=0)) <= 1
-        self.mode_combo.setCurrentText("binary" if binary else "instances")
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
@@ -136,8 +161,14 @@ class ExportWidget(QWidget):
             self.path_edit.setText(path)
 
     def export(self, path: str | Path | None = None) -> None:
-        """Write the chosen layer to ``path`` (default: the file field), in a worker."""
+        """Write the chosen layer to ``path`` (default: the file field), in a worker.
+
+        The layer is copied first (a snapshot: painting may go on meanwhile), a piece per
+        event-loop pass so that a large stack does not block the viewer.
+        """
         from napari.utils.notifications import show_info
+
+        from ._history import history_for
 
         if self.worker is not None:
             show_info("An export is already running.")
@@ -150,21 +181,44 @@ class ExportWidget(QWidget):
         self.path_edit.setText(str(path))
         probabilities = (layer.metadata.get(PROBABILITIES_KEY)
                          if self.probability_check.isChecked() else None)
-        data = np.array(layer.data, copy=True)  # a snapshot: painting may go on meanwhile
-        voxel_size = tuple(float(s) for s in layer.scale[-data.ndim:])
+        source_data = layer.data
+        voxel_size = tuple(float(s) for s in layer.scale[-source_data.ndim:])
         unit = self.unit_edit.text().strip() or "um"
         mode = self.mode_combo.currentText()
         source = layer.metadata.get(SOURCE_KEY)
-
-        def job():
-            yield "writing"
-            return export_labels(path, data, mode=mode, voxel_size=voxel_size, unit=unit,
-                                 input_path=source, probabilities=probabilities)
-
+        history = history_for(layer)
         self.export_button.setEnabled(False)
-        self.status.setText(f"Writing {path.name}…")
-        self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,
-                                on_error=self._on_error, on_finish=self._on_finish)
+        self.status.setText(f"Copying {layer.name}…")
+
+        def start(data: np.ndarray) -> None:
+            def job():  # runs in the worker thread
+                yield "writing"
+                return export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
+                                     unit=unit, input_path=source, probabilities=probabilities)
+
+            self.status.setText(f"Writing {path.name}…")
+            self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,
+                                    on_error=self._on_error, on_finish=self._on_finish)
+
+        def failed(err: BaseException) -> None:
+            self._on_error(err)
+            self._on_finish()
+
+        def copied(data: np.ndarray) -> None:
+            if history.paint_count != self._copy_paints and self._copy_tries < 3:
+                self._copy_tries += 1  # painted while copying: copy again
+                self._copy_paints = history.paint_count
+                self.worker = MainThreadSteps(copy_steps(layer.data), copied, parent=self,
+                                              on_error=failed).start()
+                return
+            start(data)
+
+        if hasattr(source_data, "dask"):  # lazy: cannot be painted, read in the worker
+            start(source_data)
+            return
+        self._copy_paints, self._copy_tries = history.paint_count, 0
+        self.worker = MainThreadSteps(copy_steps(source_data), copied, parent=self,
+                                      on_error=failed).start()
 
     def _on_written(self, result: tuple[list[Path], str]) -> None:
         from napari.utils.notifications import show_info

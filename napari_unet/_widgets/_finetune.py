@@ -12,14 +12,18 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QGroupBox, QListWidget, QSpinBox, QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError, save_checkpoint
-from ._common import (LayerCombo, ProgressBar, button, connect_until_destroyed, fill_model_combo,
-                      row, select_model_in_combo, status_label)
+from ._common import (DockKeys, LayerCombo, ProgressBar, button, connect_until_destroyed,
+                      fill_model_combo, precision_combo, resolved_precision, row,
+                      select_model_in_combo, status_label)
+from ._new_model import NewModelDialog, NewModelSpec
 from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
                      import_heavy_modules_on_main_thread, install_correction_tracking,
                      notify_error)
 from ._workers import start_job
 
 PREVIEW_LAYER = "fine-tune preview"
+#: key binding of Fine-tune (Alt+F is napari's File menu and napari-animation's key frame)
+KEY = "Alt-U"
 #: default for ``FineTuneWidget.in_subprocess``: train in the worker thread (False) or in a
 #: child process (True, ``training.train_in_subprocess``). Measured (benchmarks/bench_gui.py,
 #: quiet 2-core CPU machine): the training thread's GIL use does not stall the GUI (< 11 ms gaps
@@ -68,7 +72,10 @@ class LossPlot:
         self.by_time = True
         self.x_max = 60.0
         self.y_max = 1.0
+        self._drawn_axes: tuple[Any, ...] | None = None
         self.clear()
+        # the layout is computed once; constrained layout on every full redraw costs ~0.3 s
+        self.figure.set_layout_engine("none")
 
     def clear(self, time_limit: float | None = None, iterations: int | None = None) -> None:
         """Empty the plot; x is seconds when there is a time limit, else iterations."""
@@ -81,10 +88,15 @@ class LossPlot:
         self.x_max = 1.15 * (float(time_limit or 60.0) if self.by_time else float(iterations or 100))
         self.y_max = 1.25
         self.first_loss: float | None = None
+        axes = (self.by_time, self.x_max, self.y_max)
+        self.dirty = False
+        if axes == self._drawn_axes and self._background is not None:
+            self._blit()  # same axes as the last run: only the lines go (no full redraw)
+            return
+        self._drawn_axes = axes
         self.ax.set_xlabel("seconds" if self.by_time else "iteration", fontsize=8)
         self.ax.set_xlim(0, self.x_max)
         self.ax.set_ylim(0, self.y_max)
-        self.dirty = False
         self._full_redraw()
 
     def _full_redraw(self) -> None:
@@ -128,8 +140,12 @@ class LossPlot:
             self.ax.set_xlim(0, self.x_max)
             rescale = True
         if rescale or self._background is None:
+            self._drawn_axes = (self.by_time, self.x_max, self.y_max)
             self._full_redraw()
             return
+        self._blit()
+
+    def _blit(self) -> None:
         self.loss_line.set_data(self.x, self.losses)
         self.dice_line.set_data(self.dice_x, self.dice)
         self.canvas.restore_region(self._background)
@@ -174,6 +190,10 @@ class FineTuneWidget(QWidget):
         self.model_combo.setToolTip("Model to start from (the one selected in the Segment dock); "
                                     "it is never changed: fine-tuning makes a new version")
         fields.addRow("Model", self.model_combo)
+        self.new_model_button = button(
+            "New model…", "Start from an untrained 2D or 3D model (foreground, foreground + "
+            "boundary, membranes or classes) made for the labels layer below", self.choose_new_model)
+        fields.addRow("", self.new_model_button)
 
         pairs = QGroupBox("Training data")
         pairs_layout = QVBoxLayout(pairs)
@@ -219,10 +239,12 @@ class FineTuneWidget(QWidget):
         self.lr_spin.setSpecialValueText("auto")
         self.lr_spin.setToolTip("Learning rate (auto = 3e-4 for fine-tuning)")
         settings.addRow("Learning rate", self.lr_spin)
-        self.validation_check = QCheckBox("Hold out a validation part")
-        self.validation_check.setChecked(False)
-        self.validation_check.setToolTip("Keep ~20% of the annotated data aside to measure Dice; "
-                                         "Stop and the end keep the best-scoring weights")
+        self.validation_check = QCheckBox("Hold out a part, keep the best weights")
+        self.validation_check.setChecked(True)
+        self.validation_check.setToolTip("With 2 or more corrected slices or images, one part is "
+                                         "kept aside to score the weights, and Stop and the end "
+                                         "keep the best-scoring ones; with fewer, or unchecked, "
+                                         "the last weights are kept")
         settings.addRow("", self.validation_check)
         self.device_combo = QComboBox()
         found = available_devices()
@@ -231,6 +253,10 @@ class FineTuneWidget(QWidget):
             self.device_combo.addItem(name, name)
         self.device_combo.setToolTip(f"Where training runs. Found here: {', '.join(found)}")
         settings.addRow("Device", self.device_combo)
+        self.precision_combo = precision_combo(
+            "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on GPUs, "
+            "fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact")
+        settings.addRow("Precision", self.precision_combo)
         self.preview_check = QCheckBox("Live preview of the current slice")
         self.preview_check.setChecked(True)
         self.preview_check.setToolTip("Every few seconds re-predict the slice on screen into the "
@@ -238,9 +264,10 @@ class FineTuneWidget(QWidget):
         settings.addRow("", self.preview_check)
         layout.addLayout(settings)
 
-        self.finetune_button = button("Fine-tune", "Start fine-tuning in the background (Alt+F)",
-                                      self.fine_tune)
-        self.stop_button = button("Stop", "Stop now and keep the best weights so far", self.stop)
+        self.finetune_button = button("Fine-tune", f"Start fine-tuning in the background "
+                                      f"({KEY.replace('-', '+')})", self.fine_tune)
+        self.stop_button = button("Stop", "Stop now: keeps the best-scoring weights when a part is "
+                                  "held out, else the last ones", self.stop)
         self.stop_button.setEnabled(False)
         layout.addWidget(row(self.finetune_button, self.stop_button))
         self.revert_button = button("Revert", "Go back to the model version before this "
@@ -259,6 +286,10 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.progress_bar)
         self.plot = LossPlot()
         layout.addWidget(self.plot.canvas)
+        self.weights_label = status_label("")
+        self.weights_label.setToolTip("Which weights the new version gets: the best-scoring ones "
+                                      "(a part is held out) or the last ones")
+        layout.addWidget(self.weights_label)
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
         layout.addWidget(self.status)
         # the free space stays below the status line: a status that wraps to more lines moves
@@ -275,7 +306,7 @@ class FineTuneWidget(QWidget):
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
-        napari_viewer.bind_key("Alt-F", lambda _viewer: self.fine_tune(), overwrite=True)
+        self.keys = DockKeys(self, napari_viewer, {KEY: self.fine_tune})
 
     # models -----------------------------------------------------------------------------------
     def _fill_models(self) -> None:
@@ -320,37 +351,87 @@ class FineTuneWidget(QWidget):
         return pairs
 
     def training_pairs(self) -> tuple[list[Any], list[str]]:
-        """TrainingPairs from the chosen layers, and notes for the status line."""
+        """TrainingPairs from the chosen layers, and notes for the status line.
+
+        The labels are a snapshot taken now (the corrected slices, or everything when none are
+        marked): painting while training changes nothing in this run. The images stay as they
+        are (a lazy, dask-backed image is read in the worker, not here).
+        """
         from ..training import TrainingPair
 
         result, notes = [], []
         for image, labels in self._pairs():
-            image_data = np.asarray(image.data[0] if image.multiscale else image.data)
-            label_data = np.asarray(labels.data)
+            image_data = image.data[0] if image.multiscale else image.data
             slices = None
-            if label_data.ndim >= 3 and self.corrected_only.isChecked():
+            if labels.data.ndim >= 3 and self.corrected_only.isChecked():
                 slices = corrected_slices(labels) or None
                 if slices is None:
                     notes.append(f"no corrected slices in {labels.name!r}: using the whole stack")
                 else:
                     notes.append(f"{labels.name}: {len(slices)} corrected slice(s)")
-            result.append(TrainingPair(image=image_data, labels=label_data, slices=slices))
+            result.append(TrainingPair(image=image_data, labels=snapshot_labels(labels.data, slices),
+                                       slices=slices))
         return result, notes
 
+    def validation_expected(self, pairs: list[Any]) -> bool:
+        """Whether a part can be held out (2 or more corrected slices or images)."""
+        if not self.validation_check.isChecked():
+            return False
+        parts = sum(len(p.slices) if p.slices is not None else
+                    (np.shape(p.labels)[0] if len(np.shape(p.labels)) >= 3 else 1) for p in pairs)
+        return parts >= 2
+
+    # new models -------------------------------------------------------------------------------
+    def choose_new_model(self) -> str | None:
+        """Ask for a new model (dialog) and add it to the list, selected."""
+        dialog = NewModelDialog(self.labels_combo.layer(), self)
+        if not dialog.exec_():
+            return None
+        try:
+            spec = dialog.spec()
+        except ValueError as err:
+            notify_error(err, "New model")
+            return None
+        return self.create_model(spec)
+
+    def create_model(self, spec: NewModelSpec) -> str | None:
+        """Build an untrained model from ``spec`` (:func:`napari_unet.training.new_model`), add it
+        to the model list and select it; returns its key."""
+        from ..training import new_model
+
+        try:
+            model = new_model(spec.spatial_dims, spec.task, spec.class_names,
+                              base_channels=spec.base_channels, depth=spec.depth,
+                              inplane_only_levels=spec.inplane_only_levels, name=spec.name,
+                              normalization=spec.normalization, voxel_size=spec.voxel_size,
+                              description=f"new {spec.spatial_dims}D {spec.task} model "
+                                          "made in napari")
+        except ValueError as err:
+            notify_error(err, "New model")
+            return None
+        key = self.registry.add_model(model, select=True, source="new")
+        aniso = (f", in-plane-only pooling at level(s) {list(spec.inplane_only_levels)}"
+                 if spec.inplane_only_levels else "")
+        classes = f", {len(spec.class_names) - 1} classes" if spec.class_names else ""
+        self.status.setText(f"New model {key}: {spec.spatial_dims}D {spec.task}{classes}{aniso}. "
+                            "Fine-tune trains it on your corrected slices.")
+        return key
+
     # run --------------------------------------------------------------------------------------
-    def _preview_input(self, image: Any, model: Any) -> tuple[np.ndarray | None, int]:
-        """The part of ``image`` re-predicted for the preview, and its first slice index."""
+    def _preview_input(self, image: Any, model: Any) -> tuple[Any | None, int]:
+        """The part of ``image`` re-predicted for the preview (a view or a lazy slice, read in
+        the worker), and its first slice index."""
         data = image.data[0] if image.multiscale else image.data
         if not self.preview_check.isChecked():
             return None, 0
         if np.ndim(data) == 2:
-            return np.asarray(data), 0
+            return data, 0
         z = current_slice_index(self.viewer, image)
         if model.spatial_dims == 2:
-            return np.asarray(data[z]), z
+            return data[z], z
         depth = max(8, model.config.divisor()[0] * 2)
         start = int(np.clip(z - depth // 2, 0, max(0, data.shape[0] - depth)))
-        return np.asarray(data[start:start + depth]), start
+        return data[start:start + depth], start
 
     def fine_tune(self) -> None:
         """Start fine-tuning in a worker; the new version is added to the model list."""
@@ -365,6 +446,8 @@ class FineTuneWidget(QWidget):
         try:
             key = self.registry.current
             model = self.registry.get(key)
+            precision_label = resolved_precision(self.precision_combo.currentData(),
+                                                 self.device_combo.currentData())
             pairs, notes = self.training_pairs()
         except (ValueError, CheckpointError) as err:
             notify_error(err, "Fine-tune")
@@ -379,9 +462,10 @@ class FineTuneWidget(QWidget):
             iterations=self.iterations_spin.value() or None,
             time_limit=float(self.time_spin.value()) or None,
             learning_rate=lr,
-            validation_fraction=0.2 if self.validation_check.isChecked() else 0.0,
+            validation_fraction=None if self.validation_check.isChecked() else 0.0,
             device=self.device_combo.currentData(),
-            preview_image=preview_image, preview_interval=3.0)
+            precision=self.precision_combo.currentData(),
+            preview_image=None, preview_interval=3.0)
         for name, value in self.config_overrides.items():
             setattr(config, name, value)
         if config.iterations is None and config.time_limit is None:
@@ -391,10 +475,16 @@ class FineTuneWidget(QWidget):
         self.training_job = None
         self._stop_early = False
         self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
-                     "start": time.perf_counter(), "notes": notes}
+                     "start": time.perf_counter(), "notes": notes, "precision": precision_label}
         in_subprocess, nice = self.in_subprocess, self.subprocess_nice
 
         def job():  # runs in the worker thread
+            # lazy (dask) images and the preview slab are read here, not on the main thread
+            for pair in pairs:
+                pair.image = np.asarray(pair.image)
+                pair.labels = np.asarray(pair.labels)
+            if preview_image is not None:
+                config.preview_image = np.asarray(preview_image)
             if in_subprocess:
                 # the training loop in a child process: no GIL shared with the GUI
                 training = train_in_subprocess(model, pairs, config, nice=nice)
@@ -414,7 +504,14 @@ class FineTuneWidget(QWidget):
         self.finetune_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.revert_button.setEnabled(False)
-        self.status.setText(f"Preparing fine-tuning of {model.label}… " + "; ".join(notes))
+        self.status.setText(f"Preparing fine-tuning of {model.label} ({precision_label})… "
+                            + "; ".join(notes))
+        if self.validation_expected(pairs):
+            self.weights_label.setText("A part of the corrections will be held out to score the "
+                                       "weights; the best-scoring ones are kept.")
+        else:
+            self.weights_label.setText("Fewer than 2 corrected slices or images (or hold-out "
+                                       "off): nothing is held out, the last weights are kept.")
         if preview_image is not None:  # the preview layer exists from the start
             self._run["preview_shape"] = preview_image.shape
             self._show_preview(np.zeros((1, *preview_image.shape), np.float32))
@@ -435,6 +532,10 @@ class FineTuneWidget(QWidget):
         if run.get("finished") or run.get("ended"):  # a late update
             return
         self.last_stats = run["stats"] = stats
+        if stats.message and "weights" not in run:
+            # the Trainer says what it held out and which weights it keeps
+            run["weights"] = stats.keeps_best
+            self.weights_label.setText(stats.message[:1].upper() + stats.message[1:] + ".")
         self.plot.add(stats)
         run["fresh"] = True
         if stats.preview is not None:
@@ -457,7 +558,7 @@ class FineTuneWidget(QWidget):
                 text = (f"iteration {stats.iteration}"
                         + (f"/{stats.total_iterations}" if stats.total_iterations else "")
                         + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
-                        + f" · {format_seconds(stats.elapsed)}")
+                        + f" · {format_seconds(stats.elapsed)} · {run['precision']}")
                 if stats.best_score is not None:
                     text += f" · best Dice {stats.best_score:.3f}"
                 self.status.setText(text)
@@ -502,8 +603,10 @@ class FineTuneWidget(QWidget):
         text = f"New version {self.result_key} (after {format_seconds(elapsed)}"
         if stats is not None:
             text += f", {stats.iteration} iterations, loss {stats.loss:.4f}"
-            if stats.best_score is not None:
-                text += f", best Dice {stats.best_score:.3f}"
+            if stats.keeps_best and stats.best_score is not None:
+                text += f", best-scoring weights: Dice {stats.best_score:.3f} on the held-out part"
+            elif not stats.keeps_best:
+                text += ", last weights"
         self.status.setText(text + "). It is selected in the Segment dock.")
 
     def _on_error(self, err: BaseException) -> None:
@@ -560,3 +663,21 @@ class FineTuneWidget(QWidget):
         show_info(f"Saved {model.label} to {written}")
         self.status.setText(f"Saved {model.label} to {written}.")
         return written
+
+
+def snapshot_labels(data: Any, slices: list[int] | None) -> Any:
+    """A copy of a labels layer's array to train on, taken on the main thread.
+
+    With ``slices`` only those slices are copied, into an array that is zero elsewhere (never
+    trained on: the loss only sees annotated voxels), so the copy costs what was corrected. A
+    lazy (dask) array cannot be painted in napari and is returned as it is.
+    """
+    if hasattr(data, "compute") and hasattr(data, "dask"):
+        return data
+    if slices is None:
+        return np.array(data, copy=True)
+    snapshot = np.zeros(np.shape(data), dtype=data.dtype)
+    for z in slices:
+        if 0 <= z < snapshot.shape[0]:  # others: the Trainer says what is wrong
+            snapshot[z] = data[z]
+    return snapshot

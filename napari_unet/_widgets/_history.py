@@ -1,7 +1,9 @@
-"""Undo/redo for the Edit dock's operations, interleaved with napari's own paint history."""
+"""Undo/redo for the Edit dock's operations and Segment runs, interleaved with napari's own
+paint history."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +12,9 @@ import numpy as np
 #: an entry standing for one of napari's own paint/fill/erase steps (undone by ``layer.undo``)
 NAPARI_STEP = "napari"
 MAX_STEPS = 50
+#: bytes of stored arrays (before/after values, replaced arrays) kept per layer; the oldest
+#: steps are forgotten beyond this
+MAX_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -21,28 +26,73 @@ class Patch:
     after: np.ndarray
     description: str
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.before.nbytes + self.after.nbytes)
+
+
+@dataclass
+class Swap:
+    """One operation stored as the other version of what it changed.
+
+    ``region`` None: the layer's whole array was replaced and ``values`` is the other array
+    (no copy is made). Otherwise ``values`` is the other content of ``region``. Undo and redo
+    both exchange ``values`` with what the layer holds.
+    """
+
+    region: tuple[slice, ...] | None
+    values: np.ndarray
+    description: str
+    #: the other list of corrected slices (None: the step does not change the list)
+    corrected: list[int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(getattr(self.values, "nbytes", 0))
+
+
+class HistoryBusy(ValueError):
+    """Undo/redo asked for while a job writes into the layer."""
+
 
 class EditHistory:
     """Undo/redo stack of one labels layer.
 
-    Operations of the Edit dock are stored as :class:`Patch` es; napari's brush, fill and
-    eraser steps (its ``paint`` event) as markers, undone through napari's own history, so
-    Ctrl+Z walks back through both in the order they happened.
+    Operations of the Edit dock are stored as :class:`Patch` es, Segment runs and whole-stack
+    operations as :class:`Swap` s; napari's brush, fill and eraser steps (its ``paint``
+    event) as markers, undone through napari's own history, so Ctrl+Z walks back through all
+    of them in the order they happened. While ``busy`` names a running job, undo and redo
+    raise :class:`HistoryBusy`.
     """
 
     def __init__(self, layer: Any):
         self.layer = layer
-        self.undo_stack: list[Patch | str] = []
-        self.redo_stack: list[Patch | str] = []
+        self.undo_stack: list[Patch | Swap | str] = []
+        self.redo_stack: list[Patch | Swap | str] = []
+        #: napari paint steps seen so far (a job compares it before and after)
+        self.paint_count = 0
+        #: what is writing into the layer now (None: nothing)
+        self.busy: str | None = None
         layer.events.paint.connect(self._on_paint)
 
     def _on_paint(self, event: Any = None) -> None:
-        self.undo_stack.append(NAPARI_STEP)
+        self.paint_count += 1
+        self._push(NAPARI_STEP)
+
+    def _push(self, step: Patch | Swap | str) -> None:
+        self.undo_stack.append(step)
         self.redo_stack.clear()
         del self.undo_stack[:-MAX_STEPS]
+        total = 0
+        for index in range(len(self.undo_stack) - 1, -1, -1):
+            total += getattr(self.undo_stack[index], "nbytes", 0)
+            if total > MAX_BYTES and index < len(self.undo_stack) - 1:
+                del self.undo_stack[:index + 1]
+                break
 
     def apply(self, region: tuple[slice, ...], after: np.ndarray, description: str) -> Patch | None:
         """Write ``after`` into ``region`` of the layer, recording the change; None if no change."""
+        self._check_free()
         layer = self.layer
         before = np.array(layer.data[region], copy=True)
         after = np.asarray(after)
@@ -56,17 +106,62 @@ class EditHistory:
         layer.data[region] = after
         layer.refresh()
         patch = Patch(region, before, after.astype(layer.data.dtype, copy=False), description)
-        self.undo_stack.append(patch)
-        del self.undo_stack[:-MAX_STEPS]
-        self.redo_stack.clear()
+        self._push(patch)
         return patch
 
-    def _replay(self, patch: Patch, values: np.ndarray) -> None:
-        self.layer.data[patch.region] = values
+    def replace(self, data: np.ndarray, description: str) -> Swap:
+        """Give the layer a new array ``data`` (no copy); undo puts the old one back."""
+        self._check_free()
+        step = Swap(None, self.layer.data, description)
+        self.layer.data = data
+        self._push(step)
+        return step
+
+    def record(self, region: tuple[slice, ...] | None, values: np.ndarray, description: str,
+               corrected: list[int] | None = None) -> Swap:
+        """Record a change about to be written by someone else (a Segment run).
+
+        ``values``: what ``region`` holds now (a copy), or for ``region`` None the layer's
+        current array, which the caller then replaces. ``corrected``: the list of corrected
+        slices now, when the change unmarks some (undo marks them again).
+        """
+        step = Swap(region, values, description, corrected)
+        self._push(step)
+        return step
+
+    def _check_free(self) -> None:
+        if self.busy:
+            raise HistoryBusy(f"{self.busy} is writing into {self.layer.name!r}; wait for it to "
+                              "finish (or cancel it), then undo")
+
+    def _exchange(self, step: Swap) -> None:
+        layer = self.layer
+        if step.corrected is not None:
+            from ._state import corrected_slices, set_corrected_slices
+
+            now = corrected_slices(layer)
+            set_corrected_slices(layer, step.corrected)
+            step.corrected = now
+        if step.region is None:
+            current = layer.data
+            layer.data = step.values
+            step.values = current
+            return
+        current = np.array(layer.data[step.region], copy=True)
+        layer.data[step.region] = step.values
+        step.values = current
+        layer.refresh()
+
+    def _replay(self, step: Patch | Swap, undo: bool) -> None:
+        if isinstance(step, Swap):
+            self._exchange(step)
+            return
+        self.layer.data[step.region] = step.before if undo else step.after
         self.layer.refresh()
 
     def undo(self) -> str | None:
         """Undo the last step (ours or napari's); returns what was undone."""
+        self._check_free()
         if not self.undo_stack:
             return None
         step = self.undo_stack.pop()
@@ -74,11 +169,12 @@ class EditHistory:
         if step == NAPARI_STEP:
             self.layer.undo()
             return "paint"
-        self._replay(step, step.before)
+        self._replay(step, undo=True)
         return step.description
 
     def redo(self) -> str | None:
         """Redo the last undone step; returns what was redone."""
+        self._check_free()
         if not self.redo_stack:
             return None
         step = self.redo_stack.pop()
@@ -86,7 +182,7 @@ class EditHistory:
         if step == NAPARI_STEP:
             self.layer.redo()
             return "paint"
-        self._replay(step, step.after)
+        self._replay(step, undo=False)
         return step.description
 
     @property
@@ -96,3 +192,47 @@ class EditHistory:
     @property
     def can_redo(self) -> bool:
         return bool(self.redo_stack)
+
+    @property
+    def edited(self) -> bool:
+        """Whether the user changed the layer by hand (paint strokes or Edit operations)."""
+        return any(step == NAPARI_STEP or isinstance(step, Patch) or
+                   (isinstance(step, Swap) and not step.description.startswith("Segment"))
+                   for step in self.undo_stack)
+
+
+_HISTORIES: "weakref.WeakKeyDictionary[Any, EditHistory]" = weakref.WeakKeyDictionary()
+
+
+def _undo_key(layer: Any) -> None:
+    _run_key(layer, "undo")
+
+
+def _redo_key(layer: Any) -> None:
+    _run_key(layer, "redo")
+
+
+def _run_key(layer: Any, what: str) -> None:
+    try:
+        getattr(history_for(layer), what)()
+    except HistoryBusy as err:
+        from napari.utils.notifications import show_info
+
+        show_info(str(err))
+
+
+def history_for(layer: Any) -> EditHistory:
+    """The undo/redo history of a labels layer (created on first use, with its key bindings).
+
+    Ctrl+Z / Ctrl+Shift+Z are bound on the layer itself: instance bindings take precedence over
+    napari's class bindings, which only undo paint.
+    """
+    history = _HISTORIES.get(layer)
+    if history is None:
+        history = EditHistory(layer)
+        _HISTORIES[layer] = history
+        from app_model.types import KeyCode, KeyMod
+
+        layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, _undo_key, overwrite=True)
+        layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ, _redo_key, overwrite=True)
+    return history

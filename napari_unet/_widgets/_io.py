@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -73,6 +74,46 @@ def looks_like_labels(name: str, data: Any) -> bool:
     return (np.issubdtype(dtype, np.integer) or dtype == np.bool_) and bool(LABEL_NAME.search(name))
 
 
+def find_label_map(path: Path) -> Path | None:
+    """A ``*label_map.json`` next to a label file naming its ids: ``<name>_label_map.json``, or
+    ``<prefix>_label_map.json`` for a prefix of its name (``ct_small_organs.nii.gz`` finds
+    ``ct_small_label_map.json``), or ``label_map.json``."""
+    stem = _name(path)
+    parts = stem.split("_")
+    for k in range(len(parts), 0, -1):
+        candidate = path.with_name("_".join(parts[:k]) + "_label_map.json")
+        if candidate.is_file():
+            return candidate
+    candidate = path.with_name("label_map.json")
+    return candidate if candidate.is_file() else None
+
+
+def read_label_map(path: Path) -> dict[int, str]:
+    """``{"1": "spleen", ...}`` (or a list of names for ids 1, 2, ...) as ``{1: "spleen"}``;
+    empty when the file is not such a map."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if isinstance(content, list):
+        content = {str(i + 1): name for i, name in enumerate(content)}
+    if not isinstance(content, dict):
+        return {}
+    names = {}
+    for key, value in content.items():
+        try:
+            names[int(key)] = str(value)
+        except (TypeError, ValueError):
+            continue
+    return {k: v for k, v in names.items() if k > 0}
+
+
+def label_features(names: dict[int, str]) -> dict[str, list[Any]]:
+    """A napari labels ``features`` table (``index``, ``name``) for class names by id."""
+    ids = [0, *sorted(names)]
+    return {"index": ids, "name": ["background", *(names[i] for i in ids[1:])]}
+
+
 def layer_data(image: LoadedImage, name: str) -> LayerData:
     """napari layer data for an opened image: scale = voxel size, units, labels when labels."""
     kwargs: dict[str, Any] = {"name": name, "metadata": {}}
@@ -87,6 +128,10 @@ def layer_data(image: LoadedImage, name: str) -> LayerData:
         kwargs["channel_axis"] = image.axes.index("C")
         return data, kwargs, "image"
     if looks_like_labels(name, data):
+        label_map = find_label_map(Path(image.path)) if image.path is not None else None
+        names = read_label_map(label_map) if label_map is not None else {}
+        if names:  # class names (e.g. organs) for the Fine-tune dock's New model…
+            kwargs["features"] = label_features(names)
         return data, kwargs, "labels"
     return data, kwargs, "image"
 

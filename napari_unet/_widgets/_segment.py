@@ -12,15 +12,23 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from ..checkpoint import CheckpointError
 from ..postprocess import DEFAULT_MIN_SIZE
-from ._common import (LayerCombo, ProgressBar, button, connect_until_destroyed, fill_model_combo,
-                      row, select_model_in_combo, status_label)
-from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, current_slice_index,
-                     format_seconds, get_registry, import_heavy_modules_on_main_thread,
-                     install_correction_tracking, layer_unit, notify_error)
+from ._common import (ChunkedWriter, DockKeys, LayerCombo, ProgressBar, ask_yes_no, button,
+                      connect_until_destroyed, fill_model_combo, precision_combo,
+                      resolved_precision, row, select_model_in_combo, status_label)
+from ._history import history_for
+from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, corrected_slices,
+                     current_slice_index, format_seconds, get_registry,
+                     import_heavy_modules_on_main_thread, install_correction_tracking, layer_unit,
+                     notify_error, set_corrected_slices, view_point)
 from ._workers import start_job
 
 OUTPUTS = {"instances": "instances", "binary / classes": "labels"}
 SCOPES = ("whole stack", "current slice", "visible region")
+#: where the result goes: the image's labels layer with the corrected slices left as they are
+#: (default), a new labels layer, or the labels layer entirely (asks first when it has
+#: corrected slices or edits)
+WRITE_MODES = ("keep corrected slices", "new labels layer", "overwrite all")
+KEY = "Alt-G"
 #: the labels layer is redrawn at most this often while tiles arrive (seconds)
 REFRESH_INTERVAL = 0.1
 
@@ -76,6 +84,10 @@ class SegmentWidget(QWidget):
                                      "auto = the fastest one; out of GPU memory falls back to "
                                      "smaller tiles, then to the CPU")
         fields.addRow("Device", self.device_combo)
+        self.precision_combo = precision_combo(
+            "Numeric precision: auto = bf16 on CPUs with native bf16 and on GPUs, fp16 on older "
+            "GPUs, else fp32; fp32 = exact")
+        fields.addRow("Precision", self.precision_combo)
 
         self.output_combo = QComboBox()
         self.output_combo.addItems(list(OUTPUTS))
@@ -89,6 +101,14 @@ class SegmentWidget(QWidget):
                                     "screen (fast check); visible region: the part in view (all "
                                     "slices)")
         fields.addRow("Scope", self.scope_combo)
+
+        self.write_combo = QComboBox()
+        self.write_combo.addItems(list(WRITE_MODES))
+        self.write_combo.setToolTip("keep corrected slices: the image's labels layer is rewritten "
+                                    "except the slices marked corrected (Edit dock); new labels "
+                                    "layer: your layer stays as it is; overwrite all: everything, "
+                                    "corrected slices included (asks first). Ctrl+Z undoes a run")
+        fields.addRow("Write into", self.write_combo)
 
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.01, 0.99)
@@ -105,7 +125,7 @@ class SegmentWidget(QWidget):
                                       "(0 = keep all)")
         fields.addRow("Min size", self.min_size_spin)
 
-        self.segment_button = button("Segment", "Run the model on the image (Alt+S). The labels "
+        self.segment_button = button("Segment", f"Run the model on the image ({KEY.replace('-', '+')}). The labels "
                                      "layer fills in tile by tile", self.segment)
         self.cancel_button = button("Cancel", "Stop at the next tile; what is done stays",
                                     self.cancel)
@@ -126,7 +146,9 @@ class SegmentWidget(QWidget):
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
-        napari_viewer.bind_key("Alt-S", lambda _viewer: self.segment(), overwrite=True)
+        self.keys = DockKeys(self, napari_viewer, {KEY: self.segment})
+        #: writes tiles and the result into the layer, a piece per event-loop pass
+        self._writer: ChunkedWriter | None = None
 
     # models -----------------------------------------------------------------------------------
     def _fill_models(self) -> None:
@@ -209,24 +231,67 @@ class SegmentWidget(QWidget):
         return full, full
 
     # labels layer -----------------------------------------------------------------------------
-    def _target_layer(self, image: Any, shape: tuple[int, ...], model: Any) -> Any:
-        """The labels layer for ``image`` (reused when it has the right shape)."""
+    def _existing_layer(self, image: Any, shape: tuple[int, ...]) -> Any | None:
+        """The image's labels layer, when it has the right shape (None: make a new one)."""
+        from napari.layers import Labels
+
         name = f"{image.name} labels"
-        layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is not None and tuple(layer.data.shape) != shape:
-            layer = None
-        if layer is None:
-            layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=name,
-                                           scale=image.scale, translate=image.translate)
-        layer.metadata[UNIT_KEY] = layer_unit(image)
-        layer.metadata[MODEL_KEY] = model.label
-        if image.source.path:
-            layer.metadata[SOURCE_KEY] = str(image.source.path)
+        if name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[name]
+        if not isinstance(layer, Labels) or tuple(layer.data.shape) != shape:
+            return None
         return layer
+
+    def _new_layer(self, image: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        ndim = len(shape)
+        return self.viewer.add_labels(np.zeros(shape, dtype=dtype), name=f"{image.name} labels",
+                                      scale=image.scale[-ndim:], translate=image.translate[-ndim:])
+
+    def confirm_overwrite(self, text: str) -> bool:
+        """Ask before corrected slices or edits are overwritten (a seam for tests)."""
+        return ask_yes_no(self, "Overwrite your corrections?", text)
+
+    def _write_mode(self, layer: Any, z_range: range) -> str | None:
+        """``keep`` or ``overwrite`` for an existing layer, after asking where needed; None = stop."""
+        mode = self.write_combo.currentText()
+        if layer.ndim >= 3:
+            corrected = [z for z in corrected_slices(layer) if z in z_range]
+        else:
+            corrected = list(z_range) if corrected_slices(layer) else []
+        edited = history_for(layer).edited
+        what = (f"{len(corrected)} corrected slice(s) of {layer.name!r}" if layer.ndim >= 3
+                else f"your corrections in {layer.name!r}")
+        if mode == WRITE_MODES[0]:
+            if corrected and len(corrected) == len(z_range):
+                if layer.ndim >= 3:
+                    text = (f"Everything to segment is marked corrected ({what}). Overwrite it? "
+                            "(No: nothing is changed; choose 'new labels layer' to compare.)")
+                else:
+                    text = (f"{layer.name!r} is marked corrected. Overwrite your corrections? "
+                            "(No: nothing is changed; choose 'new labels layer' to compare.)")
+                return "overwrite" if self.confirm_overwrite(text) else None
+            return "keep"
+        if corrected or edited:
+            text = (f"Overwrite {what if corrected else 'the edits of ' + repr(layer.name)}? "
+                    "Ctrl+Z undoes the run. (No: nothing is changed.)")
+            return "overwrite" if self.confirm_overwrite(text) else None
+        return "overwrite"
+
+    def _start_at(self, image: Any, read: tuple[slice, ...]) -> tuple[int, ...]:
+        """The view centre on the current slice, in the coordinates of the region read."""
+        point = view_point(self.viewer, image)[-len(read):]
+        return tuple(int(np.clip(p - r.start, 0, r.stop - r.start - 1)) for p, r in zip(point, read))
 
     # run --------------------------------------------------------------------------------------
     def segment(self) -> None:
-        """Start segmenting the chosen image with the chosen model (in a worker)."""
+        """Start segmenting the chosen image with the chosen model (in a worker).
+
+        The image is read tile by tile in the worker (a lazy, dask-backed layer is never loaded
+        on the main thread). The labels go into the image's labels layer, leaving its corrected
+        slices as they are (default), or into a new layer; one Ctrl+Z puts the layer back as
+        it was.
+        """
         from napari.utils import progress
         from napari.utils.notifications import show_info, show_warning
 
@@ -255,42 +320,89 @@ class SegmentWidget(QWidget):
         read, keep = self._region(image, model)
         voxel_size = tuple(float(s) for s in image.scale[-len(shape):])
         output = OUTPUTS[self.output_combo.currentText()]
+        device, precision = self.device_combo.currentData(), self.precision_combo.currentData()
         try:
-            sub = np.asarray(data[read])
+            sub = data[read]  # a view (numpy) or a lazy slice (dask): nothing is read here
             if sub.ndim not in (2, 3):
                 raise ValueError(f"{image.name!r} has {sub.ndim} axes; open a 2D image or a 3D stack")
             if model.spatial_dims == 3 and sub.ndim != 3:
                 raise ValueError(f"{model.label} is a 3D model and {image.name!r} is a 2D image; "
                                  "pick a 2D model")
+            precision_label = resolved_precision(precision, device)
         except (ValueError, MemoryError) as err:
             notify_error(err, f"Segment {image.name!r} with {model.label}")
             return
-        # the job's own checks (device, channels) run in the worker and come back as errors
-        job = segment(sub, model, output=output, device=self.device_combo.currentData(),
-                      threshold=self.threshold_spin.value(), min_size=self.min_size_spin.value(),
-                      voxel_size=voxel_size, **self.predict_options)
-
-        created = f"{image.name} labels" not in self.viewer.layers
-        layer = self._target_layer(image, shape, model)
-        self.labels_layer = layer
         offset = tuple(s.start for s in read)
+        layer_region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(offset, keep))
+        z_range = range(layer_region[0].start, layer_region[0].stop) if len(shape) >= 3 else range(1)
+        layer = None
+        if self.write_combo.currentText() != WRITE_MODES[1]:
+            layer = self._existing_layer(image, shape)
+        mode = "overwrite"
+        if layer is not None:
+            mode = self._write_mode(layer, z_range)
+            if mode is None:
+                self.status.setText("Nothing was changed (your corrections are kept).")
+                return
+        # the job's own checks (device, channels) run in the worker and come back as errors
+        job = segment(sub, model, output=output, device=device, precision=precision,
+                      threshold=self.threshold_spin.value(), min_size=self.min_size_spin.value(),
+                      voxel_size=voxel_size, start_at=self._start_at(image, read),
+                      **self.predict_options)
+
+        created = layer is None
+        dtype = labels_dtype(output, len(model.class_names))
+        if created:
+            layer = self._new_layer(image, shape, dtype)
+        layer.metadata[UNIT_KEY] = layer_unit(image)
+        layer.metadata[MODEL_KEY] = model.label
+        if image.source.path:
+            layer.metadata[SOURCE_KEY] = str(image.source.path)
+        self.labels_layer = layer
+        history = history_for(layer)
+        description = f"Segment with {model.label}"
+        whole = all(r.start == 0 and r.stop == n for r, n in zip(read, shape))
+        marks = None
+        if not created and mode == "overwrite":
+            # overwritten slices are no longer corrected (Fine-tune must not train on them);
+            # undo marks them again
+            before_marks = corrected_slices(layer)
+            remaining = [z for z in before_marks if z not in z_range] if layer.ndim >= 3 else []
+            if remaining != before_marks:
+                marks = before_marks
+                set_corrected_slices(layer, remaining)
+        if created:
+            history.record(None, np.zeros(shape, dtype=layer.data.dtype), description)
+        elif whole:
+            # a new array, so the tiles show as they arrive; the old one is the undo step (no copy)
+            old = layer.data
+            new = np.zeros(shape, dtype=np.promote_types(old.dtype, dtype))
+            if mode == "keep" and layer.ndim >= 3:
+                for z in corrected_slices(layer):
+                    if 0 <= z < shape[0]:
+                        new[z] = np.asarray(old[z])
+            history.record(None, old, description, marks)
+            layer.data = new
+        else:
+            history.record(layer_region, np.array(layer.data[layer_region], copy=True), description,
+                           marks)
+        history.busy = "Segment"
+        self._writer = ChunkedWriter(self._write_block, parent=self, on_error=self._write_failed)
         self._run = {"image": image, "model": model, "layer": layer, "offset": offset,
                      "keep": keep, "read": read, "output": output, "last_refresh": 0.0,
                      "threshold": self.threshold_spin.value(), "start": time.perf_counter(),
                      "first_tile": None, "done": 0, "total": 0, "created": created,
-                     "wrote": False}
-        # whole-scope runs start from an empty layer, so the tiles show as they arrive
-        whole = all(r.start == 0 and r.stop == n for r, n in zip(read, shape))
-        if whole and not created:
-            # big enough for any object count, so the result is written in place at the end
-            dtype = layer.data.dtype if output != "instances" else np.promote_types(
-                layer.data.dtype, np.uint32)
-            layer.data = np.zeros(shape, dtype=dtype)
+                     "wrote": False, "mode": mode, "precision": precision_label,
+                     "history": history}
         self._pbar = progress(total=0, desc=f"Segment {image.name} ({model.label})")
         self.progress_bar.setRange(0, 0)  # busy until the tile count is known
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.status.setText(f"Segmenting {image.name} with {model.label}…")
+        kept = ""
+        if mode == "keep" and layer.ndim >= 3 and corrected_slices(layer):
+            kept = f"; corrected slices {_short_list(corrected_slices(layer))} are kept"
+        self.status.setText(f"Segmenting {image.name} with {model.label} · {precision_label}"
+                            f"{kept}…")
         self.worker = start_job(self._with_previews(job, model.task, self.threshold_spin.value()),
                                 on_yield=self._on_progress, on_return=self._on_result,
                                 on_error=self._on_error, on_finish=self._on_finish,
@@ -323,7 +435,8 @@ class SegmentWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop at the next tile; the tiles done so far stay in the labels layer."""
-        if self.worker is not None:
+        if self.worker is not None and not self._run.get("returned") \
+                and not self._run.get("finished"):
             self.worker.quit()
             self.status.setText("Cancelling at the next tile…")
 
@@ -339,10 +452,32 @@ class SegmentWidget(QWidget):
             layer_region.append(slice(o + lo, o + hi))
         return tuple(layer_region), tuple(out_region)
 
+    def _protected(self) -> set[int]:
+        """Slices of the layer not to write (read now: a slice painted meanwhile is kept too)."""
+        run = self._run
+        layer = run["layer"]
+        if run["mode"] != "keep" or layer.ndim < 3:
+            return set()
+        return set(corrected_slices(layer))
+
+    def _write_block(self, layer_region: tuple[slice, ...], values: np.ndarray) -> bool:
+        """Write ``values`` into ``layer_region``, except the protected slices."""
+        data = self._run["layer"].data
+        protected = self._protected()
+        if not protected:
+            data[layer_region] = values
+            return True
+        z0 = layer_region[0].start
+        wrote = False
+        for lo, hi in free_runs(z0, z0 + values.shape[0], protected):
+            data[(slice(lo, hi), *layer_region[1:])] = values[lo - z0:hi - z0]
+            wrote = True
+        return wrote
+
     def _on_progress(self, item: tuple[Any, np.ndarray | None]) -> None:
         update, preview = item
         run = self._run
-        if run.get("finished"):  # a late update (napari's progress bar processes events)
+        if run.get("finished") or run.get("returned"):  # a late update
             return
         run["done"], run["total"] = update.done, update.total
         if preview is not None:
@@ -351,48 +486,62 @@ class SegmentWidget(QWidget):
                 layer_region, out_region = mapped
                 local = tuple(slice(o.start - r.start, o.stop - r.start)
                               for o, r in zip(out_region, update.region))
-                run["layer"].data[layer_region] = preview[local]
                 run["wrote"] = True
-                if run["first_tile"] is None:
-                    run["first_tile"] = time.perf_counter() - run["start"]
-        now = time.perf_counter()
-        if now - run["last_refresh"] >= REFRESH_INTERVAL or update.done >= update.total:
-            run["last_refresh"] = now
-            run["layer"].refresh()
+                self._writer.push(layer_region, preview[local], then=self._tile_written,
+                                  itemsize=run["layer"].data.dtype.itemsize)
         if update.stage == "postprocess":
             self.status.setText("Post-processing (objects, small-object removal)…")
+        elif update.stage == "plan":
+            run["plan"] = update.message
+            self.status.setText(f"{update.message}…")
         else:
             self.progress_bar.setRange(0, max(1, update.total))
             self.progress_bar.setValue(update.done)
             self.status.setText(f"{update.done}/{update.total} tiles · "
                                 f"{format_seconds(update.elapsed)} · "
-                                f"{format_seconds(update.eta)} left")
-        if update.message and update.stage != "postprocess":
+                                f"{format_seconds(update.eta)} left · {run['precision']}")
+        if update.message and update.stage not in ("postprocess", "plan"):
             from napari.utils.notifications import show_warning
 
             show_warning(update.message)
         # last: napari's activity-panel bar calls processEvents, which may run later callbacks
-        if self._pbar is not None and update.stage != "postprocess":
+        if self._pbar is not None and update.stage not in ("postprocess", "plan"):
             if self._pbar.total != update.total:
                 self._pbar.total = update.total
             self._pbar.update(update.done - self._pbar.n)
 
+    def _tile_written(self) -> None:
+        """A tile's preview is in the layer: show it (at most every REFRESH_INTERVAL)."""
+        run = self._run
+        now = time.perf_counter()
+        if run["first_tile"] is None:
+            run["first_tile"] = now - run["start"]
+        if now - run["last_refresh"] >= REFRESH_INTERVAL or not self._writer.pending:
+            run["last_refresh"] = now
+            run["layer"].refresh()
+
     def _on_result(self, returned: tuple[Any, int, int]) -> None:
         result, n_found, largest = returned
         run = self._run
+        run["returned"] = True
         layer = run["layer"]
         keep = run["keep"]
         values = np.asarray(result.data)[keep]  # a view
         layer_region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(run["offset"], keep))
-        if _fits_in_place(layer.data, values.dtype, largest):
-            # the final result overwrites the preview in the layer's own array: one copy of the
-            # segmented region, no new array, no data event (napari re-slices what is on screen)
-            layer.data[layer_region] = values
-            layer.refresh()
-        else:  # a reused layer whose dtype cannot hold the ids (rare): replace its data
-            full = np.asarray(layer.data, dtype=np.promote_types(layer.data.dtype, values.dtype))
-            full[layer_region] = values
-            layer.data = full
+        if not _fits_in_place(layer.data, values.dtype, largest):
+            # a reused layer whose dtype cannot hold the ids (rare): a wider copy of its data
+            layer.data = np.asarray(layer.data, dtype=np.promote_types(layer.data.dtype,
+                                                                       values.dtype))
+        self.status.setText("Writing the result into the layer…")
+        # the final labels overwrite the previews in the layer's own array, a piece per
+        # event-loop pass: no new array, no data event, no long block of the viewer
+        self._writer.push(layer_region, values,
+                          then=lambda: self._result_written(result, n_found),
+                          itemsize=layer.data.dtype.itemsize)
+
+    def _result_written(self, result: Any, n_found: int) -> None:
+        run = self._run
+        layer = run["layer"]
         whole = all(r.start == 0 and r.stop == n for r, n in zip(run["read"], layer.data.shape))
         if whole:
             layer.metadata[PROBABILITIES_KEY] = result.probabilities
@@ -403,9 +552,18 @@ class SegmentWidget(QWidget):
         self.progress_bar.setValue(max(1, run["total"]))
         elapsed = time.perf_counter() - run["start"]
         found = f"{n_found} objects" if result.output == "instances" else f"{n_found} class(es)"
-        self.status.setText(f"Done in {format_seconds(elapsed)}: {found} ({run['model'].label}).")
+        text = f"Done in {format_seconds(elapsed)}: {found} ({run['model'].label}, {run['precision']})."
+        protected = sorted(self._protected())
+        if protected:
+            text += f" Corrected slices {_short_list(protected)} were left as they were."
+        text += " Ctrl+Z puts the layer back as it was."
         for message in result.messages:
-            self.status.setText(self.status.text() + f"\n{message}")
+            text += f"\n{message}"
+        layer.refresh()
+        self.status.setText(text)
+
+    def _write_failed(self, err: BaseException) -> None:
+        self._on_error(err)
 
     def _on_error(self, err: BaseException) -> None:
         run = self._run
@@ -420,14 +578,23 @@ class SegmentWidget(QWidget):
         run = self._run
         run["layer"].refresh()
         self.status.setText(f"Cancelled after {run['done']}/{run['total']} tiles; the tiles done "
-                            "so far are kept (thresholded, not split into objects).")
+                            "so far are kept (thresholded, not split into objects). Ctrl+Z puts "
+                            "the layer back as it was.")
 
     def _on_finish(self) -> None:
         self._run["finished"] = True
-        self.worker = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        self._writer.when_done(self._finalize)  # after the tiles and result still queued
+
+    def _finalize(self) -> None:
+        """The run is over (result written, cancelled or failed): the dock is free again."""
+        history = self._run.get("history")
+        if history is not None:
+            history.busy = None
+        self._run["layer"].refresh()
+        self.worker = None
         try:
             self.segment_button.setEnabled(True)
             self.cancel_button.setEnabled(False)
@@ -438,6 +605,39 @@ class SegmentWidget(QWidget):
     def first_tile_seconds(self) -> float | None:
         """Seconds from clicking Segment to the first tile on screen (last run)."""
         return self._run.get("first_tile")
+
+
+def labels_dtype(output: str, n_classes: int) -> np.dtype:
+    """dtype of a labels layer for Segment's ``output``: uint8 for masks and up to 255 classes,
+    else uint16 (also for instances; a result with more objects widens the layer).
+
+    napari draws uint8/uint16 labels as they are; wider ids are hashed on the CPU at every
+    redraw (~20-60 ms per 1024x1024 slice here), which would stall the viewer while tiles
+    arrive.
+    """
+    if output != "instances" and n_classes <= 256:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16)
+
+
+def free_runs(start: int, stop: int, protected: set[int]) -> list[tuple[int, int]]:
+    """The runs ``[lo, hi)`` of ``range(start, stop)`` that contain no index of ``protected``."""
+    runs, lo = [], None
+    for z in range(start, stop):
+        if z in protected:
+            if lo is not None:
+                runs.append((lo, z))
+                lo = None
+        elif lo is None:
+            lo = z
+    if lo is not None:
+        runs.append((lo, stop))
+    return runs
+
+
+def _short_list(values: list[int], limit: int = 8) -> str:
+    text = ", ".join(str(v) for v in values[:limit])
+    return text + (f", … ({len(values)} in all)" if len(values) > limit else "")
 
 
 def _fits_in_place(data: Any, dtype: np.dtype, largest: int) -> bool:

@@ -42,7 +42,10 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, CheckpointError,
 #: CUDA builds) are imported lazily by the first optimizer step / compiled op; importing triton
 #: in a worker thread crashed napari (segfault) with the CUDA build of torch 2.14.1.
 MAIN_THREAD_IMPORTS = ("torch", "torch._dynamo", "triton", "scipy.ndimage", "skimage.segmentation",
-                       "skimage.measure", "napari_unet.postprocess", "napari_unet.training")
+                       "skimage.measure", "napari_unet.postprocess", "napari_unet.training",
+                       # napari imports pandas when the first labels layer is added (0.6 s):
+                       # when the dock opens rather than when Segment is clicked
+                       "pandas")
 _imported_on_main: set[str] = set()
 _import_module = importlib.import_module  # a seam for tests
 
@@ -83,7 +86,7 @@ class ModelEntry:
     """One item of the model list: a shipped model, a file, or a fine-tuned version in memory."""
 
     key: str
-    source: str  # "shipped", "file" or "fine-tuned"
+    source: str  # "shipped", "file", "fine-tuned" or "new" (untrained)
     path: Path | None = None
     model: SegmentationModel | None = None
     parent_key: str | None = None
@@ -94,6 +97,8 @@ class ModelEntry:
             return f"{self.key}  ({self.path.name})"
         if self.source == "fine-tuned":
             return f"{self.key}  (fine-tuned)"
+        if self.source == "new":
+            return f"{self.key}  (new, untrained)"
         return self.key
 
 
@@ -180,10 +185,10 @@ class ModelRegistry:
         return key
 
     def add_model(self, model: SegmentationModel, parent_key: str | None = None,
-                  select: bool = True) -> str:
-        """Add a model held in memory (a fine-tuned version)."""
+                  select: bool = True, source: str = "fine-tuned") -> str:
+        """Add a model held in memory (a fine-tuned version, or a ``new`` untrained one)."""
         key = self._unique_key(model.label)
-        self._entries[key] = ModelEntry(key, "fine-tuned", model=model, parent_key=parent_key)
+        self._entries[key] = ModelEntry(key, source, model=model, parent_key=parent_key)
         self.changed.emit()
         if select:
             self.current = key
@@ -257,6 +262,20 @@ def current_slice_index(viewer: Any, layer: Any) -> int | None:
                                 else viewer.dims.point)
     z = int(round(float(point[-3])))
     return int(np.clip(z, 0, layer.data.shape[-3] - 1))
+
+
+def view_point(viewer: Any, layer: Any) -> tuple[int, ...]:
+    """Data index of ``layer`` under the centre of the view, on the slice shown now."""
+    point = list(viewer.dims.point)
+    displayed = list(viewer.dims.displayed)
+    center = list(viewer.camera.center)[-len(displayed):]
+    for axis, value in zip(displayed, center):
+        if axis < len(point):
+            point[axis] = value
+    world = point[-layer.ndim:] if len(point) >= layer.ndim else point
+    data = np.asarray(layer.world_to_data(world), dtype=float)[-layer.ndim:]
+    shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
+    return tuple(int(np.clip(round(v), 0, n - 1)) for v, n in zip(data, shape[-layer.ndim:]))
 
 
 def set_current_slice(viewer: Any, layer: Any, z: int) -> None:

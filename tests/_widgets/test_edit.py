@@ -7,7 +7,7 @@ import pytest
 
 from napari_unet import postprocess
 
-from .conftest import click
+from .conftest import click, wait_idle
 
 
 def _dock(viewer):
@@ -149,6 +149,7 @@ def test_stack_current_slice_scope_and_correction_tracking(make_napari_viewer, q
     widget.scope_combo.setCurrentText("whole stack (3D)")
     widget.ids_edit.setText("4")
     click(qtbot, widget, "Delete")
+    wait_idle(qtbot, widget)  # a whole stack is done in a worker
     assert not (layer.data == 4).any()
 
 
@@ -166,3 +167,86 @@ def test_errors_are_notifications(make_napari_viewer, qtbot, notifications):
     widget.ids_edit.setText("42")
     click(qtbot, widget, "Split")
     assert any(sev == "error" and "42" in msg for sev, msg in notifications)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-stack operations run in a worker (issue 9, item 6)
+# ---------------------------------------------------------------------------------------------
+
+def _hollow_stack(n: int = 6) -> np.ndarray:
+    stack = np.stack([two_touching_squares()] * n)
+    stack[stack == 4] = 9
+    stack[[0, -1], 30:38, 5:13] = 9  # caps: the hole of object 9 is a closed 3D cavity
+    return stack
+
+
+@pytest.mark.parametrize("operation, name, expected", [
+    ("Fill holes", "fill_holes", lambda a: postprocess.fill_holes(a)),
+    ("Relabel", "relabel_sequential", lambda a: postprocess.relabel_sequential(a)),
+    ("Split", "split_label", lambda a: postprocess.split_label(a, 9, None)),
+])
+def test_whole_stack_operations_run_in_a_worker(make_napari_viewer, qtbot, monkeypatch, operation,
+                                                name, expected):
+    import threading
+
+    viewer = make_napari_viewer()
+    original = _hollow_stack()
+    layer = viewer.add_labels(original.copy(), name="labels")
+    widget = _dock(viewer)
+    widget.scope_combo.setCurrentText("whole stack (3D)")
+    if operation == "Split":
+        widget.ids_edit.setText("9")
+    threads, data_events = [], []
+    real = getattr(postprocess, name)
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(postprocess, name, recording)
+    layer.events.data.connect(
+        lambda _e: data_events.append(threading.current_thread() is threading.main_thread()))
+    array = layer.data
+    click(qtbot, widget, operation)
+    assert widget.worker is not None  # in the background
+    wait_idle(qtbot, widget)
+    assert threads == [False]  # computed in the worker thread
+    assert data_events and all(data_events)  # the layer was updated on the main thread
+    result = expected(original)
+    np.testing.assert_array_equal(layer.data, result)
+    assert layer.data is not array and layer.data.dtype == array.dtype  # swapped in, no copy
+    assert "Ctrl+Z" in widget.status.text()
+    click(qtbot, widget, "Undo")
+    np.testing.assert_array_equal(layer.data, original)
+    click(qtbot, widget, "Redo")
+    np.testing.assert_array_equal(layer.data, result)
+
+
+def test_paint_while_a_whole_stack_operation_runs_is_kept(make_napari_viewer, qtbot, monkeypatch,
+                                                          notifications):
+    import time
+
+    viewer = make_napari_viewer()
+    original = _hollow_stack()
+    layer = viewer.add_labels(original.copy(), name="labels")
+    widget = _dock(viewer)
+    real = postprocess.relabel_sequential
+
+    def slow(labels):
+        time.sleep(0.5)
+        return real(labels)
+
+    monkeypatch.setattr(postprocess, "relabel_sequential", slow)
+    click(qtbot, widget, "Relabel")
+    assert widget.worker is not None
+    click(qtbot, widget, "Undo")  # refused while the operation runs
+    assert any("wait" in msg for _, msg in notifications), notifications
+    viewer.dims.set_point(0, 1)
+    layer.n_edit_dimensions = 2
+    layer.paint((1, 30, 30), 42)
+    painted = layer.data.copy()
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, painted)  # the paint stays, the result is dropped
+    assert "changed while it ran" in widget.status.text()
+    for button in widget.buttons.values():
+        assert button.isEnabled()

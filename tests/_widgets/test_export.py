@@ -81,3 +81,62 @@ def test_npe2_writer_via_save_layers(make_napari_viewer, tmp_path):
     back = read_image(tmp_path / "saved.tif")
     np.testing.assert_array_equal(back.data, labels)
     assert back.voxel_size == pytest.approx((2.0, 0.5, 0.5))
+
+
+def test_export_follows_the_layer(make_napari_viewer, qtbot, tmp_path):
+    """An instance layer exports as instances by default, also when the dock was opened while
+    the layer was still empty (issue 9: it wrote one object); binary only when asked."""
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.zeros((4, 40, 40), np.uint32), name="nuclei labels")
+    widget = _dock(viewer)  # opened before the layer has objects
+    _, labels = blobs((4, 40, 40))
+    layer.data[:] = labels  # filled later, as Segment does (in place)
+    assert widget.mode_combo.currentText() == "as in the layer"
+    click(qtbot, widget, "Export")
+    wait_idle(qtbot, widget)
+    back = read_image(widget.last_written[0]).data
+    np.testing.assert_array_equal(back, labels)
+    assert len(np.unique(back)) - 1 == len(np.unique(labels)) - 1 > 1
+    n = len(np.unique(labels)) - 1
+    assert widget.status.text().split("Wrote ")[1].split(": ")[1].startswith(f"{n} objects")
+
+    widget.mode_combo.setCurrentText("binary")
+    widget.export(tmp_path / "mask.tif")
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(read_image(tmp_path / "mask.tif").data,
+                                  (labels > 0).astype(np.uint8))
+    # a binary layer stays binary "as in the layer"; "instances" splits it into objects
+    layer.data = (labels > 0).astype(np.uint8)
+    widget.mode_combo.setCurrentText("as in the layer")
+    widget.export(tmp_path / "as_is.tif")
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(read_image(tmp_path / "as_is.tif").data, labels > 0)
+    widget.mode_combo.setCurrentText("instances")
+    widget.export(tmp_path / "split.tif")
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(read_image(tmp_path / "split.tif").data,
+                                  postprocess.binary_to_instances(labels > 0))
+
+
+def test_export_snapshot_is_copied_in_pieces(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_unet._widgets import _export
+
+    _, labels = blobs((5, 40, 40))
+    data = labels.astype(np.uint32)
+    steps = _export.copy_steps(data, 40 * 40 * 4)  # one slice per step
+    for _ in range(5):
+        next(steps)
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    copy = done.value.value
+    np.testing.assert_array_equal(copy, data)
+    assert not np.shares_memory(copy, data)
+
+    monkeypatch.setattr(_export, "COPY_CHUNK_BYTES", 40 * 40 * 4)
+    viewer = make_napari_viewer()
+    viewer.add_labels(data, name="labels")
+    widget = _dock(viewer)
+    widget.export(tmp_path / "out.tif")
+    assert widget.worker is not None  # copying, then writing, in the background
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(read_image(tmp_path / "out.tif").data, labels)

@@ -10,7 +10,7 @@ import pytest
 
 from napari_unet.checkpoint import load_model
 
-from .conftest import blobs, click, make_tiny_model, wait_idle
+from .conftest import blobs, click, wait_idle
 
 
 def _docks(viewer):
@@ -201,3 +201,169 @@ def test_training_in_the_worker_thread_by_default(make_napari_viewer, qtbot, reg
     assert handles and isinstance(handles[0], Trainer)
     assert registry.get(widget.result_key).history[-1]["iterations"] == 2
     assert viewer.layers[PREVIEW_LAYER].data is array and array.any()  # written in place
+
+
+# ---------------------------------------------------------------------------------------------
+# best weights, honestly (issue 9, item 3)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slices, keeps_best", [([3], False), ([1, 4, 7], True)])
+def test_dock_says_which_weights_it_keeps(make_napari_viewer, qtbot, registry, model_2d_path,
+                                          slices, keeps_best):
+    viewer = make_napari_viewer()
+    image, labels = blobs((9, 32, 32))
+    viewer.add_image(image, name="stack")
+    layer = viewer.add_labels(labels, name="stack labels")
+    layer.metadata["napari_unet_corrected_slices"] = slices
+    segment, widget = _docks(viewer)
+    segment.load_model_file(model_2d_path)
+    widget.iterations_spin.setValue(2)
+    widget.time_spin.setValue(0)
+    widget.config_overrides = {"batch_size": 2}
+    widget.preview_check.setChecked(False)
+    click(qtbot, widget, "Fine-tune")
+    expected_start = "best-scoring" if keeps_best else "last weights"
+    assert expected_start in widget.weights_label.text()  # said at once
+    wait_idle(qtbot, widget)
+    assert widget.last_stats.keeps_best is keeps_best
+    text = widget.weights_label.text().lower()  # now the Trainer's own account
+    if keeps_best:
+        assert "held out" in text and "best-scoring" in text
+        assert "best-scoring weights" in widget.status.text()
+    else:
+        assert "last weights" in text and "held out for validation:" not in text
+        assert "last weights" in widget.status.text()
+
+
+def test_labels_are_a_snapshot_of_the_corrected_slices(make_napari_viewer, registry,
+                                                       model_2d_path):
+    viewer = make_napari_viewer()
+    image, labels = blobs((6, 24, 24))
+    viewer.add_image(image, name="stack")
+    layer = viewer.add_labels(labels.copy(), name="stack labels")
+    layer.metadata["napari_unet_corrected_slices"] = [1, 4]
+    _, widget = _docks(viewer)
+    pairs, _ = widget.training_pairs()
+    snap = pairs[0].labels
+    assert not np.shares_memory(snap, layer.data)
+    np.testing.assert_array_equal(snap[[1, 4]], labels[[1, 4]])
+    assert not snap[[0, 2, 3, 5]].any()  # never trained on: not copied
+    layer.data[1] = 0  # painting afterwards does not reach it
+    np.testing.assert_array_equal(snap[1], labels[1])
+    widget.corrected_only.setChecked(False)
+    whole, _ = widget.training_pairs()
+    assert not np.shares_memory(whole[0].labels, layer.data)
+
+
+def test_precision_choice_and_resolved_label(make_napari_viewer, qtbot, registry, model_2d_path):
+    from napari_unet.precision import PRECISIONS, resolve_precision
+
+    viewer = make_napari_viewer()
+    image, labels = blobs((32, 32))
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="img labels")
+    segment, widget = _docks(viewer)
+    segment.load_model_file(model_2d_path)
+    for dock in (segment, widget):
+        assert [dock.precision_combo.itemData(i) for i in range(dock.precision_combo.count())] \
+            == list(PRECISIONS)
+    widget.iterations_spin.setValue(1)
+    widget.time_spin.setValue(0)
+    widget.config_overrides = {"batch_size": 2}
+    widget.precision_combo.setCurrentText("fp32")
+    configs = []
+    click(qtbot, widget, "Fine-tune")
+    label = resolve_precision("fp32", "cpu").label()
+    assert label in widget.status.text()
+    widget.worker.yielded.connect(lambda _stats: configs.append(widget.training_job.config))
+    wait_idle(qtbot, widget)
+    assert configs and configs[0].precision == "fp32"
+    assert "fp32" in widget.weights_label.text()  # the Trainer's first message says it too
+
+
+# ---------------------------------------------------------------------------------------------
+# New model… (issue 9, item 8)
+# ---------------------------------------------------------------------------------------------
+
+def test_new_model_for_ct_organs_as_classes(make_napari_viewer, qtbot, registry):
+    from napari_unet._widgets._io import read_layers
+    from napari_unet._widgets._new_model import NewModelDialog, spec_for_layer
+    from napari_unet._widgets._state import corrected_slices, set_corrected_slices
+    from .test_plugin import SAMPLES
+
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in read_layers([str(SAMPLES / "ct_small.nii.gz"),
+                                           str(SAMPLES / "ct_small_organs.nii.gz")]):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    organs = viewer.layers["ct_small_organs"]
+    names = organs.features.set_index("index")["name"]
+    assert names[1] == "spleen" and names[5] == "liver"  # from ct_small_label_map.json
+    _, widget = _docks(viewer)
+    widget.labels_combo.set_layer(organs)
+    widget.image_combo.setCurrentText("ct_small")
+
+    # the dialog offers the layer's names, 3D, and no in-plane-only level (3 mm isotropic)
+    dialog = NewModelDialog(organs, widget)
+    dialog.task_combo.setCurrentText("classes")
+    spec = dialog.spec()
+    assert spec.spatial_dims == 3 and spec.task == "semantic" and spec.inplane_only_levels == ()
+    assert spec.class_names[:3] == ["background", "spleen", "kidney_right"]
+    assert len(spec.class_names) == 118
+
+    spec = spec_for_layer(organs, 3, "semantic", base_channels=4, depth=3)
+    key = widget.create_model(spec)
+    assert registry.current == key and widget.model_combo.currentData() == key
+    assert "new, untrained" in widget.model_combo.currentText()
+    model = registry.get(key)
+    assert model.version == 0 and model.class_names == spec.class_names
+    assert model.config.out_channels == 118 and model.config.inplane_only_levels == ()
+
+    set_corrected_slices(organs, [8, 15, 22])
+    assert corrected_slices(organs) == [8, 15, 22]
+    widget.iterations_spin.setValue(2)
+    widget.time_spin.setValue(0)
+    widget.config_overrides = {"batch_size": 1}
+    widget.preview_check.setChecked(False)
+    click(qtbot, widget, "Fine-tune")
+    wait_idle(qtbot, widget, timeout=120_000)
+    trained = registry.get(widget.result_key)
+    assert trained.version == 1 and trained.task == "semantic"
+    assert trained.class_names[5] == "liver"
+
+
+def test_new_model_anisotropy_from_the_scale(make_napari_viewer, qtbot, registry):
+    from napari_unet._widgets._new_model import NewModelDialog
+
+    viewer = make_napari_viewer()
+    _, labels = blobs((8, 32, 32))
+    layer = viewer.add_labels(labels, name="nuclei labels", scale=(0.28, 0.127, 0.127))
+    _, widget = _docks(viewer)
+    dialog = NewModelDialog(layer, widget)
+    assert dialog.aniso_spin.value() == 1  # z is 2.2x coarser: one in-plane-only level
+    dialog.task_combo.setCurrentText("foreground + boundary")
+    spec = dialog.spec()
+    assert spec.inplane_only_levels == (0,) and spec.voxel_size == pytest.approx((0.28, 0.127, 0.127))
+    key = widget.create_model(spec)
+    assert registry.get(key).config.inplane_only_levels == (0,)
+    # 2D: no anisotropy; classes need names
+    dialog.dims_combo.setCurrentIndex(0)
+    assert dialog.spec().inplane_only_levels == ()
+    dialog.task_combo.setCurrentText("classes")
+    with pytest.raises(ValueError, match="names"):
+        dialog.spec()
+    dialog.classes_edit.setText("nucleus, nucleolus")
+    assert dialog.spec().class_names == ["background", "nucleus", "nucleolus"]
+
+
+def test_new_model_button_uses_the_dialog(make_napari_viewer, qtbot, registry, monkeypatch):
+    from napari_unet._widgets import _finetune
+
+    viewer = make_napari_viewer()
+    _, labels = blobs((32, 32))
+    viewer.add_labels(labels, name="cells")
+    _, widget = _docks(viewer)
+    monkeypatch.setattr(_finetune.NewModelDialog, "exec_", lambda self: True)
+    click(qtbot, widget, "New model…")
+    model = registry.get(registry.current)
+    assert model.spatial_dims == 2 and model.task == "foreground_boundary"
+    assert model.name == "cells-model" and model.version == 0

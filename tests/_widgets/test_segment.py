@@ -37,8 +37,9 @@ def test_segment_2d_instances_match_core(make_napari_viewer, qtbot, registry, mo
 
     expected = drain(segment(image, load_model(model_2d_path), output="instances",
                              voxel_size=(0.5, 0.5)))
-    # the result is written into the layer's own array (no new array on the main thread)
-    assert layer.data is array and array.dtype == np.uint32
+    # the result is written into the layer's own array (no new array on the main thread), a
+    # dtype napari draws without hashing
+    assert layer.data is array and array.dtype == np.uint16
     np.testing.assert_array_equal(layer.data, expected.data)
     assert tuple(layer.scale) == (0.5, 0.5)
     np.testing.assert_array_equal(layer.metadata["napari_unet_probabilities"], expected.probabilities)
@@ -51,13 +52,13 @@ def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer
                                                               model_2d_path, monkeypatch):
     from napari_unet import inference
 
-    original = inference._TileRunner.run
+    original = inference.TileRunner._run_batch
 
-    def slow_run(self, tiles):  # a slow model, so Cancel lands mid-way
+    def slow_run(self, tiles, write):  # a slow model, so Cancel lands mid-way
         time.sleep(0.05)
-        return original(self, tiles)
+        return original(self, tiles, write)
 
-    monkeypatch.setattr(inference._TileRunner, "run", slow_run)
+    monkeypatch.setattr(inference.TileRunner, "_run_batch", slow_run)
     viewer = make_napari_viewer()
     image, _ = blobs((20, 48, 48))
     viewer.add_image(image, name="stack")
@@ -160,3 +161,236 @@ def test_every_control_has_a_tooltip(make_napari_viewer, qtbot, registry):
         missing = [getattr(c, "text", lambda: "")() or type(c).__name__ for c in controls
                    if not c.toolTip() and not isinstance(c.parent(), (QAbstractSpinBox, QComboBox))]
         assert not missing, f"{cls.__name__}: controls without tooltip: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's work is never lost (issue 9, item 2)
+# ---------------------------------------------------------------------------------------------
+
+def _stack_with_corrections(viewer, shape=(8, 40, 40)):
+    image, truth = blobs(shape, seed=3)
+    viewer.add_image(image, name="stack")
+    corrected = np.zeros(shape, dtype=np.uint32)
+    corrected[2] = truth[2] + 50  # ids no model would give
+    corrected[5] = 77
+    layer = viewer.add_labels(corrected.copy(), name="stack labels")
+    layer.metadata["napari_unet_corrected_slices"] = [2, 5]
+    return image, layer, corrected
+
+
+def test_segment_keeps_corrected_slices_and_one_undo_restores(make_napari_viewer, qtbot, registry,
+                                                               model_2d_path):
+    viewer = make_napari_viewer()
+    image, layer, before = _stack_with_corrections(viewer)
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    assert widget.write_combo.currentText() == "keep corrected slices"  # the default
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    expected = drain(segment(image, load_model(model_2d_path), output="labels")).data
+    for z in range(8):
+        if z in (2, 5):
+            np.testing.assert_array_equal(layer.data[z], before[z])  # left as they were
+        else:
+            np.testing.assert_array_equal(layer.data[z], expected[z])
+    assert "2, 5" in widget.status.text() and "left as they were" in widget.status.text()
+    segmented = layer.data.copy()
+
+    from napari_unet._widgets._history import history_for
+
+    history = history_for(layer)
+    assert history.undo() == f"Segment with {load_model(model_2d_path).label}"
+    np.testing.assert_array_equal(layer.data, before)  # one step: the layer as it was
+    history.redo()
+    np.testing.assert_array_equal(layer.data, segmented)
+
+
+def test_segment_into_a_new_layer(make_napari_viewer, qtbot, registry, model_2d_path):
+    viewer = make_napari_viewer()
+    image, layer, before = _stack_with_corrections(viewer)
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    widget.write_combo.setCurrentText("new labels layer")
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data, before)
+    new = widget.labels_layer
+    assert new is not layer and new in viewer.layers and new.name != layer.name
+    expected = drain(segment(image, load_model(model_2d_path), output="labels")).data
+    np.testing.assert_array_equal(new.data, expected)
+
+
+def test_overwrite_needs_a_confirmation(make_napari_viewer, qtbot, registry, model_2d_path,
+                                        monkeypatch):
+    viewer = make_napari_viewer()
+    image, layer, before = _stack_with_corrections(viewer)
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    widget.write_combo.setCurrentText("overwrite all")
+    asked = []
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda text: asked.append(text) or False)
+    click(qtbot, widget, "Segment")
+    assert widget.worker is None and len(asked) == 1 and "2 corrected slice" in asked[0]
+    np.testing.assert_array_equal(layer.data, before)
+    assert "Nothing was changed" in widget.status.text()
+
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda text: asked.append(text) or True)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    expected = drain(segment(image, load_model(model_2d_path), output="labels")).data
+    np.testing.assert_array_equal(layer.data, expected)  # corrected slices included
+    assert len(asked) == 2
+    # overwritten slices are no longer marked corrected; one undo restores content and marks
+    assert layer.metadata["napari_unet_corrected_slices"] == []
+    from napari_unet._widgets._history import history_for
+
+    history_for(layer).undo()
+    np.testing.assert_array_equal(layer.data, before)
+    assert layer.metadata["napari_unet_corrected_slices"] == [2, 5]
+
+
+def test_keep_mode_asks_when_everything_is_corrected(make_napari_viewer, qtbot, registry,
+                                                     model_2d_path, monkeypatch):
+    viewer = make_napari_viewer()
+    image, truth = blobs((40, 40))
+    viewer.add_image(image, name="img")
+    layer = viewer.add_labels(truth.astype(np.uint32), name="img labels")
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    layer.paint((10, 10), 9)  # a 2D image with a paint stroke is corrected as a whole
+    assert layer.metadata["napari_unet_corrected_slices"] == [0]
+    painted = layer.data.copy()
+    asked = []
+    monkeypatch.setattr(widget, "confirm_overwrite", lambda text: asked.append(text) or False)
+    click(qtbot, widget, "Segment")
+    assert asked and widget.worker is None
+    np.testing.assert_array_equal(layer.data, painted)
+
+
+def test_undo_is_refused_while_segmenting(make_napari_viewer, qtbot, registry, model_2d_path,
+                                          monkeypatch):
+    from napari_unet import inference
+    from napari_unet._widgets._history import HistoryBusy, history_for
+
+    original = inference.TileRunner._run_batch
+
+    def slow_run(self, tiles, write):
+        time.sleep(0.05)
+        return original(self, tiles, write)
+
+    monkeypatch.setattr(inference.TileRunner, "_run_batch", slow_run)
+    viewer = make_napari_viewer()
+    image, layer, before = _stack_with_corrections(viewer)
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.predict_options = {"batch_size": 1}
+    click(qtbot, widget, "Segment")
+    with pytest.raises(HistoryBusy):
+        history_for(layer).undo()
+    wait_idle(qtbot, widget)
+    history_for(layer).undo()
+    np.testing.assert_array_equal(layer.data, before)
+
+
+class _RecordingArray:
+    """An array that records which thread reads it (to check a lazy layer is streamed)."""
+
+    def __init__(self, data):
+        import threading
+
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.reads: list[bool] = []
+        self._main = threading.main_thread()
+
+    def __getitem__(self, index):
+        import threading
+
+        self.reads.append(threading.current_thread() is self._main)
+        return self.data[index]
+
+
+def test_lazy_layer_is_streamed_in_the_worker(make_napari_viewer, qtbot, registry, model_2d_path):
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    image, _ = blobs((6, 48, 48), seed=2)
+    source = _RecordingArray(image)
+    lazy = da.from_array(source, chunks=(1, 48, 48))
+    viewer.add_image(lazy, name="lazy", contrast_limits=(0, 250))
+    source.reads.clear()  # napari reads the slice on screen: that is napari's own business
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    segment_calls = []
+    widget.segment()
+    segment_calls.append(list(source.reads))  # nothing read by the click itself
+    wait_idle(qtbot, widget)
+    assert segment_calls == [[]]
+    layer = viewer.layers["lazy labels"]
+    expected = drain(segment(image, load_model(model_2d_path), output="labels")).data
+    np.testing.assert_array_equal(layer.data, expected)
+    assert source.reads and not all(source.reads)  # the worker read it
+
+
+def test_more_objects_than_the_layer_holds_widen_it(make_napari_viewer, qtbot, registry,
+                                                     model_2d_path, monkeypatch):
+    from napari_unet import postprocess
+
+    viewer = make_napari_viewer()
+    image, _ = blobs((64, 80))
+    viewer.add_image(image, name="cells")
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("instances")
+    real = postprocess.to_instances
+
+    def many(*args, **kwargs):  # ids beyond uint16
+        out = real(*args, **kwargs).astype(np.uint32)
+        out[out > 0] += 70_000
+        out[:4, :4] = 99_999
+        return out
+
+    monkeypatch.setattr(postprocess, "to_instances", many)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    layer = viewer.layers["cells labels"]
+    assert layer.data.dtype == np.uint32
+    expected = drain(segment(image, load_model(model_2d_path), output="instances"))
+    assert int(expected.data.max()) == 99_999
+    np.testing.assert_array_equal(layer.data, expected.data)
+
+
+def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, model_2d_path,
+                                         monkeypatch):
+    from napari_unet import inference
+    from napari_unet.precision import resolve_precision
+
+    calls = []
+    original = inference.segment
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "segment", recording)
+    viewer = make_napari_viewer()
+    image, _ = blobs((10, 40, 60))
+    viewer.add_image(image, name="stack")
+    viewer.dims.set_point(0, 6)
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    widget.precision_combo.setCurrentText("fp32")
+    regions = []
+    click(qtbot, widget, "Segment")
+    widget.worker.yielded.connect(lambda item: item[0].region and regions.append(item[0].region))
+    wait_idle(qtbot, widget)
+    start_at = calls[0]["start_at"]
+    assert start_at[0] == 6 and 0 <= start_at[1] < 40 and 0 <= start_at[2] < 60
+    assert calls[0]["precision"] == "fp32"
+    assert regions[0][0] == slice(6, 7)  # the slice on screen came first
+    label = resolve_precision("fp32", "cpu").label()
+    assert label in widget.status.text()

@@ -1,0 +1,227 @@
+"""The Fine-tune dock's "New model…" dialog: an untrained 2D or 3D model for the user's labels."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtpy.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel, QLineEdit,
+                            QSpinBox, QVBoxLayout, QWidget)
+
+#: task shown in the dialog -> checkpoint task
+TASK_CHOICES = {"foreground": "foreground", "foreground + boundary": "foreground_boundary",
+                "membranes": "membranes", "classes": "semantic"}
+#: normalisation shown in the dialog -> model normalisation settings
+NORMALIZATIONS = {"percentile (1-99.8 %)": {"mode": "percentile", "low": 1.0, "high": 99.8},
+                  "CT window (HU 40 ± 200)": {"mode": "window", "center": 40.0, "width": 400.0}}
+#: columns of a labels layer's features that may hold class names, in order of preference
+NAME_COLUMNS = ("name", "names", "class", "class_name", "label_name", "organ", "structure")
+
+
+@dataclass
+class NewModelSpec:
+    """What the dialog asks for; :meth:`FineTuneWidget.create_model` builds the model."""
+
+    spatial_dims: int
+    task: str
+    class_names: list[str] | None = None
+    name: str = "model"
+    inplane_only_levels: tuple[int, ...] = ()
+    base_channels: int = 16
+    depth: int = 4
+    normalization: dict[str, Any] = field(default_factory=lambda: dict(
+        NORMALIZATIONS["percentile (1-99.8 %)"]))
+    voxel_size: tuple[float, ...] | None = None
+
+
+def layer_class_names(layer: Any) -> dict[int, str]:
+    """Class names of a labels layer by id, from its ``features`` (or ``properties``) table:
+    an ``index`` column (else the row number) and a name column (see :data:`NAME_COLUMNS`, else
+    the first text column). Empty when the layer has none."""
+    table = getattr(layer, "features", None)
+    columns: dict[str, Any] = {}
+    if table is not None and len(getattr(table, "columns", [])):
+        columns = {str(c): list(table[c]) for c in table.columns}
+    else:
+        properties = getattr(layer, "properties", None) or {}
+        columns = {str(k): list(v) for k, v in properties.items()}
+    if not columns:
+        return {}
+    lower = {c.lower(): c for c in columns}
+    name_column = next((lower[c] for c in NAME_COLUMNS if c in lower), None)
+    if name_column is None:
+        name_column = next((c for c, v in columns.items()
+                            if c.lower() != "index" and v and isinstance(v[0], str)), None)
+    if name_column is None:
+        return {}
+    names = columns[name_column]
+    index = columns.get(lower.get("index", ""), list(range(len(names))))
+    found = {}
+    for i, name in zip(index, names):
+        try:
+            key = int(i)
+        except (TypeError, ValueError):
+            continue
+        if key > 0 and isinstance(name, str) and name.strip():
+            found[key] = name.strip()
+    return found
+
+
+def class_list(names: dict[int, str] | list[str]) -> list[str]:
+    """``["background", name of 1, name of 2, …]``; ids without a name get ``class_<id>``."""
+    if isinstance(names, list):
+        return ["background", *names]
+    largest = max(names, default=0)
+    return ["background", *(names.get(i, f"class_{i}") for i in range(1, largest + 1))]
+
+
+def parse_class_names(text: str) -> list[str]:
+    """``"liver, spleen"`` → ``["liver", "spleen"]`` (names for ids 1, 2, …)."""
+    return [part.strip() for part in re.split(r"[,;\n]+", text) if part.strip()]
+
+
+def model_name(text: str) -> str:
+    """A model name from a layer name: letters, digits, ``-`` and ``_`` only."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text.strip()).strip("-")
+    return name or "model"
+
+
+class NewModelDialog(QDialog):
+    """Ask for dimensions, task, class names, anisotropy and name of a new model."""
+
+    def __init__(self, labels_layer: Any | None, parent: QWidget | None = None):
+        from ..models import inplane_only_levels_for
+
+        super().__init__(parent)
+        self.setWindowTitle("New model")
+        self.labels_layer = labels_layer
+        layout = QVBoxLayout(self)
+        fields = QFormLayout()
+        layout.addLayout(fields)
+        ndim = labels_layer.ndim if labels_layer is not None else 2
+
+        self.dims_combo = QComboBox()
+        self.dims_combo.addItem("2D (images, or a stack slice by slice)", 2)
+        self.dims_combo.addItem("3D (stacks)", 3)
+        self.dims_combo.setCurrentIndex(1 if ndim >= 3 else 0)
+        self.dims_combo.setToolTip("2D models see one slice at a time; 3D models see the stack")
+        fields.addRow("Dimensions", self.dims_combo)
+
+        self.task_combo = QComboBox()
+        self.task_combo.addItems(list(TASK_CHOICES))
+        self.task_combo.setCurrentText("foreground + boundary")
+        self.task_combo.setToolTip("foreground: one mask; foreground + boundary: touching objects "
+                                   "(nuclei) are separated; membranes: cell boundaries (EM, "
+                                   "membrane stains); classes: one class per label id (organs)")
+        fields.addRow("Task", self.task_combo)
+
+        self.layer_names = layer_class_names(labels_layer) if labels_layer is not None else {}
+        self.classes_edit = QLineEdit()
+        self.classes_edit.setPlaceholderText("names for ids 1, 2, … e.g. liver, spleen")
+        self.classes_edit.setToolTip("Classes only: the names of label ids 1, 2, … separated by "
+                                     "commas. Filled from the labels layer's features when it "
+                                     "has names")
+        if self.layer_names:
+            self.classes_edit.setText(", ".join(class_list(self.layer_names)[1:]))
+        fields.addRow("Class names", self.classes_edit)
+        source = (f"{len(self.layer_names)} names from {labels_layer.name!r}" if self.layer_names
+                  else "type them (the layer has no names)")
+        self.classes_info = QLabel(source)
+        fields.addRow("", self.classes_info)
+
+        self.base_spin = QSpinBox()
+        self.base_spin.setRange(4, 64)
+        self.base_spin.setValue(16)
+        self.base_spin.setToolTip("Channels of the first level (larger = slower, more capacity)")
+        fields.addRow("Base channels", self.base_spin)
+        self.depth_spin = QSpinBox()
+        self.depth_spin.setRange(2, 6)
+        self.depth_spin.setValue(4)
+        self.depth_spin.setToolTip("Resolution levels of the UNet")
+        fields.addRow("Depth", self.depth_spin)
+
+        self.voxel_size: tuple[float, ...] | None = None
+        if labels_layer is not None:
+            self.voxel_size = tuple(float(s) for s in labels_layer.scale[-min(3, ndim):])
+        self.aniso_spin = QSpinBox()
+        self.aniso_spin.setRange(0, 5)
+        self.aniso_spin.setToolTip("3D only: pooling levels that pool y-x only, for stacks whose "
+                                   "z spacing is coarser than in-plane (from the layer's scale)")
+        auto = len(inplane_only_levels_for(self.voxel_size, self.depth_spin.value()))
+        self.aniso_spin.setValue(auto)
+        fields.addRow("In-plane-only levels", self.aniso_spin)
+        scale_text = ("voxel size " + " × ".join(f"{s:g}" for s in self.voxel_size)
+                      if self.voxel_size else "no voxel size")
+        self.aniso_info = QLabel(f"{scale_text}: {auto} level(s) pool in-plane only")
+        fields.addRow("", self.aniso_info)
+
+        self.norm_combo = QComboBox()
+        self.norm_combo.addItems(list(NORMALIZATIONS))
+        self.norm_combo.setToolTip("How intensities are scaled: percentiles of each image "
+                                   "(microscopy), or a fixed Hounsfield window (CT)")
+        fields.addRow("Normalisation", self.norm_combo)
+
+        self.name_edit = QLineEdit(model_name(f"{labels_layer.name}-model") if labels_layer is not None
+                                   else "model")
+        self.name_edit.setToolTip("Name of the new model (its versions are name v1, v2, …)")
+        fields.addRow("Name", self.name_edit)
+
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        for button in buttons.buttons():
+            button.setToolTip("Create the model" if buttons.buttonRole(button) ==
+                              QDialogButtonBox.AcceptRole else "Close without a new model")
+        layout.addWidget(buttons)
+        self.dims_combo.currentIndexChanged.connect(self._update)
+        self.task_combo.currentIndexChanged.connect(self._update)
+        self._update()
+
+    def _update(self, *_args: Any) -> None:
+        classes = self.task_combo.currentText() == "classes"
+        self.classes_edit.setEnabled(classes)
+        self.aniso_spin.setEnabled(self.dims_combo.currentData() == 3)
+
+    def spec(self) -> NewModelSpec:
+        """What was chosen. Raises ValueError for classes without names."""
+        dims = int(self.dims_combo.currentData())
+        task = TASK_CHOICES[self.task_combo.currentText()]
+        class_names = None
+        if task == "semantic":
+            names = parse_class_names(self.classes_edit.text())
+            if not names:
+                raise ValueError("classes need names: type the names of label ids 1, 2, … "
+                                 "separated by commas")
+            class_names = class_list(names)
+        depth = self.depth_spin.value()
+        levels = tuple(range(min(self.aniso_spin.value(), depth - 1))) if dims == 3 else ()
+        voxel = self.voxel_size if self.voxel_size and len(self.voxel_size) == dims else None
+        return NewModelSpec(spatial_dims=dims, task=task, class_names=class_names,
+                            name=model_name(self.name_edit.text()), inplane_only_levels=levels,
+                            base_channels=self.base_spin.value(), depth=depth,
+                            normalization=dict(NORMALIZATIONS[self.norm_combo.currentText()]),
+                            voxel_size=voxel)
+
+
+def spec_for_layer(labels_layer: Any, spatial_dims: int, task: str,
+                   class_names: list[str] | None = None, **options: Any) -> NewModelSpec:
+    """The dialog's defaults for ``labels_layer`` without showing it (scripts and tests):
+    class names from the layer when ``task`` is ``semantic`` and none are given, in-plane-only
+    levels from the layer's scale."""
+    from ..models import inplane_only_levels_for
+
+    depth = int(options.pop("depth", 4))
+    voxel = tuple(float(s) for s in labels_layer.scale[-spatial_dims:])
+    if task == "semantic" and class_names is None:
+        names = layer_class_names(labels_layer)
+        if not names:
+            raise ValueError(f"{labels_layer.name!r} has no class names; give them")
+        class_names = class_list(names)
+    elif class_names is not None and class_names[:1] != ["background"]:
+        class_names = class_list(list(class_names))
+    levels = inplane_only_levels_for(voxel, depth) if spatial_dims == 3 else ()
+    return NewModelSpec(spatial_dims=spatial_dims, task=task, class_names=class_names,
+                        name=model_name(options.pop("name", f"{labels_layer.name}-model")),
+                        inplane_only_levels=levels, depth=depth, voxel_size=voxel, **options)
+
