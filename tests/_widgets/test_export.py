@@ -92,6 +92,7 @@ def test_export_follows_the_layer(make_napari_viewer, qtbot, tmp_path):
     _, labels = blobs((4, 40, 40))
     layer.data[:] = labels  # filled later, as Segment does (in place)
     assert widget.mode_combo.currentText() == "as in the layer"
+    widget.path_edit.setText(str(tmp_path / "nuclei_labels.tif"))  # not the working folder
     click(qtbot, widget, "Export")
     wait_idle(qtbot, widget)
     back = read_image(widget.last_written[0]).data
