@@ -93,11 +93,6 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision ``auto`` uses on ``device`` (``None`` = fp32)."""
-    return resolve_precision("auto", device).dtype
-
-
 #: CPU working-set cap of one run's tiles: larger tiles compute fewer halo voxels, and past
 #: this the halo overhead of the shipped models is small (see ``benchmarks/bench_inference.py``)
 CPU_TILE_BUDGET = 8 * 2**30

@@ -101,16 +101,6 @@ def _product(axes: list[list[tuple[slice, slice]]]) -> Iterator[tuple[tuple[slic
             yield (head, *rest)
 
 
-def count_tiles(shape: Sequence[int], tile_shape: Sequence[int], halo: Sequence[int],
-                divisor: Sequence[int] | None = None) -> int:
-    """Number of tiles :func:`plan_tiles` makes, without making them."""
-    divisor = divisor or (1,) * len(shape)
-    return math.prod(
-        math.ceil(length / core_size(tile, pad, div, length))
-        for length, tile, pad, div in zip(shape, tile_shape, halo, divisor)
-    )
-
-
 # --- the plan of a whole run ---------------------------------------------------------------
 
 

@@ -415,6 +415,8 @@ class Trainer:
         #: ``step`` (forward, loss, backward, optimizer), ``validation``, ``preview``,
         #: ``recalibration`` (batch-norm statistics) and ``total`` (the whole run)
         self.timings: dict[str, float] = {}
+        #: optimizer steps skipped in the last :meth:`run` because a gradient was not finite
+        self.skipped_steps = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -921,6 +923,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
         run_start = time.perf_counter()
+        self.skipped_steps = 0
         timings = self.timings = dict.fromkeys(
             ("sample", "step", "validation", "preview", "recalibration", "total"), 0.0)
         pos_weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=device)
@@ -981,11 +984,17 @@ class Trainer:
                                            class_weights=class_weights)
                     if scaler is not None:
                         scaler.scale(loss).backward()
-                        scaler.step(optimizer)
+                        scaler.step(optimizer)  # skips steps with non-finite gradients itself
                         scaler.update()
                     else:
                         loss.backward()
-                        optimizer.step()
+                        # a rare non-finite gradient (seen with bf16) would poison every weight:
+                        # such a step is skipped, as GradScaler does for fp16
+                        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), float("inf"))
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                        else:
+                            self.skipped_steps += 1
                     iteration += 1
                     value = float(loss.detach())
                     ema = value if ema is None else 0.9 * ema + 0.1 * value

@@ -10,7 +10,6 @@ from napari_unet import inference
 from napari_unet.checkpoint import SegmentationModel
 from napari_unet.inference import (
     Progress,
-    autocast_dtype,
     make_plan,
     predict_probabilities,
     segment,
@@ -18,6 +17,7 @@ from napari_unet.inference import (
 )
 from napari_unet.models import UNet, UNetConfig
 from napari_unet.normalization import Normalizer, fit_normalizer
+from napari_unet.precision import resolve_precision
 from napari_unet.progress import drain
 
 from .conftest import tiny_model
@@ -212,9 +212,9 @@ def test_device_selection():
 def test_auto_precision_on_cuda_is_bf16_or_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("cuda")).dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    assert resolve_precision("auto", torch.device("cuda")).dtype == torch.float16
 
 
 def test_plan_follows_free_memory(monkeypatch):

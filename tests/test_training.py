@@ -661,10 +661,12 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
     every_iteration(monkeypatch)
     real, calls = training.masked_loss, []
 
-    def diverging(*args, **kwargs):  # the loss turns NaN from the third step on
+    def diverging(*args, **kwargs):  # the weights blow up from the third step on
         calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 3 else loss
+        if len(calls) >= 3:
+            with torch.no_grad():
+                trainer.network.head.weight.fill_(float("inf"))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "masked_loss", diverging)
     pairs = [TrainingPair(*blobs((32, 32), n=5, seed=s)) for s in range(3 if held_out else 1)]
@@ -679,3 +681,25 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
     else:
         assert "diverged" in result.history[-1]["validation"]
         assert all(torch.equal(v, parent.network.state_dict()[k]) for k, v in result.network.state_dict().items())
+
+
+def test_steps_with_non_finite_gradients_are_skipped(monkeypatch):
+    """A rare non-finite gradient (seen with bf16 on a CPU) must not poison the weights."""
+    import napari_unet.training as training
+
+    real, calls = training.masked_loss, []
+
+    def sometimes_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) in (2, 4) else loss
+
+    monkeypatch.setattr(training, "masked_loss", sometimes_nan)
+    parent = new_model(2, "foreground", **TINY)
+    trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5, seed=0))],
+                      fast(iterations=6, validation_fraction=0.0))
+    result = drain(trainer.run())
+    assert trainer.skipped_steps == 2
+    assert training._finite_state(trainer.network) and training._finite_state(result.network)
+    assert any(not torch.equal(v, parent.network.state_dict()[k])
+               for k, v in result.network.state_dict().items())  # the other steps did train
