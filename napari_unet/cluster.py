@@ -258,14 +258,7 @@ def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: TilePlan
     runner = TileRunner(block, network, Normalizer(**_normalizer_from_json(normalizer)),
                         torch_device, resolve_precision(precision, torch_device), model.task,
                         block_plan)
-    core = np.empty((model.config.out_channels, *tile.write_shape), np.float32)
-    origin = [s.start for s in tile.write]
-
-    def into_core(part: Tile, values: np.ndarray) -> None:
-        inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.write, origin))
-        core[(slice(None), *inner)] = values
-
-    drain(runner.run([tile], into_core))
+    core = runner.predict_core(tile)
     if kind == "labels":
         return postprocess.to_semantic(core, model.task, threshold=threshold).astype(np.uint8)
     return _to_output_dtype(core, np.dtype(out_dtype))

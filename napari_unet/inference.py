@@ -285,38 +285,50 @@ class TileRunner:
 
         Yields a :class:`RunnerEvent` after every batch and every memory back-off.
         """
-        pending: list[tuple[list[Tile], int, bool]] = [
-            (batch, 0, True) for batch in _batches(list(tiles), self.plan.batch_size)]
+        pending: list[tuple[list[Tile], int]] = [
+            (batch, 0) for batch in _batches(list(tiles), self.plan.batch_size)]
         fell_back = False
         while pending:
-            batch, halvings, whole = pending.pop(0)
+            batch, halvings = pending.pop(0)
             try:
                 self._run_batch(batch, write)
             except torch.OutOfMemoryError:
                 self.free_memory()
+                added = 0
                 if len(batch) > 1:  # smaller batch first
                     half = len(batch) // 2
-                    pending[:0] = [(batch[:half], halvings, whole), (batch[half:], halvings, whole)]
+                    pending[:0] = [(batch[:half], halvings), (batch[half:], halvings)]
                     message = f"out of memory: tile batch reduced to {half}"
-                    added = 0
                 elif halvings < _MAX_TILE_HALVINGS and _can_shrink(batch[0], self.plan.divisor):
                     sub = self._split(batch[0], halvings + 1)
-                    pending[:0] = [([t], halvings + 1, False) for t in sub]
+                    pending[:0] = [([t], halvings + 1) for t in sub]
                     message = f"out of memory: tile reduced to {sub[0].read_shape}"
                     added = len(sub) - 1
                 elif not fell_back:
                     fell_back = True
-                    self.fall_back_to_cpu("out of memory")
-                    pending.insert(0, (batch, halvings, whole))
-                    message, added = self.messages[-1], 0
+                    message = self.fall_back_to_cpu("out of memory")
+                    pending.insert(0, (batch, halvings))
                 else:
                     raise MemoryError("not enough memory to run the model even on the smallest "
                                       "tiles; close other programs or use a smaller model") from None
-                if message != (self.messages[-1] if self.messages else None):
-                    self.messages.append(message)
+                self.messages.append(message)
                 yield RunnerEvent([], added, message)
                 continue
             yield RunnerEvent(batch, 0, "")
+
+    def predict_core(self, tile: Tile) -> np.ndarray:
+        """float32 probabilities ``(C, *core)`` of one tile (a streamed chunk, a dask block)."""
+        values = np.empty((self.network.config.out_channels, *tile.write_shape), np.float32)
+        origin = [s.start for s in tile.write]
+
+        def write(part: Tile, probabilities: np.ndarray) -> None:
+            # a memory back-off may deliver the core in sub-tiles
+            inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.write, origin))
+            values[(slice(None), *inner)] = probabilities
+
+        for _ in self.run([tile], write):
+            pass
+        return values
 
     def _split(self, tile: Tile, halvings: int) -> list[Tile]:
         """Sub-tiles of ``tile``'s core, each ``2**halvings`` times smaller per axis."""
@@ -330,22 +342,19 @@ class TileRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def fall_back_to_cpu(self, reason: str) -> None:
+    def fall_back_to_cpu(self, reason: str) -> str:
+        """Move the network to the CPU (in a precision it supports); returns what to tell the user."""
         previous = self.device
         self.device = torch.device("cpu")
         try:
             self.policy = resolve_precision(self.policy.requested, self.device)
         except ValueError:
             self.policy = resolve_precision("auto", self.device)
-        self.network = self.network.to(device=self.device,
-                                       memory_format=self.policy.memory_format(self.plan_dims))
+        layout = self.policy.memory_format(self.network.config.spatial_dims)
+        self.network = self.network.to(device=self.device, memory_format=layout)
         if previous.type == "cuda":
             torch.cuda.empty_cache()
-        self.messages.append(f"{reason} on {previous.type.upper()}; continuing on the CPU (slower)")
-
-    @property
-    def plan_dims(self) -> int:
-        return self.network.config.spatial_dims
+        return f"{reason} on {previous.type.upper()}; continuing on the CPU (slower)"
 
 
 @dataclass

@@ -316,18 +316,10 @@ class TileWriter:
 
     def predict(self, tile: Tile) -> np.ndarray:
         """float32 probabilities ``(C, *core)`` of ``tile``, exactly as the whole-image engine."""
-        values = np.empty((self.model.config.out_channels, *tile.write_shape), np.float32)
-        origin = [s.start for s in tile.write]
-
-        def write(part: Tile, probabilities: np.ndarray) -> None:
-            # a memory back-off may deliver the core in sub-tiles
-            inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(part.write, origin))
-            values[(slice(None), *inner)] = probabilities
-
+        seen = len(self.runner.messages)
         with local_dask():
-            for event in self.runner.run([tile], write):
-                if event.message:
-                    self.messages.append(event.message)
+            values = self.runner.predict_core(tile)
+        self.messages.extend(self.runner.messages[seen:])
         return values
 
     def write(self, index: int, tile: Tile, probabilities: np.ndarray) -> None:
