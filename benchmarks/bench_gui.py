@@ -208,9 +208,6 @@ class Bench:
         ft.time_spin.setValue(int(self.args.finetune_seconds))
         ft.iterations_spin.setValue(0)
         ft.preview_check.setChecked(True)
-        ft.in_subprocess = self.args.finetune_in_subprocess
-        if self.args.nice is not None:
-            ft.subprocess_nice = self.args.nice
         t0 = time.perf_counter()
         ft.fine_tune()
         click_ms = (time.perf_counter() - t0) * 1000
@@ -251,11 +248,6 @@ def main() -> None:
                         help="shape of the labels layer for the whole-stack edits")
     parser.add_argument("--skip", default="",
                         help="comma-separated cases to skip: 3d, 2d, lazy, finetune, edit")
-    parser.add_argument("--finetune-in-subprocess", action="store_true",
-                        help="train in a child process (training.train_in_subprocess) instead of "
-                             "the worker thread (the dock's default)")
-    parser.add_argument("--nice", type=int, default=None,
-                        help="with --finetune-in-subprocess: niceness of the training process")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()

@@ -44,6 +44,10 @@ class SegmentationModel:
     normalization : dict
         ``{"mode": "percentile", "low": 1, "high": 99.8}``, ``{"mode": "window",
         "center": c, "width": w}`` (CT, Hounsfield units) or ``{"mode": "none"}``.
+    postprocess : dict
+        Post-processing defaults tuned on a validation split (see :mod:`napari_unet.tuning`):
+        ``threshold``, ``seed_threshold``, ``min_size``, plus how they were found. predict and
+        Segment use them unless the user sets their own; empty = the built-in defaults.
     """
 
     network: UNet
@@ -58,6 +62,7 @@ class SegmentationModel:
     unit: str | None = None
     description: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -88,7 +93,14 @@ class SegmentationModel:
             "voxel_size": None if self.voxel_size is None else [float(v) for v in self.voxel_size],
             "unit": self.unit, "description": self.description,
             "history": copy.deepcopy(self.history),
+            "postprocess": copy.deepcopy(self.postprocess),
         }
+
+    def postprocess_default(self, key: str, fallback: Any) -> Any:
+        """The tuned post-processing value ``key`` (``threshold``, ``seed_threshold``,
+        ``min_size``), or ``fallback`` when the model has none."""
+        value = self.postprocess.get(key)
+        return fallback if value is None else value
 
     def copy(self) -> "SegmentationModel":
         """An independent copy (own weights), e.g. to fine-tune without touching the parent."""
@@ -265,11 +277,16 @@ def pretrained_card(name: str) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike) -> SegmentationModel:
-    """A shipped model by name, or a checkpoint file by path."""
+    """A shipped model by name, a checkpoint file by path, or a bioimage.io package (``.zip``
+    or its ``rdf.yaml``, see :func:`napari_unet.zoo.load_zoo_model`)."""
     shipped = list_pretrained()
     if str(name_or_path) in shipped:
         return load_checkpoint(shipped[str(name_or_path)])
     path = Path(name_or_path)
+    if path.suffix.lower() in (".zip", ".yaml", ".yml"):
+        from .zoo import load_zoo_model  # lazily: bioimageio.spec is an optional extra
+
+        return load_zoo_model(path)
     if path.suffix or path.exists() or os.sep in str(name_or_path):
         return load_checkpoint(path)
     names = ", ".join(shipped) or "none installed"

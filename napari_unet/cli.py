@@ -101,7 +101,9 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
                         help="output file: .tif, or .zarr (streamed tile by tile with bounded "
                              "memory, resumable); for a batch run an output folder")
-    parser.add_argument("--model", required=True, help="shipped model name (see 'napari-unet models') or .pt file")
+    parser.add_argument("--model", required=True,
+                        help="shipped model name (see 'napari-unet models'), .pt file, or a "
+                             "bioimage.io package (.zip or its rdf.yaml)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 on CPUs with native bf16 and on GPUs, else fp32 (exact)")
@@ -113,12 +115,21 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tile-gb", type=float, default=None, metavar="GB",
                         help="memory for the tiles at once (default: a quarter of free memory; "
                              "1 GB for .zarr outputs); more memory means fewer halo voxels")
-    parser.add_argument("--threshold", type=_finite_float(0, 1), default=0.5,
-                        help="probability above which a voxel is foreground (0..1)")
-    parser.add_argument("--min-size", type=_int_at_least(0), default=DEFAULT_MIN_SIZE,
-                        help=f"remove objects smaller than this (voxels; default {DEFAULT_MIN_SIZE})")
+    parser.add_argument("--threshold", type=_finite_float(0, 1), default=None,
+                        help="probability above which a voxel is foreground (0..1; default: the "
+                             "model's tuned value, else 0.5)")
+    parser.add_argument("--min-size", type=_int_at_least(0), default=None,
+                        help="remove objects smaller than this (voxels; default: the model's tuned "
+                             f"value, else {DEFAULT_MIN_SIZE})")
+    parser.add_argument("--seed-threshold", type=_finite_float(0, 1), default=None,
+                        help="instances: boundary (or membrane) probability below which a voxel "
+                             "seeds an object (default: the model's tuned value, else --threshold; "
+                             ".zarr outputs always use the model's)")
     parser.add_argument("--hu-window", type=_parse_window, default=None, metavar="CENTER,WIDTH",
                         help="CT: normalise with this Hounsfield window (e.g. 40,400) instead of the model's setting")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over 8 flips and rotations (8x "
+                             "slower, smoother)")
     big = parser.add_argument_group("big data (zarr output, dask, batch)")
     big.add_argument("--dask", nargs="?", const="local", default=None, metavar="SCHEDULER_ADDRESS",
                      help="run on dask: a LocalCluster on this machine, or the scheduler at this "
@@ -145,7 +156,6 @@ def _parse_window(text: str) -> dict:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .inference import segment
     from .io import check_output_path, read_image, write_image_tiff, write_labels_tiff
     from .normalization import NonFiniteValuesWarning, fit_normalizer
 
@@ -162,10 +172,14 @@ def _run_predict(args: argparse.Namespace) -> int:
     nonfinite = _check_image_values(image, model)
     warnings.filterwarnings("ignore", category=NonFiniteValuesWarning)  # counted exactly above
     normalizer = fit_normalizer(image.data, args.hu_window) if args.hu_window else None
-    job = segment(image.data, model, output=args.output, device=args.device,
-                  precision=args.precision, tile_shape=args.tile, max_bytes=_max_tile_bytes(args),
-                  batch_size=args.batch_size, threshold=args.threshold, min_size=args.min_size,
-                  voxel_size=image.voxel_size, normalizer=normalizer)
+    from .zoo import segment_model  # a Zoo model made elsewhere runs with blended tiles
+
+    job = segment_model(image.data, model, output=args.output, device=args.device,
+                        precision=args.precision, tile_shape=args.tile,
+                        max_bytes=_max_tile_bytes(args), batch_size=args.batch_size,
+                        threshold=args.threshold, min_size=args.min_size,
+                        seed_threshold=args.seed_threshold, voxel_size=image.voxel_size,
+                        normalizer=normalizer, tta=args.tta)
     bar = None
     result = None
     try:
@@ -292,6 +306,19 @@ def _max_tile_bytes(args: argparse.Namespace) -> float | None:
     return args.max_tile_gb * 2**30
 
 
+def _require(module: str, what: str, extra: str) -> None:
+    """Refuse ``what`` in one line when the optional ``module`` (of the extra ``extra``) is missing."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(f"{what} needs the optional package {module!r}: "
+                         f"pip install 'napari-unet[{extra}]'")
+
+
 def _is_batch_input(path: Path) -> bool:
     from .cluster import batch_inputs
     from .io import is_zarr_path
@@ -360,7 +387,12 @@ def _run_predict_big(args: argparse.Namespace) -> int:
     if not batch and target.resolve() == source.resolve():
         raise UsageError("refusing to overwrite the input image; choose another output")
     check_output_path(target, folder=True, create_parent=True)
+    if args.dask is not None:
+        _require("distributed", "--dask", "dask")
     model = load_model(args.model)
+    if getattr(model, "foreign", False):
+        raise UsageError(f"{Path(args.model).name} is a Zoo model made elsewhere: it runs with a "
+                         ".tif output (in memory), not streamed, batched or on dask")
     if getattr(args, "hu_window", None):
         model = dataclasses.replace(model, normalization=dict(args.hu_window))
     allow_channels = model.config.in_channels > 1
@@ -377,13 +409,14 @@ def _run_predict_big(args: argparse.Namespace) -> int:
                                     output=args.output, threshold=args.threshold,
                                     min_size=args.min_size, device=args.device,
                                     tile_shape=args.tile, overwrite=args.overwrite,
-                                    precision=args.precision)
+                                    precision=args.precision, tta=args.tta)
                 written = _drain_with_bar(job, f"{model.label} batch", unit="file")
                 print(f"wrote {len(written)} files to {target}")
                 return 0
             options = dict(output=args.output, probabilities=args.save_probabilities,
                            threshold=args.threshold, min_size=args.min_size, device=args.device,
-                           precision=args.precision, tile_shape=args.tile, overwrite=args.overwrite)
+                           precision=args.precision, tile_shape=args.tile, overwrite=args.overwrite,
+                           tta=args.tta)
             if args.max_tile_gb is not None:
                 options["max_tile_bytes"] = _max_tile_bytes(args)
             image = open_lazy(source, allow_channels=allow_channels)
@@ -430,6 +463,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
 # --- train ---------------------------------------------------------------------------------
 
+#: ``models.ARCHITECTURES``, repeated so that ``--help`` does not import torch
+ARCHITECTURE_CHOICES = ("unet", "resunet", "attention", "unetpp")
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 
 
@@ -475,6 +510,15 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="semantic: class names for 1..K, comma separated (default class_1..K)")
     parser.add_argument("--base-channels", type=_int_at_least(1), default=16)
     parser.add_argument("--depth", type=_int_at_least(1), default=4)
+    parser.add_argument("--architecture", choices=ARCHITECTURE_CHOICES, default=None,
+                        help="new models: unet (default), resunet (residual blocks), attention "
+                             "(attention-gated skips) or unetpp (UNet++ nested skips); a "
+                             "fine-tuned model keeps its parent's")
+    parser.add_argument("--init", choices=["kaiming", "default"], default=None,
+                        help="new models: weight initialisation (default kaiming; default = torch's)")
+    parser.add_argument("--deep-supervision", action="store_true",
+                        help="new unetpp models: a head on every nested decoder column, their "
+                             "losses averaged (allows pruned inference)")
     parser.add_argument("--percentiles", default=None, metavar="LOW,HIGH",
                         help="new models: intensity percentiles mapped to 0 and 1 (default 1,99.8)")
     parser.add_argument("--anisotropic", type=_int_at_least(0), default=None, metavar="LEVELS",
@@ -490,6 +534,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="part of the annotations held out to keep the best weights (default: "
                              "automatic, with 2 or more corrected slices or images; 0 = off)")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--loss", choices=["bce_dice", "focal_dice", "tversky", "boundary_bce"],
+                        default="bce_dice",
+                        help="bce_dice (default); focal_dice: focal loss + Dice; tversky: BCE + "
+                             "Tversky (recall-weighted); boundary_bce: BCE weighted by the U-Net "
+                             "map of the gaps between objects + Dice")
+    parser.add_argument("--accumulate", type=_int_at_least(1), default=1, metavar="N",
+                        help="gradient accumulation: N batches per optimizer step (effective batch "
+                             "N x batch size; --iterations counts optimizer steps)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, slower")
     parser.add_argument("--freeze-norm", choices=["auto", "yes", "no"], default="auto",
                         help="keep batch-norm statistics fixed (auto: when fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
@@ -500,6 +554,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", default=None, help="model name (default: the parent's, or the file name)")
     parser.add_argument("--description", default=None, help="one line shown by 'napari-unet models'")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the file size)")
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help="keep the post-processing defaults (by default threshold, seed threshold "
+                             "and minimum object size are tuned on the held-out part and stored)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True, help="new model (.pt)")
     parser.set_defaults(handler=_run_train)
 
@@ -547,6 +604,13 @@ def _run_train(args: argparse.Namespace) -> int:
         parent_path = shipped.get(args.source, Path(args.source))
         if output_path.resolve() == Path(parent_path).resolve():
             raise UsageError("refusing to overwrite the model being fine-tuned; choose another -o file")
+        new_only = [flag for flag, value in (("--architecture", args.architecture), ("--init", args.init),
+                                             ("--deep-supervision", args.deep_supervision)) if value]
+        if new_only:
+            raise UsageError(f"{', '.join(new_only)} only apply to new models (--dims); a fine-tuned "
+                             "model keeps its parent's architecture")
+    elif args.deep_supervision and args.architecture != "unetpp":
+        raise UsageError("--deep-supervision needs --architecture unetpp")
     file_pairs = _expand_pairs(args.image, args.labels)
     masks = args.mask or []
     if masks and len(masks) != len(file_pairs):
@@ -606,13 +670,17 @@ def _run_train(args: argparse.Namespace) -> int:
         model = new_model(args.dims, task, class_names, base_channels=args.base_channels, depth=args.depth,
                           normalization=normalization,
                           inplane_only_levels=levels, name=args.name or output_path.stem,
+                          architecture=args.architecture or "unet", init=args.init or "kaiming",
+                          deep_supervision=args.deep_supervision,
                           voxel_size=voxel_size if voxel_size and len(voxel_size) == args.dims else None)
     freeze = {"auto": None, "yes": True, "no": False}[args.freeze_norm]
     config = TrainingConfig(iterations=args.iterations, time_limit=args.time_limit,
                             learning_rate=args.learning_rate, batch_size=args.batch_size,
                             patch_shape=args.patch, augment=not args.no_augment,
                             validation_fraction=args.validation_fraction, seed=args.seed,
-                            device=args.device, precision=args.precision, freeze_norm=freeze)
+                            device=args.device, precision=args.precision, freeze_norm=freeze,
+                            loss=args.loss, accumulate_steps=args.accumulate,
+                            gradient_checkpointing=args.gradient_checkpointing)
     trainer = Trainer(model, pairs, config)
     result, interrupted = _drain_training(trainer, model.label)
     if args.name:
@@ -621,6 +689,12 @@ def _run_train(args: argparse.Namespace) -> int:
         result.description = args.description
     if parent_path is not None and Path(parent_path).suffix:
         result.parent = f"{model.label} ({Path(parent_path).name})"
+    if args.tune and not interrupted:
+        tuned = trainer.tune_postprocessing(result)
+        if tuned is not None:
+            values = ", ".join(f"{k} {v}" for k, v in tuned.settings.items())
+            print(f"post-processing tuned on the held-out part: {values} ({tuned.metric} "
+                  f"{tuned.score:.3f}; defaults {tuned.default_score:.3f})")
     if args.half:
         result.network.half()
     written, failure = _save_trained(result, output_path)
@@ -768,6 +842,70 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export --------------------------------------------------------------------------------
+
+EXPORT_FORMATS = {".onnx": "onnx", ".zip": "bioimageio"}
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="write a model as ONNX or as a bioimage.io Model Zoo package",
+        description="Write MODEL (shipped name, .pt checkpoint or a package made by napari-unet) "
+                    "as ONNX (.onnx: the network, dynamic batch and spatial axes, checked against "
+                    "torch with onnxruntime) or as a bioimage.io model package (.zip, model spec "
+                    "0.5: weights as PyTorch state dict, TorchScript and ONNX, test tensors, "
+                    "cover, model card; validated with bioimageio.spec).")
+    parser.add_argument("model", help="shipped model name (see 'napari-unet models') or model file")
+    parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
+                        help="NAME.onnx or NAME.zip")
+    parser.add_argument("--format", choices=["auto", "onnx", "bioimageio"], default="auto",
+                        help="auto: from the output's suffix (.onnx: onnx, .zip: bioimageio)")
+    parser.add_argument("--test-image", default=None,
+                        help="bioimageio: image for the package's test tensors (a centred crop; "
+                             "default: the model's sample image)")
+    parser.add_argument("--weights", default="pytorch_state_dict,torchscript,onnx",
+                        help="bioimageio: weight formats, comma separated (pytorch_state_dict "
+                             "always; torchscript, onnx)")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import check_not_shipped, load_model
+    from .io import check_output_path, read_image
+
+    output_path = Path(args.output_file)
+    suffix = output_path.suffix.lower()
+    fmt = EXPORT_FORMATS.get(suffix) if args.format == "auto" else args.format
+    if fmt is None:
+        raise UsageError(f"cannot tell the format from {output_path.name!r}: name it .onnx or "
+                         ".zip, or give --format")
+    wanted = {"onnx": ".onnx", "bioimageio": ".zip"}[fmt]
+    if suffix != wanted:
+        raise UsageError(f"--format {fmt} writes a {wanted} file, got {output_path.name!r}")
+    check_not_shipped(output_path)
+    check_output_path(output_path, create_parent=True)
+    model = load_model(args.model)
+    if getattr(model, "foreign", False):
+        raise UsageError(f"{args.model} is a Zoo model made elsewhere; only napari-unet models "
+                         "are exported")
+    if fmt == "onnx":
+        from .onnx_export import export_onnx
+
+        written = export_onnx(model, output_path)
+        print(f"wrote {written} ({model.label}; checked against torch with onnxruntime)")
+        return 0
+    from .zoo_export import export_bioimageio
+
+    test_image = None
+    if args.test_image is not None:
+        test_image = read_image(args.test_image, allow_channels=model.config.in_channels > 1).data
+    formats = [f.strip() for f in args.weights.split(",") if f.strip()]
+    report = export_bioimageio(model, output_path, test_image=test_image, weight_formats=formats)
+    print(f"wrote {report.path} ({model.label}; weights: {', '.join(report.weight_formats)}); "
+          f"{report.summary()}")
+    return 0
+
+
 # --- gui -----------------------------------------------------------------------------------
 
 def _add_gui(commands: argparse._SubParsersAction) -> None:
@@ -791,11 +929,73 @@ def _run_gui(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- suggest -------------------------------------------------------------------------------
+
+
+def _add_suggest(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "suggest", help="rank the slices of a stack worth correcting first",
+        description="Segment a stack and print the slices where the model is most uncertain "
+                    "(index and score, best first): the ones to correct and fine-tune on.")
+    parser.add_argument("input", help="3D stack (TIFF/OME-TIFF, NIfTI, zarr, DICOM series folder)")
+    parser.add_argument("--model", required=True, help="shipped model name or .pt file (2D models run slice by slice)")
+    parser.add_argument("-n", type=_int_at_least(1), default=5, help="slices to suggest (default 5)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: the disagreement between 8 flips and "
+                             "rotations counts too (8x slower)")
+    parser.add_argument("--min-gap", type=_int_at_least(1), default=None,
+                        help="suggested slices are at least this far apart (default: the stack "
+                             "depth / 2n; 1 = no spacing)")
+    parser.add_argument("--exclude", type=_parse_slices, default=None,
+                        help="slices never to suggest (e.g. already corrected), like 3,10-12")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--tile", type=_parse_ints, default=None, help="largest tile read at once")
+    parser.add_argument("--threshold", type=_finite_float(0, 1), default=None,
+                        help="foreground probability threshold (default: the model's, else 0.5)")
+    parser.add_argument("--uncertainty", default=None, metavar="FILE.tif",
+                        help="also write the uncertainty map (0..1, float32) to this file")
+    parser.set_defaults(handler=_run_suggest)
+
+
+def _run_suggest(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .io import check_output_path, read_image, write_image_tiff
+    from .uncertainty import suggest
+
+    target = Path(args.uncertainty) if args.uncertainty else None
+    if target is not None:
+        if target.suffix.lower() not in (".tif", ".tiff"):
+            raise UsageError(f"--uncertainty must be a .tif file, got {target.name!r}")
+        check_output_path(target)
+    model = load_model(args.model)
+    image = read_image(args.input, allow_channels=model.config.in_channels > 1)
+    if len(image.spatial_axes) != 3:
+        raise UsageError(f"suggest ranks the slices of a 3D stack; {Path(args.input).name} is "
+                         f"a {len(image.spatial_axes)}D image")
+    _check_image_values(image, model)
+    job = suggest(image.data, model, args.n, tta=args.tta, min_gap=args.min_gap,
+                  exclude=args.exclude or (), threshold=args.threshold, device=args.device,
+                  precision=args.precision, tile_shape=args.tile)
+    found = _drain_with_bar(job, model.label)
+    if target is not None:
+        try:
+            write_image_tiff(target, found.uncertainty.astype("float32"), voxel_size=image.voxel_size,
+                             unit=image.unit or "um", input_path=image.path, axes=image.spatial_axes)
+        except OSError as err:
+            raise OutputWriteError(target, err) from err
+    print("slice\tscore")
+    for z, score in found.slices:
+        print(f"{z}\t{score:.4f}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_models]
-COMMANDS += [_add_train, _add_eval]
+COMMANDS += [_add_train, _add_eval, _add_export]
 COMMANDS += [_add_gui]
+COMMANDS += [_add_suggest]
 
 
 def build_parser() -> argparse.ArgumentParser:

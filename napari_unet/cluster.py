@@ -32,6 +32,7 @@ import torch
 
 from .checkpoint import SegmentationModel, model_from_bytes, model_to_bytes
 from .inference import (
+    postprocess_settings,
     Progress,
     TileRunner,
     _to_output_dtype,
@@ -40,7 +41,6 @@ from .inference import (
     select_device,
 )
 from .normalization import Normalizer, fit_normalizer
-from .postprocess import DEFAULT_MIN_SIZE
 from .precision import resolve_precision
 from .progress import drain
 from .streaming import (
@@ -56,6 +56,7 @@ from .streaming import (
     pending_tiles,
     start_stream,
     stored_plan,
+    tta_note,
 )
 from .tiling import Tile, TilePlan
 
@@ -181,11 +182,11 @@ def _aligned_chunks(length: int, core: int, depth: int) -> tuple[int, ...]:
 
 
 def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabilities",
-                 threshold: float = 0.5, device: str = "cpu", precision: str = "auto",
+                 threshold: float | None = None, device: str = "cpu", precision: str = "auto",
                  tile_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                  normalizer: Normalizer | None = None,
                  max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES, dtype: Any = np.float32,
-                 client: Any = None) -> Any:
+                 client: Any = None, tta: bool = False) -> Any:
     """Lazy prediction of a dask array with :func:`dask.array.map_overlap`.
 
     The input is rechunked so chunks are tile cores (multiples of the network's divisor,
@@ -193,7 +194,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
     receptive-field halo and no padding at the array border, exactly like the engine's tiles,
     so the result equals the in-memory prediction. The normalisation is fitted once on the
     whole (subsampled) array. With a ``client`` the weights are scattered to every worker
-    once; otherwise they travel as one shared ``dask.delayed`` object.
+    once; otherwise they travel as one shared ``dask.delayed`` object. ``tta``: test-time
+    augmentation in every block (8 times the work), equal to the in-memory TTA result.
 
     Returns
     -------
@@ -221,8 +223,9 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
     weights = client.scatter(payload, broadcast=True) if client is not None else dask.delayed(payload, pure=True)
     kwargs = dict(weights=weights, plan=plan, chunks_per_axis=spatial_chunks, halo_depth=depth,
                   normalizer=_normalizer_to_json(normalizer), kind=output,
-                  threshold=float(threshold), device=device, precision=precision,
-                  out_dtype=np.dtype(dtype).str)
+                  threshold=float(postprocess_settings(model, threshold, None)[0]),
+                  device=device, precision=precision,
+                  out_dtype=np.dtype(dtype).str, tta=bool(tta))
     full_depth = ((0,) if offset else ()) + depth
     if output == "labels":
         return da.map_overlap(_predict_block, image, depth=full_depth, boundary="none", trim=False,
@@ -239,7 +242,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
 def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: TilePlan,
                    chunks_per_axis: tuple[tuple[int, ...], ...], halo_depth: tuple[int, ...],
                    normalizer: dict[str, Any], kind: str, threshold: float, device: str,
-                   precision: str, out_dtype: str, block_info: dict | None = None) -> np.ndarray:
+                   precision: str, out_dtype: str, tta: bool = False,
+                   block_info: dict | None = None) -> np.ndarray:
     """One dask block (core + overlap) through the shared tile runner: the block is one tile."""
     from . import postprocess
 
@@ -257,7 +261,7 @@ def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: TilePlan
     block_plan = dataclasses.replace(plan, spatial=tuple(spatial_shape), batch_size=1)
     runner = TileRunner(block, network, Normalizer(**_normalizer_from_json(normalizer)),
                         torch_device, resolve_precision(precision, torch_device), model.task,
-                        block_plan)
+                        block_plan, tta=tta)
     core = runner.predict_core(tile)
     if kind == "labels":
         return postprocess.to_semantic(core, model.task, threshold=threshold).astype(np.uint8)
@@ -299,8 +303,8 @@ def predict_to_zarr_distributed(
     output: str = "labels",
     probabilities: bool = False,
     probability_dtype: str = "float32",
-    threshold: float = 0.5,
-    min_size: int = DEFAULT_MIN_SIZE,
+    threshold: float | None = None,
+    min_size: int | None = None,
     method: str = "watershed",
     min_overlap: float = 0.5,
     voxel_size: Sequence[float] | None = None,
@@ -312,12 +316,14 @@ def predict_to_zarr_distributed(
     max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES,
     overwrite: bool = False,
     allow_channels: bool = False,
+    tta: bool = False,
 ) -> Generator[Progress, None, StreamResult]:
     """:func:`napari_unet.streaming.predict_to_zarr` on a dask cluster, one task per tile.
 
     ``image`` is a path (TIFF, zarr, OME-Zarr; every worker opens it lazily, once) or an array
     that pickles (numpy, zarr; scattered once). ``path`` must be on storage every worker can
-    write (a shared file system on a cluster). Same output, same resume, same parameters.
+    write (a shared file system on a cluster). Same output, same resume, same parameters
+    (``tta`` is stored with the output, and the workers read it from there).
     """
     input_path = Path(image).expanduser().resolve() if isinstance(image, (str, os.PathLike)) else None
     local_image = _open_input(str(input_path), allow_channels) if input_path is not None else image
@@ -325,7 +331,8 @@ def predict_to_zarr_distributed(
                        probability_dtype=probability_dtype, threshold=threshold, min_size=min_size,
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
-                       max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path)
+                       max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path,
+                       tta=tta)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
@@ -333,7 +340,8 @@ def predict_to_zarr_distributed(
     total = plan.n_tiles
     done = result.tiles_skipped = total - len(todo)
     start = time.perf_counter()
-    yield Progress(done, total, 0.0, message=plan.describe(), stage="plan")
+    yield Progress(done, total, 0.0, stage="plan",
+                   message=plan.describe() + (tta_note(model) if run.settings.tta else ""))
     if todo:
         from distributed import as_completed
 
@@ -373,19 +381,20 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
 
         image = open_lazy(source, allow_channels=model.config.in_channels > 1)
         drain(predict_to_zarr(image.data, model, target, output=output,
-                              threshold=options.get("threshold", 0.5),
-                              min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
+                              threshold=options.get("threshold"),
+                              min_size=options.get("min_size"), voxel_size=image.voxel_size,
                               unit=image.unit, device=options.get("device", "cpu"),
                               precision=options.get("precision", "auto"),
                               tile_shape=options.get("tile_shape"), input_path=source,
-                              overwrite=options.get("overwrite", False)))
+                              overwrite=options.get("overwrite", False),
+                              tta=options.get("tta", False)))
         return target
     image = read_image(source, allow_channels=model.config.in_channels > 1)
     result = drain(segment(image.data, model, output=output, device=options.get("device", "cpu"),
                            precision=options.get("precision", "auto"),
-                           tile_shape=options.get("tile_shape"), threshold=options.get("threshold", 0.5),
-                           min_size=options.get("min_size", DEFAULT_MIN_SIZE), voxel_size=image.voxel_size,
-                           dtype=np.float32))
+                           tile_shape=options.get("tile_shape"), threshold=options.get("threshold"),
+                           min_size=options.get("min_size"), voxel_size=image.voxel_size,
+                           dtype=np.float32, tta=options.get("tta", False)))
     if output == "probabilities":
         data = result.data if result.data.shape[0] > 1 else result.data[0]
         axes = ("C" if data.ndim > image.data.ndim else "") + image.spatial_axes
@@ -430,7 +439,8 @@ def predict_batch(files: Sequence[str | Path], model: SegmentationModel, out_dir
 
     Each output is ``out_dir/<name><suffix>`` (``.tif``: in memory per file; ``.zarr``:
     streamed). ``options``: ``output``, ``threshold``, ``min_size``, ``device``,
-    ``precision``, ``tile_shape``, ``overwrite``. Returns the written paths, in input order.
+    ``precision``, ``tile_shape``, ``overwrite``, ``tta``. Returns the written paths, in input
+    order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

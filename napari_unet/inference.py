@@ -116,13 +116,14 @@ def _available_memory(device: torch.device) -> int:
 def bytes_per_voxel(network: UNet, device: torch.device, policy: PrecisionPolicy | None = None) -> float:
     """Working-set size per input voxel of one tile (measured: ``benchmarks/bench_inference.py``).
 
-    The slab-wise CPU forward keeps the skip tensors and a few full-resolution temporaries, about
-    3.7 base-width values per voxel; the plain GPU forward holds about 10.
+    The slab-wise CPU forward of a unet keeps the skip tensors and a few full-resolution
+    temporaries, about 3.7 base-width values per voxel; the plain GPU forward holds about 10.
+    Other architectures scale these (:meth:`UNetConfig.activation_widths`).
     """
     config = network.config
     policy = policy or resolve_precision("auto", device)
     value_bytes = 4 if policy.dtype is None else 2
-    widths = 3.7 if device.type == "cpu" else 10.0
+    widths = config.activation_widths(low_memory=device.type == "cpu")
     return widths * config.base_channels * value_bytes + 8 * (config.in_channels + config.out_channels)
 
 
@@ -221,15 +222,27 @@ class TileRunner:
     plan : TilePlan
         Halo, divisor and layout of the tiles.
 
+    tta : bool
+        Test-time augmentation: every batch runs under the :func:`tta_transforms` and the
+        probabilities are averaged (see :meth:`_forward`); 8 times the work.
+    on_spread : callable, optional
+        With ``tta``: ``on_spread(tile, spread)`` for every core, the per-voxel disagreement
+        between the augmentations (the uncertainty map uses it).
+
     :meth:`run` predicts a list of tiles and hands each finished core to a ``write`` callback:
     in-memory runs write into an array, streamed runs into zarr chunks, dask blocks into their
     own output. Out of memory, it halves the batch, then the tile, then moves to the CPU.
     """
 
     def __init__(self, source: Any, network: UNet, normalizer: Normalizer, device: torch.device,
-                 policy: PrecisionPolicy, task: str, plan: TilePlan):
+                 policy: PrecisionPolicy, task: str, plan: TilePlan, tta: bool = False,
+                 on_spread: Callable[[Tile, np.ndarray], None] | None = None):
         self.source, self.network, self.normalizer = source, network, normalizer
         self.device, self.policy, self.task, self.plan = device, policy, task, plan
+        self.tta = bool(tta)
+        #: with TTA, receives ``(tile, spread)`` for every core: the standard deviation of the
+        #: probabilities over the augmentations, the largest over channels (``(1, *core)``)
+        self.on_spread = on_spread
         self.messages: list[str] = []
 
     # -- one batch --------------------------------------------------------------------------
@@ -244,7 +257,40 @@ class TileRunner:
             return np.moveaxis(data, 1, 0)
         return data[None]
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities of a batch, and with TTA (and ``on_spread``) their spread.
+
+        TTA pads the batch to the network's pooling grid first (edge values at the far end,
+        as the network itself pads), so every transformed copy sees the pooling grid of the
+        whole image and tiles stay exact. Probabilities (after sigmoid / softmax, not logits)
+        are averaged over the transforms.
+        """
+        if not self.tta:
+            return self._probabilities(batch), None
+        shape = tuple(batch.shape[2:])
+        padded = _pad_to_grid(batch, self.network.config.divisor())
+        crop = (..., *(slice(0, n) for n in shape))
+        mean = squares = None
+        transforms = tta_transforms(self.network.config.spatial_dims)
+        for count, transform in enumerate(transforms, start=1):
+            values = _untransform(self._probabilities(_transform(padded, transform)), transform)
+            values = values[crop]
+            if mean is None:
+                mean = values.clone()
+                squares = torch.zeros_like(mean) if self.on_spread is not None else None
+                continue
+            # Welford's running mean and sum of squared deviations (no cancellation)
+            delta = values - mean
+            mean += delta / count
+            if squares is not None:
+                squares += delta * (values - mean)
+            del values, delta
+        spread = None
+        if squares is not None:
+            spread = squares.div_(len(transforms)).sqrt_().amax(dim=1, keepdim=True)
+        return mean, spread
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         batch = prepare_batch(batch, self.policy)
         with torch.inference_mode():
             with self.policy.autocast():
@@ -262,18 +308,26 @@ class TileRunner:
         counts = [len(item) for item in items]
         batch = torch.from_numpy(np.concatenate(items) if len(items) > 1 else items[0]).to(self.device)
         del items
-        probabilities = self._forward(batch).cpu().numpy()
+        probabilities, spread = self._forward(batch)
+        probabilities = probabilities.cpu().numpy()
+        spread = spread.cpu().numpy() if spread is not None else None
         del batch
         start = 0
         for tile, count in zip(tiles, counts):
             values = probabilities[start:start + count]
+            spread_values = spread[start:start + count] if spread is not None else None
             start += count
             if self.plan.slicewise:  # z items of (C, y, x) -> (C, z, y, x)
                 values = np.moveaxis(values, 0, 1)
+                if spread_values is not None:
+                    spread_values = np.moveaxis(spread_values, 0, 1)
                 crop = (slice(None), *tile.crop[1:])
             else:
                 values = values[0]
+                spread_values = spread_values[0] if spread_values is not None else None
                 crop = tile.crop
+            if spread_values is not None and self.on_spread is not None:
+                self.on_spread(tile, spread_values[(slice(None), *crop)])
             write(tile, values[(slice(None), *crop)])
 
     # -- many tiles, with memory back-off ---------------------------------------------------
@@ -357,6 +411,54 @@ class TileRunner:
         return f"{reason} on {previous.type.upper()}; continuing on the CPU (slower)"
 
 
+#: a test-time augmentation: (quarter turns in the y-x plane, flip x first, flip z)
+Transform = tuple[int, bool, bool]
+
+
+def tta_transforms(spatial_dims: int) -> list[Transform]:
+    """The 8 test-time augmentations: the symmetries of the square in the y-x plane (4 quarter
+    turns, each with and without an x flip).
+
+    In 3D, z is flipped for the odd quarter turns too: the 8 transforms stay a group (so the
+    averaged prediction is exactly invariant under them) at the cost of 8 passes, not 16.
+    """
+    return [(turns, flip, spatial_dims == 3 and turns % 2 == 1)
+            for flip in (False, True) for turns in range(4)]
+
+
+def _pad_to_grid(batch: torch.Tensor, divisor: Sequence[int]) -> torch.Tensor:
+    """``batch`` padded with edge values at the far end of every spatial axis to a multiple of
+    ``divisor``: what the network does to its input, done before a transform moves the end."""
+    padding: list[int] = []
+    for size, div in zip(reversed(batch.shape[2:]), reversed(tuple(divisor))):
+        padding += [0, (-size) % div]
+    if not any(padding):
+        return batch
+    return torch.nn.functional.pad(batch, padding, mode="replicate")
+
+
+def _transform(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    turns, flip, flip_z = transform
+    if flip:
+        batch = torch.flip(batch, (-1,))
+    if turns:
+        batch = torch.rot90(batch, turns, (-2, -1))
+    if flip_z:
+        batch = torch.flip(batch, (-3,))
+    return batch
+
+
+def _untransform(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+    turns, flip, flip_z = transform
+    if flip_z:
+        batch = torch.flip(batch, (-3,))
+    if turns:
+        batch = torch.rot90(batch, -turns, (-2, -1))
+    if flip:
+        batch = torch.flip(batch, (-1,))
+    return batch
+
+
 @dataclass
 class RunnerEvent:
     """What :meth:`TileRunner.run` yields: ``finished`` tiles (their cores are written), tiles
@@ -428,6 +530,8 @@ def predict_probabilities(
     start_at: Sequence[int] | None = None,
     max_bytes: float | None = None,
     plan: TilePlan | None = None,
+    tta: bool = False,
+    tta_spread: Any = None,
 ) -> Generator[Progress, None, Any]:
     """Predict per-voxel probabilities tile by tile.
 
@@ -462,6 +566,13 @@ def predict_probabilities(
         Cap of the tiles' working set.
     plan : TilePlan, optional
         A plan made by :func:`make_plan` (overrides ``tile_shape``, ``halo``, ``batch_size``).
+    tta : bool
+        Test-time augmentation: average the probabilities over the 8 flips and quarter turns
+        of :func:`tta_transforms` (8 times slower, smoother; tiles stay exact).
+    tta_spread : array-like, optional
+        With ``tta``: preallocated ``spatial``-shaped output for the disagreement between the
+        augmentations (per voxel, the standard deviation of the probabilities, the largest
+        over channels; 0..0.5), e.g. for :func:`napari_unet.uncertainty.uncertainty_map`.
 
     Yields
     ------
@@ -485,9 +596,21 @@ def predict_probabilities(
         out = np.empty((config.out_channels, *spatial), dtype=dtype)
     elif tuple(out.shape) != (config.out_channels, *spatial):
         raise ValueError(f"output array has shape {tuple(out.shape)}, expected {(config.out_channels, *spatial)}")
+    on_spread = None
+    if tta_spread is not None:
+        if not tta:
+            raise ValueError("tta_spread needs tta=True (it is the disagreement between augmentations)")
+        if tuple(tta_spread.shape) != tuple(spatial):
+            raise ValueError(f"tta_spread has shape {tuple(tta_spread.shape)}, expected {tuple(spatial)}")
+
+        def write_spread(tile: Tile, values: np.ndarray) -> None:
+            tta_spread[tile.write] = values[0].astype(tta_spread.dtype, copy=False)
+
+        on_spread = write_spread
+
     normalizer = normalizer or fit_normalizer(image, model.normalization)
     runner = TileRunner(image, prepare_network(network, torch_device, policy, fuse), normalizer,
-                        torch_device, policy, model.task, plan)
+                        torch_device, policy, model.task, plan, tta=tta, on_spread=on_spread)
 
     def write(tile: Tile, values: np.ndarray) -> None:
         out[(slice(None), *tile.write)] = _to_output_dtype(values, out.dtype)
@@ -495,7 +618,9 @@ def predict_probabilities(
     start = time.perf_counter()
     tiles = first_tiles(plan, start_at)
     total, done = len(tiles), 0
-    yield Progress(0, total, 0.0, message=f"{policy.label()}, {plan.describe()}", stage="plan")
+    augmented = f", TTA x{len(tta_transforms(config.spatial_dims))}" if tta else ""
+    yield Progress(0, total, 0.0, message=f"{policy.label()}, {plan.describe()}{augmented}",
+                   stage="plan")
     for warning in _plan_warnings(config, plan):
         runner.messages.append(warning)
         yield Progress(0, total, 0.0, message=warning)
@@ -529,9 +654,25 @@ def _plan_warnings(config: Any, plan: TilePlan) -> list[str]:
     return warnings
 
 
+def postprocess_settings(model: SegmentationModel, threshold: float | None = None,
+                         min_size: int | None = None, seed_threshold: float | None = None
+                         ) -> tuple[float, int, float | None]:
+    """``(threshold, min_size, seed_threshold)``: the values given, else the model's tuned
+    ones (:attr:`SegmentationModel.postprocess`), else the built-in defaults (0.5,
+    :data:`~napari_unet.postprocess.DEFAULT_MIN_SIZE`, the threshold)."""
+    if threshold is None:
+        threshold = float(model.postprocess_default("threshold", 0.5))
+    if min_size is None:
+        min_size = int(model.postprocess_default("min_size", DEFAULT_MIN_SIZE))
+    if seed_threshold is None:
+        seed_threshold = model.postprocess_default("seed_threshold", None)
+    return float(threshold), int(min_size), None if seed_threshold is None else float(seed_threshold)
+
+
 def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *,
                             threshold: float = 0.5, min_size: int = DEFAULT_MIN_SIZE,
-                            voxel_size: Sequence[float] | None = None) -> np.ndarray:
+                            voxel_size: Sequence[float] | None = None,
+                            seed_threshold: float | None = None) -> np.ndarray:
     """Turn probabilities into ``labels`` (binary or class ids) or ``instances``."""
     probs = np.asarray(probabilities)
     if probs.dtype == np.uint8:
@@ -545,22 +686,37 @@ def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *
         return postprocess.remove_small_objects(labels.astype(bool), min_size).astype(labels.dtype)
     if output == "instances":
         return postprocess.to_instances(probs, task, threshold=threshold, min_size=min_size,
-                                        sampling=voxel_size)
+                                        sampling=voxel_size, seed_threshold=seed_threshold)
     raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
 
 
 def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
-            threshold: float = 0.5, min_size: int = DEFAULT_MIN_SIZE,
-            voxel_size: Sequence[float] | None = None,
+            threshold: float | None = None, min_size: int | None = None,
+            voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
             **predict_options: Any) -> Generator[Progress, None, SegmentationResult]:
     """Predict and post-process: the whole Segment job, as one generator.
 
     Yields the prediction's :class:`Progress` and one more step for post-processing;
-    returns a :class:`SegmentationResult`.
+    returns a :class:`SegmentationResult`. ``threshold``, ``min_size`` and ``seed_threshold``
+    default to the model's tuned values (:func:`postprocess_settings`).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     predictor = predict_probabilities(image, model, **predict_options)
+    return (yield from postprocessed(predictor, model, output=output, threshold=threshold,
+                                     min_size=min_size, voxel_size=voxel_size,
+                                     seed_threshold=seed_threshold))
+
+
+def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, *, output: str,
+                  threshold: float | None = None, min_size: int | None = None,
+                  voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None
+                  ) -> Generator[Progress, None, SegmentationResult]:
+    """Drain a probability ``predictor`` (passing its progress on), then post-process its
+    result into ``output`` with ``model``'s settings (:func:`postprocess_settings`): the second
+    half of :func:`segment`, shared with other predictors (e.g. bioimage.io models)."""
+    threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size,
+                                                               seed_threshold)
     messages: list[str] = []
     last: Progress | None = None
     while True:
@@ -578,6 +734,7 @@ def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
         yield Progress(done, done + 1, elapsed, message="post-processing", stage="postprocess")
     sampling = voxel_size if voxel_size is not None and model.spatial_dims == len(voxel_size) else None
     data = probabilities_to_output(probabilities, model.task, output, threshold=threshold,
-                                   min_size=min_size, voxel_size=sampling)
+                                   min_size=min_size, voxel_size=sampling,
+                                   seed_threshold=seed_threshold)
     return SegmentationResult(data=data, output=output, probabilities=probabilities,
                               task=model.task, class_names=list(model.class_names), messages=messages)

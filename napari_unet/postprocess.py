@@ -596,6 +596,7 @@ def to_instances(
     seed_erosion: float = 1.0,
     mask: np.ndarray | None = None,
     min_seed_size: int | None = None,
+    seed_threshold: float | None = None,
 ) -> np.ndarray:
     """Instance labels from the network probabilities.
 
@@ -645,6 +646,10 @@ def to_instances(
         Watershed seeds smaller than this are dropped (default ``min_size // 4``); streamed
         chunks set it while keeping ``min_size=0``, since objects cut by a chunk border are
         only measured after merging.
+    seed_threshold : float, optional
+        ``"foreground_boundary"``: seeds are where ``boundary < seed_threshold``;
+        ``"membranes"``: seeds come from ``membrane < seed_threshold`` (then eroded). Default:
+        ``threshold``. A lower value splits touching objects more readily.
 
     Returns
     -------
@@ -695,7 +700,8 @@ def to_instances(
             foreground &= roi
         foreground = fill_holes(remove_small_objects(foreground, min_size))
         boundary = probs[1].astype(np.float32)
-        seeds, _ = ndi.label(foreground & (boundary < threshold))
+        seed_cut = threshold if seed_threshold is None else seed_threshold
+        seeds, _ = ndi.label(foreground & (boundary < seed_cut))
         seeds = remove_small_objects(seeds, min_seed_size)
         if method == "connected_components":
             labels = seeds
@@ -710,7 +716,10 @@ def to_instances(
         if method == "connected_components":
             labels, _ = ndi.label(cells)
         else:
-            interior = _distance_transform(cells, sampling) > seed_erosion
+            seed_cells = cells if seed_threshold is None else (membrane < seed_threshold)
+            if roi is not None:
+                seed_cells &= roi
+            interior = _distance_transform(seed_cells, sampling) > seed_erosion
             seeds, _ = ndi.label(interior)
             seeds = remove_small_objects(seeds, min_seed_size)
             if not seeds.any():  # erosion removed everything: use the cells themselves

@@ -45,6 +45,7 @@ import torch
 
 from .checkpoint import SegmentationModel
 from .inference import (
+    postprocess_settings,
     OUTPUTS,
     Progress,
     TileRunner,
@@ -52,6 +53,7 @@ from .inference import (
     make_plan,
     prepare_network,
     select_device,
+    tta_transforms,
 )
 from .normalization import Normalizer, fit_normalizer
 from . import postprocess
@@ -93,6 +95,9 @@ class StreamSettings:
     method: str = "watershed"
     voxel_size: tuple[float, ...] | None = None
     min_size: int = DEFAULT_MIN_SIZE
+    seed_threshold: float | None = None
+    #: test-time augmentation (:func:`napari_unet.inference.tta_transforms`) for every tile
+    tta: bool = False
 
     def arrays(self) -> list[str]:
         names = []
@@ -308,7 +313,8 @@ class TileWriter:
         self.device = select_device(device)
         self.policy = resolve_precision(precision, self.device)
         network = prepare_network(model.network, self.device, self.policy, fuse)
-        self.runner = TileRunner(image, network, normalizer, self.device, self.policy, model.task, plan)
+        self.runner = TileRunner(image, network, normalizer, self.device, self.policy, model.task, plan,
+                                 tta=settings.tta)
         self.arrays = {name: group[name] for name in settings.arrays()}
         self.done = group["_done"]
         self.counts = group["_counts"] if settings.output == "instances" else None
@@ -334,7 +340,7 @@ class TileWriter:
         if "_local" in self.arrays:
             local = postprocess.to_instances(
                 probabilities, settings.task, threshold=settings.threshold, min_size=0,
-                min_seed_size=max(1, settings.min_size // 4),
+                min_seed_size=max(1, settings.min_size // 4), seed_threshold=settings.seed_threshold,
                 sampling=settings.voxel_size, method=settings.method)
             self.arrays["_local"][region] = local.astype(np.uint32, copy=False)
             self.counts[np.unravel_index(index, self.plan.grid)] = int(local.max(initial=0))
@@ -346,6 +352,11 @@ class TileWriter:
         probabilities = self.predict(tile)
         self.write(index, tile, probabilities)
         return probabilities
+
+
+def tta_note(model: SegmentationModel) -> str:
+    """``, TTA xN`` for the plan line of a run with test-time augmentation."""
+    return f", TTA x{len(tta_transforms(model.config.spatial_dims))}"
 
 
 def pending_tiles(group: Any) -> np.ndarray:
@@ -364,8 +375,8 @@ def predict_to_zarr(
     output: str = "labels",
     probabilities: bool = False,
     probability_dtype: str = "float32",
-    threshold: float = 0.5,
-    min_size: int = DEFAULT_MIN_SIZE,
+    threshold: float | None = None,
+    min_size: int | None = None,
     method: str = "watershed",
     min_overlap: float = 0.5,
     voxel_size: Sequence[float] | None = None,
@@ -381,6 +392,7 @@ def predict_to_zarr(
     fuse: bool = True,
     max_tiles: int | None = None,
     start_at: Sequence[int] | None = None,
+    tta: bool = False,
 ) -> Generator[Progress, None, StreamResult]:
     """Predict a (lazy) image tile by tile straight into a zarr group; resumable.
 
@@ -413,6 +425,10 @@ def predict_to_zarr(
         Replace an existing napari-unet output made with other settings.
     max_tiles : int, optional
         Stop after this many tiles (the output is left resumable); for tests and time slicing.
+    tta : bool
+        Test-time augmentation, as for :func:`napari_unet.inference.predict_probabilities`
+        (8 times the work; the same result as in memory). Part of the stored settings: a
+        resume with another ``tta`` is refused (or starts over with ``overwrite``).
 
     Yields
     ------
@@ -429,7 +445,7 @@ def predict_to_zarr(
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, normalizer=normalizer, overwrite=overwrite,
-                       input_path=input_path)
+                       input_path=input_path, tta=tta)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
@@ -439,8 +455,8 @@ def predict_to_zarr(
     done = result.tiles_skipped = total - len(todo)
     start = time.perf_counter()
     messages = result.messages
-    yield Progress(done, total, 0.0, message=f"{writer.policy.label()}, {plan.describe()}",
-                   stage="plan")
+    yield Progress(done, total, 0.0, message=f"{writer.policy.label()}, {plan.describe()}"
+                   f"{tta_note(model) if run.settings.tta else ''}", stage="plan")
     if run.resumed and done:
         messages.append(f"resuming: {done} of {total} tiles already done")
         yield Progress(done, total, 0.0, message=messages[-1])
@@ -479,12 +495,12 @@ class StreamRun:
 
 
 def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, output: str,
-                 probabilities: bool, probability_dtype: str, threshold: float, min_size: int,
-                 method: str, voxel_size: Sequence[float] | None, unit: str | None,
+                 probabilities: bool, probability_dtype: str, threshold: float | None,
+                 min_size: int | None, method: str, voxel_size: Sequence[float] | None, unit: str | None,
                  device: str | torch.device, precision: str, tile_shape: Sequence[int] | None,
                  halo: Sequence[int] | None, max_tile_bytes: float | None,
                  normalizer: Normalizer | None = None, overwrite: bool = False,
-                 input_path: str | Path | None = None) -> StreamRun:
+                 input_path: str | Path | None = None, tta: bool = False) -> StreamRun:
     """Check the options, plan the tiles and open (or reopen) the output: the start shared by
     :func:`predict_to_zarr` and :func:`napari_unet.cluster.predict_to_zarr_distributed`."""
     if output not in OUTPUTS:
@@ -496,9 +512,11 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
     sampling = None
     if voxel_size is not None and len(voxel_size) == model.spatial_dims == len(plan.spatial):
         sampling = tuple(float(v) for v in voxel_size)
+    threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size)
     settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
                               probability_dtype=probability_dtype, threshold=float(threshold),
-                              method=method, voxel_size=sampling, min_size=int(min_size))
+                              method=method, voxel_size=sampling, min_size=int(min_size),
+                              seed_threshold=seed_threshold, tta=bool(tta))
     group, normalizer, resumed, plan = open_stream(
         path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
         overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)
@@ -514,9 +532,12 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
     return run
 
 
-def finish_stream(run: StreamRun, *, min_size: int, min_overlap: float
+def finish_stream(run: StreamRun, *, min_size: int | None, min_overlap: float
                   ) -> Generator[Progress, None, StreamResult]:
-    """After the last tile: merge instances across chunks (or mark the output done)."""
+    """After the last tile: merge instances across chunks (or mark the output done).
+    ``min_size`` None: the run's own (the model's tuned value or the default)."""
+    if min_size is None:
+        min_size = run.settings.min_size
     if run.settings.output == "instances":
         run.result.n_objects = yield from merge_chunk_instances(run.group, min_size=min_size,
                                                                 min_overlap=min_overlap)

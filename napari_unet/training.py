@@ -21,18 +21,23 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from .augment import AugmentSettings, augment_patch
 from .checkpoint import TASKS, SegmentationModel, expected_channels
 from .inference import predict_probabilities, probabilities_to_output, select_device
-from .losses import class_weights_from_counts, masked_loss, positive_weights
-from .models import UNet, UNetConfig
+from .losses import (LOSSES, WEIGHTED_LOSSES, UNET_SIGMA, UNET_W0, class_weights_from_counts,
+                     map_class_weights, masked_loss, positive_weights, unet_weight_map)
+from .models import UNet, UNetConfig, init_weights
 from .normalization import Normalizer, fit_normalizer
 from .precision import PrecisionPolicy, prepare_batch, resolve_precision
+
+if TYPE_CHECKING:
+    from .tuning import TuningResult
 
 DEFAULT_TIME_LIMIT = 60.0
 LR_SCRATCH = 1e-3
@@ -108,6 +113,15 @@ class TrainingConfig:
     #: fraction of patches centred on an annotated foreground voxel
     foreground_oversampling: float = 0.5
     augment_settings: AugmentSettings | None = None
+    #: one of :data:`losses.LOSSES`: ``bce_dice``, ``focal_dice``, ``tversky`` or
+    #: ``boundary_bce`` (the U-Net weight map of the labels, computed once per image)
+    loss: str = "bce_dice"
+    #: micro-batches per optimizer step (effective batch ``batch_size * accumulate_steps``);
+    #: ``iterations`` count optimizer steps, so each takes this many batches
+    accumulate_steps: int = 1
+    #: recompute activations in the backward pass instead of storing them (less memory,
+    #: about a third more time; the same numbers)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -154,8 +168,14 @@ def new_model(spatial_dims: int, task: str, class_names: list[str] | None = None
               base_channels: int = 16, depth: int = 4, norm: str = "batch",
               inplane_only_levels: Sequence[int] = (), name: str = "model",
               normalization: dict[str, Any] | None = None,
-              voxel_size: Sequence[float] | None = None, description: str = "") -> SegmentationModel:
-    """An untrained model (version 0) for ``task``; training it gives version 1."""
+              voxel_size: Sequence[float] | None = None, description: str = "",
+              architecture: str = "unet", init: str = "kaiming",
+              deep_supervision: bool = False) -> SegmentationModel:
+    """An untrained model (version 0) for ``task``; training it gives version 1.
+
+    ``architecture`` is one of :data:`napari_unet.models.ARCHITECTURES`; ``init`` the weight
+    initialisation (:func:`napari_unet.models.init_weights`); ``deep_supervision`` (unetpp)
+    trains every nested head."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if class_names is None:
@@ -165,10 +185,11 @@ def new_model(spatial_dims: int, task: str, class_names: list[str] | None = None
     config = UNetConfig(spatial_dims=spatial_dims, in_channels=1,
                         out_channels=expected_channels(task, len(class_names)),
                         base_channels=base_channels, depth=depth, norm=norm,
-                        inplane_only_levels=tuple(inplane_only_levels))
+                        inplane_only_levels=tuple(inplane_only_levels),
+                        architecture=architecture, deep_supervision=deep_supervision)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    network = UNet(config)
+    network = init_weights(UNet(config), init)
     torch.random.set_rng_state(torch_state)
     return SegmentationModel(
         network=network, task=task, name=name, version=0, parent=None,
@@ -282,6 +303,49 @@ def training_targets(labels: np.ndarray, task: str, annotated: np.ndarray | None
     return label_boundaries(labels, annotated, axes)[None].astype(np.uint8)
 
 
+def weight_map_objects(labels: np.ndarray, target: np.ndarray, task: str, annotated: np.ndarray | None = None,
+                       per_slice: bool = False) -> np.ndarray:
+    """The objects whose gaps the ``boundary_bce`` weight map (:func:`losses.unet_weight_map`)
+    weights up, from the annotated labels and the training targets of ``task``:
+
+    * ``foreground``: the instances (binary labels: their connected components);
+    * ``foreground_boundary``: the instances without their boundary voxels, so the boundary
+      voxels between touching objects lie in a narrow gap and weigh most;
+    * ``membranes``: the cells without their membrane voxels (binary membrane labels: the
+      connected components of the non-membrane voxels);
+    * ``semantic``: the connected components of each class.
+
+    Components are face-connected; ``per_slice``: within each slice of a stack only.
+    """
+    labels = np.asarray(labels)
+    known = np.ones(labels.shape, bool) if annotated is None else np.asarray(annotated, dtype=bool)
+    inside = np.where(known, labels, 0)
+    structure = ndi.generate_binary_structure(labels.ndim, 1)
+    if per_slice and labels.ndim == 3:
+        structure[0] = structure[2] = False
+
+    def components(region: np.ndarray) -> np.ndarray:
+        return ndi.label(region, structure=structure)[0]
+
+    if task == "semantic":
+        objects = np.zeros(labels.shape, np.int64)
+        offset = 0
+        for c in np.unique(inside[inside > 0]):
+            ids, n = ndi.label(inside == c, structure=structure)
+            objects[ids > 0] = ids[ids > 0] + offset
+            offset += n
+        return objects
+    binary = _is_binary(labels[known])
+    if task == "membranes":
+        if binary:
+            return components(known & (inside == 0))
+        return np.where(target[0] > 0, 0, inside)
+    objects = components(inside > 0) if binary else inside
+    if task == "foreground_boundary":
+        objects = np.where(target[1] > 0, 0, objects)
+    return objects
+
+
 # --------------------------------------------------------------------------------------------
 # input checks and data preparation
 # --------------------------------------------------------------------------------------------
@@ -342,6 +406,7 @@ class _Item:
     weight: float = 1.0
     source: tuple[int, int | None] = (0, None)  # training pair, and slice of a stack (2D model)
     labels: np.ndarray | None = None  # instance ids (*spatial) of a validation item, to score objects
+    weight_map: np.ndarray | None = None  # float32 (*spatial) voxel weights of the loss (boundary_bce)
 
 
 def _pad_to(array: np.ndarray, shape: Sequence[int], mode: str, lead: int = 0) -> np.ndarray:
@@ -405,6 +470,8 @@ class Trainer:
         self.parent = model
         self.config = config or TrainingConfig()
         self._check_config()
+        if self.config.gradient_checkpointing and not hasattr(model.network, "gradient_checkpointing"):
+            raise ValueError(f"{type(model.network).__name__} does not support gradient checkpointing")
         self.task = model.task
         self.fine_tune = model.version > 0 or bool(model.history)
         self.device = select_device(self.config.device)
@@ -459,6 +526,10 @@ class Trainer:
             raise ValueError("batch size must be at least 1")
         if c.validation_gap < 0:
             raise ValueError("validation gap must not be negative")
+        if c.loss not in LOSSES:
+            raise ValueError(f"unknown loss {c.loss!r}; expected one of {', '.join(LOSSES)}")
+        if int(c.accumulate_steps) != c.accumulate_steps or c.accumulate_steps < 1:
+            raise ValueError("accumulate_steps must be a whole number of at least 1")
 
     @property
     def start_message(self) -> str:
@@ -490,6 +561,7 @@ class Trainer:
             raise ValueError("no training data: give at least one image with labels")
         raw: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[int, int | None],
                         np.ndarray | None]] = []
+        map_objects: list[tuple[np.ndarray, np.ndarray | None, bool]] = []  # boundary_bce
         summary_pairs = []
         n_annotated = 0
         any_labels = False
@@ -520,6 +592,9 @@ class Trainer:
             # agree between two corrected neighbours)
             per_slice = (1, 2) if image.ndim == 3 and (dims == 2 or pair.slices is not None) else None
             target = training_targets(labels, self.task, mask, axes=per_slice)
+            if self.config.loss in WEIGHTED_LOSSES:
+                map_objects.append((weight_map_objects(labels, target, self.task, mask, per_slice is not None),
+                                    mask, per_slice is not None))
             count = int(labels.size if mask is None else mask.sum())
             n_annotated += count
             info: dict[str, Any] = {"shape": list(image.shape), "annotated_voxels": count}
@@ -541,6 +616,7 @@ class Trainer:
             raise ValueError("the labels are empty: no object in the annotated region of any image"
                              if len(pairs) > 1 else "the labels are empty (no object in the annotated region)")
         self._summary = {"pairs": len(pairs), "annotated_voxels": n_annotated, "images": summary_pairs}
+        weight_maps = self._weight_maps(map_objects) if map_objects else None
 
         device = self.device
         shapes = [r[0].shape for r in raw]
@@ -552,7 +628,10 @@ class Trainer:
 
         items = []
         for img, t, m, source, objects in raw:
-            items.append(self._make_item(img, t, m, patch))
+            wmap = None
+            if weight_maps is not None:
+                wmap = weight_maps[source[0]] if source[1] is None else weight_maps[source[0]][source[1]]
+            items.append(self._make_item(img, t, m, patch, wmap))
             items[-1].source = source
             if objects is not None:
                 items[-1].labels = _pad_to(objects, patch, "constant")
@@ -566,8 +645,40 @@ class Trainer:
         self._class_stats(items)
         return items, val_items
 
+    def _weight_maps(self, map_objects: list[tuple[np.ndarray, np.ndarray | None, bool]]) -> list[np.ndarray]:
+        """U-Net weight maps (:func:`losses.unet_weight_map`) of each pair's objects (see
+        :func:`weight_map_objects`), slice by slice where the targets are, with one class
+        balance over the annotated voxels of all pairs and ``sigma`` in in-plane pixels."""
+        n_objects = n_total = 0
+        for objects, mask, _ in map_objects:
+            inside = objects > 0 if mask is None else (objects > 0)[mask]
+            n_objects += int(np.count_nonzero(inside))
+            n_total += inside.size
+        balance = map_class_weights(n_objects / max(n_total, 1))
+        voxel_size = self.parent.voxel_size
+
+        def sampling(ndim: int) -> np.ndarray | None:
+            if not voxel_size or len(voxel_size) < ndim:
+                return None
+            spacing = np.asarray(voxel_size[-ndim:], dtype=float)
+            return spacing / spacing[-2:].min()
+
+        maps = []
+        for objects, mask, per_slice in map_objects:
+            if per_slice:
+                weights = np.ones(objects.shape, np.float32)
+                for z in range(objects.shape[0]):
+                    if mask is None or mask[z].any():
+                        weights[z] = unet_weight_map(objects[z], UNET_W0, UNET_SIGMA, sampling(2),
+                                                     class_weights=balance)
+            else:
+                weights = unet_weight_map(objects, UNET_W0, UNET_SIGMA, sampling(objects.ndim),
+                                          class_weights=balance)
+            maps.append(weights)
+        return maps
+
     def _make_item(self, image: np.ndarray, target: np.ndarray, mask: np.ndarray | None,
-                   patch: Sequence[int]) -> _Item:
+                   patch: Sequence[int], weight_map: np.ndarray | None = None) -> _Item:
         semantic = self.task == "semantic"
         lead = 0 if semantic else 1
         padded = any(s < p for s, p in zip(image.shape, patch))
@@ -578,6 +689,8 @@ class Trainer:
         if mask is not None:
             mask = _pad_to(mask, patch, "constant")
         item = _Item(image=np.ascontiguousarray(image, dtype=np.float32), target=target, mask=mask)
+        if weight_map is not None:
+            item.weight_map = np.ascontiguousarray(_pad_to(weight_map, patch, "constant"), dtype=np.float32)
         self._index(item)
         return item
 
@@ -756,13 +869,22 @@ class Trainer:
 
     def _sample_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch of training patches: images ``(B, 1, *patch)`` float32, targets ``(B, C,
-        *patch)`` (semantic: ``(B, *patch)``) and annotation masks ``(B, *patch)`` bool.
+        *patch)`` (semantic: ``(B, *patch)``) and annotation masks ``(B, *patch)`` bool
+        (:meth:`_sample_patches` without the weight maps)."""
+        return self._sample_patches(rng)[:3]
+
+    def _sample_patches(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                 np.ndarray | None]:
+        """A batch of training patches: images ``(B, 1, *patch)`` float32, targets ``(B, C,
+        *patch)`` (semantic: ``(B, *patch)``), annotation masks ``(B, *patch)`` bool, and the
+        loss weight maps ``(B, *patch)`` float32 when the items have them (else None).
 
         Items are drawn in proportion to their annotated voxels, patch centres from the indices
         precomputed by :meth:`_index` (an annotated foreground voxel with probability
         ``foreground_oversampling``). Only each patch, with the margin of its elastic
         deformation, is read and augmented (:func:`augment.augment_patch`), straight into the
-        batch arrays: nothing of the images' size is allocated.
+        batch arrays: nothing of the images' size is allocated. A weight map moves with the
+        targets (nearest neighbour).
         """
         items = self._items
         patch = tuple(self.patch_shape)
@@ -771,6 +893,8 @@ class Trainer:
         images = np.empty((count, 1, *patch), dtype=np.float32)
         targets = np.empty((count, *lead, *patch), dtype=items[0].target.dtype)
         masks = np.empty((count, *patch), dtype=bool)
+        weighted = items[0].weight_map is not None
+        maps = np.empty((count, *patch), dtype=np.float32) if weighted else None
         probabilities = self._item_probabilities
         settings = self.config.augment_settings or AugmentSettings()
         anisotropic = self._anisotropic()
@@ -779,16 +903,22 @@ class Trainer:
             start = self._patch_start(item, rng)
             if self.config.augment:
                 others = [item.target] if item.mask is None else [item.target, item.mask]
+                if weighted:
+                    others.append(item.weight_map)
                 image, moved = augment_patch(item.image, others, start, patch, rng,
                                              spatial_dims=len(patch), anisotropic=anisotropic,
                                              settings=settings)
                 images[b, 0], targets[b] = image, moved[0]
                 masks[b] = True if item.mask is None else moved[1]
+                if weighted:
+                    maps[b] = moved[-1]
             else:
                 region = tuple(slice(a, a + p) for a, p in zip(start, patch))
                 images[b, 0], targets[b] = item.image[region], item.target[(Ellipsis, *region)]
                 masks[b] = True if item.mask is None else item.mask[region]
-        return images, targets, masks
+                if weighted:
+                    maps[b] = item.weight_map[region]
+        return images, targets, masks, maps
 
     def _patch_start(self, item: _Item, rng: np.random.Generator) -> tuple[int, ...]:
         """Corner of a patch around a drawn centre voxel (jittered by up to a quarter patch)."""
@@ -858,6 +988,9 @@ class Trainer:
             "validation": self.validation_message,
             "learning_rate": self.learning_rate,
             "batch_size": int(self.batch_size),
+            "loss": self.config.loss,
+            "accumulate_steps": int(self.config.accumulate_steps),
+            "gradient_checkpointing": bool(self.config.gradient_checkpointing),
             "patch_shape": [int(p) for p in self.patch_shape],
             "augment": bool(self.config.augment),
             "device": self.device.type,
@@ -902,6 +1035,67 @@ class Trainer:
             m.momentum = momentum
             m.eval()
 
+    @property
+    def effective_batch_size(self) -> int:
+        """Patches per optimizer step: ``batch_size * accumulate_steps``."""
+        return int(self.batch_size) * int(self.config.accumulate_steps)
+
+    def _device_batch(self, patches: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_sample_patches` arrays as tensors on the training device (images in the
+        policy's memory layout)."""
+        images, targets, masks, maps = patches
+        device = self.device
+        return (prepare_batch(torch.from_numpy(images).to(device), self.policy),
+                torch.from_numpy(targets).to(device), torch.from_numpy(masks).to(device),
+                None if maps is None else torch.from_numpy(maps).to(device))
+
+    def _batch_loss(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
+                    w: torch.Tensor | None, pos_weight: torch.Tensor | None,
+                    class_weights: torch.Tensor | None) -> torch.Tensor:
+        """The configured loss of one batch; with deep supervision (``config.deep_supervision``)
+        the mean over the network's full-resolution heads (``forward_heads``)."""
+        def loss_of(logits: torch.Tensor) -> torch.Tensor:
+            return masked_loss(logits.float(), t, m, self.task, pos_weight=pos_weight,
+                               class_weights=class_weights, loss=self.config.loss, weight_map=w)
+
+        if getattr(network.config, "deep_supervision", False):
+            heads = network.forward_heads(x)
+            return sum(loss_of(h) for h in heads) / len(heads)
+        return loss_of(network(x))
+
+    def _optimizer_step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: "torch.amp.GradScaler | None", batches: Sequence[tuple],
+                        pos_weight: torch.Tensor | None = None,
+                        class_weights: torch.Tensor | None = None) -> float:
+        """One optimizer step on the gradients of ``batches`` (micro-batches from
+        :meth:`_device_batch`), accumulated: each loss divided by their number, so the step
+        follows the mean of their losses. A step whose gradient is not finite is skipped
+        (counted in :attr:`skipped_steps`; with a GradScaler, it skips such steps itself).
+        Returns that mean loss."""
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, t, m, w in batches:
+            with self.policy.autocast():
+                loss = self._batch_loss(network, x, t, m, w, pos_weight, class_weights) / len(batches)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += float(loss.detach())
+        if scaler is not None:
+            scaler.step(optimizer)  # skips steps with non-finite gradients itself
+            scaler.update()
+        else:
+            # a rare non-finite gradient (seen with bf16) would poison every weight: such a
+            # step is skipped, as GradScaler does for fp16
+            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), float("inf"))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                self.skipped_steps += 1
+        return total
+
     def run(self) -> Generator[TrainingStats, Any, SegmentationModel]:
         """Train; yields :class:`TrainingStats`, returns the new :class:`SegmentationModel`.
 
@@ -919,6 +1113,8 @@ class Trainer:
         policy = self.policy
         network.to(device, memory_format=policy.memory_format(network.spatial_dims))
         self.network = network
+        if config.gradient_checkpointing:
+            network.gradient_checkpointing = True
         optimizer = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=1e-4)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
@@ -969,34 +1165,14 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 mark = time.perf_counter()
-                images, targets, masks = self._sample_batch(rng)
-                x = prepare_batch(torch.from_numpy(images).to(device), policy)
-                t = torch.from_numpy(targets).to(device)
-                m = torch.from_numpy(masks).to(device)
+                batches = [self._device_batch(self._sample_patches(rng))
+                           for _ in range(int(config.accumulate_steps))]
                 self._set_train_mode(network)
                 step_start = time.perf_counter()
                 timings["sample"] += step_start - mark
                 with self._lock:
-                    optimizer.zero_grad(set_to_none=True)
-                    with policy.autocast():
-                        logits = network(x)
-                        loss = masked_loss(logits.float(), t, m, self.task, pos_weight=pos_weight,
-                                           class_weights=class_weights)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)  # skips steps with non-finite gradients itself
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        # a rare non-finite gradient (seen with bf16) would poison every weight:
-                        # such a step is skipped, as GradScaler does for fp16
-                        grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), float("inf"))
-                        if torch.isfinite(grad_norm):
-                            optimizer.step()
-                        else:
-                            self.skipped_steps += 1
+                    value = self._optimizer_step(network, optimizer, scaler, batches, pos_weight, class_weights)
                     iteration += 1
-                    value = float(loss.detach())
                     ema = value if ema is None else 0.9 * ema + 0.1 * value
                     now = time.perf_counter()
                     timings["step"] += now - step_start
@@ -1023,7 +1199,8 @@ class Trainer:
                 if iteration % max(1, config.log_every) == 0 or val_dice is not None or preview is not None or ending:
                     stats = TrainingStats(
                         iteration=iteration, total_iterations=total, loss=float(ema), learning_rate=lr,
-                        elapsed=elapsed, samples_per_second=iteration * self.batch_size / max(elapsed, 1e-9),
+                        elapsed=elapsed,
+                        samples_per_second=iteration * self.effective_batch_size / max(elapsed, 1e-9),
                         time_limit=time_limit, validation_dice=val_dice, best_score=self._best_score,
                         preview=preview, keeps_best=self.keeps_best,
                         validation_f1=self._last_f1 if val_dice is not None else None,
@@ -1140,7 +1317,7 @@ class Trainer:
                 item, image=item.image[box], target=item.target[(Ellipsis, *box)], valid=item.valid[box],
                 mask=None if item.mask is None else item.mask[box],
                 labels=None if item.labels is None else item.labels[box],
-                annotated_index=None, foreground_index=None))
+                annotated_index=None, foreground_index=None, weight_map=None))
         self._val_views = views
         return views
 
@@ -1179,6 +1356,34 @@ class Trainer:
             return None
 
 
+    def tune_postprocessing(self, model: SegmentationModel) -> "TuningResult | None":
+        """Tune ``model``'s post-processing (threshold, seed threshold, minimum size) on the
+        held-out part and store it in ``model.postprocess``; None (nothing changed) without a
+        held-out part or for semantic models. See :mod:`napari_unet.tuning`."""
+        from .progress import drain
+        from .tuning import tune_postprocessing
+
+        views = self._validation_views() if self._val_items else []
+        if not views or self.task == "semantic":
+            return None
+        instances = all(item.labels is not None for item in views)
+        probs, truths, valid = [], [], []
+        for item in views:
+            p = drain(predict_probabilities(item.image, model, device=self.device,
+                                            precision=self.policy.name,
+                                            normalizer=Normalizer(0.0, 1.0), dtype=np.float32))
+            # score the box of the held-out voxels only
+            box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(item.valid))
+            probs.append(p[(slice(None), *box)])
+            truths.append((item.labels if instances else item.target[0])[box])
+            valid.append(item.valid[box])
+        result = tune_postprocessing(probs, truths, self.task, instances=instances, valid=valid)
+        where = (f"the held-out part of the training data ({sum(int(v.sum()) for v in valid)} "
+                 "voxels)")
+        model.postprocess = result.to_postprocess(where)
+        return result
+
+
 def train(model: SegmentationModel, pairs: Sequence[TrainingPair],
           config: TrainingConfig | None = None) -> Generator[TrainingStats, Any, SegmentationModel]:
     """Train a copy of ``model`` on ``pairs``: yields :class:`TrainingStats`, returns the new
@@ -1187,45 +1392,6 @@ def train(model: SegmentationModel, pairs: Sequence[TrainingPair],
     See :class:`Trainer` for stopping early and getting the best model after ``close()``.
     """
     return Trainer(model, pairs, config).run()
-
-
-def train_job(checkpoint: bytes, pairs: Sequence[TrainingPair], config: TrainingConfig | None = None,
-              num_threads: int | None = None) -> Generator[TrainingStats, Any, bytes]:
-    """:meth:`Trainer.run` for a model given as checkpoint bytes, returning checkpoint bytes.
-
-    The body of :func:`train_in_subprocess` (it runs in the child process): models cross the
-    process boundary as :func:`checkpoint.model_to_bytes` data, never as pickled objects.
-    ``send("stop")`` ends training early with the best weights, as for :meth:`Trainer.run`.
-    ``num_threads``: ``torch.set_num_threads`` here (the parent's setting; None = torch's default).
-    """
-    from .checkpoint import model_from_bytes, model_to_bytes
-
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    trainer = Trainer(model_from_bytes(checkpoint), pairs, config)
-    model = yield from trainer.run()
-    return model_to_bytes(model)
-
-
-def train_in_subprocess(model: SegmentationModel, pairs: Sequence[TrainingPair],
-                        config: TrainingConfig | None = None, *, nice: int = 0, grace: float = 30.0):
-    """:func:`train` in a child process, so the caller's process (a GUI) never waits for the
-    interpreter lock: yields :class:`TrainingStats`, returns the new model.
-
-    Input errors (``ValueError``) are raised when iterating (the data is prepared in the child).
-    ``job.request_stop()`` (thread-safe) ends training at the next iteration and the job
-    returns the best model; ``job.close()`` stops the child (its best model, if it arrives
-    within ``grace`` seconds, is in ``job.result``). See :mod:`napari_unet.subprocess_job`.
-    The child uses as many torch threads as this process (``torch.get_num_threads()``);
-    ``nice`` lowers its priority (POSIX) so that a busy GUI wins the CPU.
-    The model is encoded here, so call this off the GUI thread for large models.
-    """
-    from .checkpoint import model_from_bytes, model_to_bytes
-    from .subprocess_job import run_in_subprocess
-
-    return run_in_subprocess(train_job, model_to_bytes(model), list(pairs), config,
-                             torch.get_num_threads(), stop_command="stop",
-                             decode=model_from_bytes, nice=nice, grace=grace)
 
 
 # --------------------------------------------------------------------------------------------

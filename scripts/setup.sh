@@ -4,7 +4,9 @@
 # GUI tests. Safe to run again: what is installed already is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="pyqt5"
+# the app with every optional feature (dask, ONNX, bioimage.io); `pip install -e ".[pyqt5]"` is
+# the minimal install
+extras="pyqt5,all"
 [[ "${1:-}" == "--test" ]] && extras="pyqt5,testing"
 
 PYTHON=${PYTHON:-python3}

@@ -42,6 +42,12 @@ def tiny_model(spatial_dims: int = 2, *, depth: int = 3, base: int = 4, task: st
     return SegmentationModel(network=network, task=task, name="tiny", **extra)
 
 
+@pytest.fixture(autouse=True)
+def _settings_in_a_tmp_folder(tmp_path_factory, monkeypatch):
+    """Every test starts with no saved settings and never touches the user's own."""
+    monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

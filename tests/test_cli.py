@@ -127,3 +127,68 @@ def test_predict_precision_choice(tmp_path, model_file, stack_file, capsys):
     assert main(["predict", str(stack_file), "-o", str(tmp_path / "y.tif"), "--model", str(model_file),
                  "--max-tile-gb", "0"]) == 2
     assert "--max-tile-gb must be positive" in capsys.readouterr().err
+
+
+def test_predict_tta_writes_the_augmented_engine_result(tmp_path, model_file, stack_file, capsys):
+    from napari_unet.checkpoint import load_checkpoint
+
+    image = read_image(stack_file)
+    model = load_checkpoint(model_file)
+    out = tmp_path / "tta.tif"
+    assert main(["predict", str(stack_file), "-o", str(out), "--model", str(model_file),
+                 "--device", "cpu", "--output", "probabilities", "--precision", "fp32", "--tta"]) == 0
+    expected = drain(segment(image.data, model, output="probabilities", device="cpu",
+                             precision="fp32", tta=True)).data
+    plain = drain(segment(image.data, model, output="probabilities", device="cpu",
+                          precision="fp32")).data
+    np.testing.assert_allclose(read_image(out).data, expected[0].astype(np.float32), atol=1e-3)
+    assert np.abs(expected.astype(np.float32) - plain).max() > 1e-3
+
+
+def test_suggest_prints_ranked_slices_and_writes_the_map(tmp_path, model_file, stack_file, capsys):
+    from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.uncertainty import rank_slices, uncertainty_map
+
+    capsys.readouterr()
+    out = tmp_path / "u.tif"
+    assert main(["suggest", str(stack_file), "--model", str(model_file), "-n", "2", "--device",
+                 "cpu", "--precision", "fp32", "--min-gap", "1", "--uncertainty", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "slice\tscore" and len(lines) == 3
+    printed = [(int(a), float(b)) for a, b in (line.split("\t") for line in lines[1:])]
+    image = read_image(stack_file)
+    result = drain(segment(image.data, load_checkpoint(model_file), output="labels", device="cpu",
+                           precision="fp32"))
+    u = uncertainty_map(result.probabilities, "foreground")
+    expected = rank_slices(u, result.probabilities, 2, min_gap=1)
+    assert [z for z, _ in printed] == [z for z, _ in expected]
+    assert [s for _, s in printed] == pytest.approx([s for _, s in expected], abs=1e-4)
+    assert printed[0][1] >= printed[1][1]
+    written = read_image(out)
+    assert written.data.shape == image.data.shape and written.voxel_size == pytest.approx((1.5, 0.2, 0.2))
+    np.testing.assert_allclose(written.data, u, atol=1e-3)
+    # excluded slices are never suggested; TTA runs too
+    assert main(["suggest", str(stack_file), "--model", str(model_file), "-n", "2", "--device", "cpu",
+                 "--exclude", str(printed[0][0]), "--tta"]) == 0
+    again = [int(line.split("\t")[0]) for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert printed[0][0] not in again and len(again) == 2
+
+
+def test_suggest_refuses_a_2d_image(tmp_path, model_file, capsys):
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    assert main(["suggest", str(path), "--model", str(model_file)]) == 2
+    assert "3D stack" in capsys.readouterr().err
+
+
+def test_a_missing_extra_is_named_in_one_line(tmp_path, model_file, stack_file, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "distributed" else real(name, *a))
+    assert main(["predict", str(stack_file), "-o", str(tmp_path / "o.zarr"), "--model",
+                 str(model_file), "--dask"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("napari-unet: error: --dask needs the optional package 'distributed': "
+                   "pip install 'napari-unet[dask]'")

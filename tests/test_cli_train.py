@@ -105,3 +105,18 @@ def test_eval_prints_scores(data, tmp_path, capsys):
     assert code == 0 and "n_gt=2" in out
     code, _, err = run(capsys, "eval", data["labels"], data["stack_labels"])
     assert code == 2 and "differs" in err
+
+
+def test_train_tunes_and_stores_post_processing(data, tmp_path, capsys):
+    # five annotated slices: one is held out, and the post-processing is tuned on it
+    out_path = tmp_path / "tuned.pt"
+    code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
+                       "--dims", "2", "--task", "foreground_boundary", *TINY, "-o", out_path)
+    assert code == 0 and "post-processing tuned on the held-out part" in out
+    tuned = load_checkpoint(out_path).postprocess
+    assert {"threshold", "min_size", "tuned_on", "score"} <= set(tuned)
+    plain = tmp_path / "plain.pt"
+    code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
+                       "--dims", "2", "--task", "foreground_boundary", *TINY, "--no-tune", "-o", plain)
+    assert code == 0 and "tuned" not in out
+    assert load_checkpoint(plain).postprocess == {}

@@ -67,6 +67,50 @@ def test_tile_tasks_from_a_path_with_resume_and_weights_sent_once(client, tmp_pa
     assert all(count <= 1 for count in _cached_models(client).values())
 
 
+def _tta_reference(image, model):
+    return drain(predict_probabilities(image, model, device="cpu", precision="fp32", tta=True,
+                                       dtype=np.float32))
+
+
+def test_tta_on_dask_blocks_and_tile_tasks_equals_in_memory_tta(client, tmp_path):
+    model = tiny_model(3)
+    image = RNG.integers(0, 4000, size=(6, 38, 36)).astype(np.uint16)
+    expected = _tta_reference(image, model)
+    plain = _reference(image, model)
+    assert np.abs(expected - plain).max() > 1e-3
+    lazy = da.from_array(image, chunks=(6, 19, 18))
+    probabilities = cluster.predict_dask(lazy, model, tile_shape=(6, 32, 32), precision="fp32",
+                                         tta=True, client=client)
+    assert len(probabilities.chunks[2]) > 1 and len(probabilities.chunks[3]) > 1
+    assert np.abs(probabilities.compute() - expected).max() <= 1e-5
+    # tile tasks: the workers take TTA from the stored settings of an interrupted local run
+    out = tmp_path / "out.zarr"
+    options = dict(probabilities=True, precision="fp32", tile_shape=(6, 32, 32), tta=True)
+    drain(predict_to_zarr(image, model, out, max_tiles=2, **options))
+    result = drain(cluster.predict_to_zarr_distributed(client, image, model, out, **options))
+    assert result.tiles_skipped == 2 and result.tiles_total > 4
+    assert np.abs(result.arrays["probabilities"][...] - expected).max() <= 1e-5
+    with pytest.raises(FileExistsError, match="other settings"):
+        drain(cluster.predict_to_zarr_distributed(client, image, model, out,
+                                                  **{**options, "tta": False}))
+
+
+def test_batch_with_tta_equals_in_memory_tta(tmp_path):
+    model = tiny_model(2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = RNG.integers(0, 255, size=(40, 36)).astype(np.uint8)
+    write_image_tiff(folder / "a.tif", image)
+    expected = _tta_reference(image, model)
+    for suffix in (".tif", ".zarr"):
+        written = drain(cluster.predict_batch([folder / "a.tif"], model, tmp_path / suffix[1:],
+                                              suffix=suffix, output="probabilities", device="cpu",
+                                              precision="fp32", tta=True))
+        data = read_image(written[0]).data if suffix == ".tif" else \
+            zarr.open_group(str(written[0]), mode="r")["probabilities"][...]
+        assert np.abs(np.asarray(data, np.float32).reshape(expected.shape) - expected).max() <= 1e-5
+
+
 def test_instances_on_the_cluster_are_consistent_across_chunks(client, tmp_path):
     mask = _balls((20, 40, 40), [(10, 20, 20), (4, 6, 20), (15, 32, 7)], 4.5)
     result = drain(cluster.predict_to_zarr_distributed(client, mask, mask_model(3), tmp_path / "i.zarr",

@@ -384,3 +384,165 @@ def test_a_tile_mostly_made_of_halo_is_reported_not_silently_shrunk():
     drain(predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(2 * halo[0] + 4,) * 2),
           lambda p: p.message and notes.append(p.message))
     assert any("voxels computed per voxel written" in n for n in notes)
+
+
+# --- test-time augmentation ----------------------------------------------------------------
+
+
+def _numpy_transform(image: np.ndarray, transform, inverse: bool = False) -> np.ndarray:
+    """The TTA transforms on numpy arrays (spatial axes last), for the references below."""
+    turns, flip, flip_z = transform
+    steps = [("x", flip), ("rot", turns), ("z", flip_z)]
+    for kind, value in (reversed(steps) if inverse else steps):
+        if kind == "x" and value:
+            image = image[..., ::-1]
+        elif kind == "rot" and value:
+            image = np.rot90(image, -value if inverse else value, axes=(-2, -1))
+        elif kind == "z" and value:
+            image = image[..., ::-1, :, :]
+    return np.ascontiguousarray(image)
+
+
+def _tta_reference(image: np.ndarray, model: SegmentationModel) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread (std, largest over channels) of the untiled network over the 8
+    transforms of the image padded (edge values, far end) to the pooling grid."""
+    divisor = model.config.divisor()
+    normalizer = fit_normalizer(image, model.normalization)
+    spatial = image.shape[-len(divisor):]
+    pad = [(0, 0)] * (image.ndim - len(divisor)) + [(0, (-n) % d) for n, d in zip(spatial, divisor)]
+    padded = np.pad(normalizer(image), pad, mode="edge")
+    crop = (slice(None), *(slice(0, n) for n in image.shape))
+    outputs = []
+    for transform in inference.tta_transforms(model.spatial_dims):
+        moved = _numpy_transform(padded, transform)
+        probs = untiled(moved, SegmentationModel(network=model.network, task=model.task,
+                                                 normalization={"mode": "none"}))
+        outputs.append(_numpy_transform(probs, transform, inverse=True)[crop])
+    stacked = np.stack(outputs)
+    return stacked.mean(axis=0), stacked.std(axis=0).max(axis=0)
+
+
+def _symmetrised(model: SegmentationModel) -> SegmentationModel:
+    """A copy whose every kernel is invariant under the TTA transforms: an equivariant model."""
+    network = UNet(model.config)
+    network.load_state_dict(model.network.state_dict())
+    transforms = inference.tta_transforms(model.spatial_dims)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d,
+                                   torch.nn.ConvTranspose3d)):
+                weight = module.weight
+                module.weight.copy_(sum(inference._transform(weight, t) for t in transforms)
+                                    / len(transforms))
+    network.eval()
+    return SegmentationModel(network=network, task=model.task, name="symmetric")
+
+
+def test_tta_transforms_are_a_group_of_eight_and_invert_exactly():
+    for dims in (2, 3):
+        transforms = inference.tta_transforms(dims)
+        assert len(set(transforms)) == 8
+        shape = (1, 2, 5, 7) if dims == 2 else (1, 2, 4, 5, 7)
+        x = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+
+        def key(t: torch.Tensor) -> tuple:
+            return tuple(t.shape), tuple(t.flatten().tolist())
+
+        images = set()
+        for t in transforms:
+            moved = inference._transform(x, t)
+            assert torch.equal(inference._untransform(moved, t), x)
+            images.add(key(moved))
+        assert len(images) == 8  # eight different augmentations
+        # closed under composition: transforming a transformed image gives one of the eight
+        for a in transforms:
+            for b in transforms:
+                assert key(inference._transform(inference._transform(x, a), b)) in images
+
+
+@pytest.mark.parametrize("model, shape", [(MODEL_2D, (37, 53)), (MODEL_3D, (9, 29, 22)),
+                                          (MODEL_2D, (5, 21, 34))])
+def test_tta_of_an_equivariant_model_changes_nothing(model, shape):
+    symmetric = _symmetrised(model)
+    image = np.random.default_rng(3).random(shape, dtype=np.float32)
+    plain = drain(predict_probabilities(image, symmetric, device="cpu", precision="fp32",
+                                        dtype=np.float32))
+    spread = np.full(shape, -1.0, np.float32)
+    augmented = drain(predict_probabilities(image, symmetric, device="cpu", precision="fp32",
+                                            dtype=np.float32, tta=True, tta_spread=spread))
+    assert np.abs(augmented - plain).max() <= 1e-5
+    assert 0 <= spread.min() and spread.max() <= 1e-5  # the augmentations agree everywhere
+    # the original model is not equivariant: there TTA does change the result
+    original = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                           dtype=np.float32, tta=True))
+    assert np.abs(original - drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                                         dtype=np.float32))).max() > 1e-4
+
+
+@pytest.mark.parametrize("model, shape", [(MODEL_2D, (37, 53)), (MODEL_3D, (9, 29, 22))])
+def test_tta_is_the_average_of_the_eight_transformed_outputs(model, shape):
+    image = np.random.default_rng(4).random(shape, dtype=np.float32)
+    spread = np.zeros(shape, np.float32)
+    augmented = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                            dtype=np.float32, tta=True, tta_spread=spread))
+    mean, std = _tta_reference(image, model)
+    assert np.abs(augmented - mean).max() <= 1e-5
+    assert np.abs(spread - std).max() <= 1e-5
+    assert std.max() > 1e-4
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(st.integers(9, 70), st.integers(9, 70)),
+       tile=st.tuples(st.integers(8, 60), st.integers(8, 60)), batch=st.integers(1, 3))
+def test_tiled_tta_equals_untiled_tta_2d_non_square_tiles(shape, tile, batch):
+    image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    whole_spread, tiled_spread = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    whole = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="fp32",
+                                        dtype=np.float32, tta=True, tta_spread=whole_spread,
+                                        tile_shape=shape))
+    tiled = drain(predict_probabilities(image, MODEL_2D, device="cpu", precision="fp32",
+                                        dtype=np.float32, tta=True, tta_spread=tiled_spread,
+                                        tile_shape=tile, batch_size=batch))
+    assert np.abs(tiled - whole).max() <= 1e-5
+    assert np.abs(tiled_spread - whole_spread).max() <= 1e-5
+
+
+def test_tiled_tta_equals_untiled_tta_3d_and_2d_on_a_stack():
+    image = np.random.default_rng(5).random((20, 37, 43), dtype=np.float32)
+    shallow_3d = tiny_model(3, depth=2, base=2, inplane_only_levels=(0,))  # halo (6, 10, 10)
+    for model, tile in ((shallow_3d, (16, 34, 40)), (MODEL_2D, (3, 37, 43))):
+        whole = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                            dtype=np.float32, tta=True, tile_shape=image.shape))
+        tiled = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                            dtype=np.float32, tta=True, tile_shape=tile))
+        assert make_plan(image, model, device="cpu", tile_shape=tile).n_tiles > 1
+        assert np.abs(tiled - whole).max() <= 1e-5
+
+
+def test_tta_in_a_streamed_core_and_semantic_softmax_averages_probabilities():
+    # the runner's predict_core (streamed chunks, dask blocks) takes TTA too
+    model = tiny_model(2, depth=2, base=4, task="semantic", class_names=["bg", "a", "b"])
+    image = np.random.default_rng(6).random((30, 26), dtype=np.float32)
+    whole = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                        dtype=np.float32, tta=True))
+    assert np.allclose(whole.sum(axis=0), 1, atol=1e-5)  # averaged after the softmax
+    plan = make_plan(image, model, device="cpu", tile_shape=(20, 18))
+    policy = resolve_precision("fp32", torch.device("cpu"))
+    runner = inference.TileRunner(image, inference.prepare_network(model.network, torch.device("cpu"), policy),
+                                  fit_normalizer(image, model.normalization), torch.device("cpu"),
+                                  policy, model.task, plan, tta=True)
+    for tile in plan.tiles():
+        core = runner.predict_core(tile)
+        assert np.abs(core - whole[(slice(None), *tile.write)]).max() <= 1e-5
+
+
+def test_tta_options_are_checked_and_reported():
+    image = np.zeros((20, 20), np.float32)
+    with pytest.raises(ValueError, match="tta=True"):
+        drain(predict_probabilities(image, MODEL_2D, device="cpu", tta_spread=np.zeros((20, 20))))
+    with pytest.raises(ValueError, match="tta_spread has shape"):
+        drain(predict_probabilities(image, MODEL_2D, device="cpu", tta=True, tta_spread=np.zeros((2, 2))))
+    notes = []
+    result = drain(segment(image, MODEL_2D, output="labels", device="cpu", tta=True),
+                   lambda p: p.stage == "plan" and notes.append(p.message))
+    assert result.data.shape == (20, 20) and "TTA x8" in notes[0]

@@ -142,6 +142,47 @@ def test_normalisation_is_fitted_once_and_stored(tmp_path):
     assert stored["scale"] == pytest.approx(1 / (high - low))
 
 
+def _tta_reference(image, model) -> np.ndarray:
+    return drain(predict_probabilities(image, model, device="cpu", precision="fp32", tta=True,
+                                       dtype=np.float32))
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_streamed_tta_equals_in_memory_tta(tmp_path, dims):
+    model = tiny_model(dims)
+    image = RNG.integers(0, 4000, size=(6, 36, 36) if dims == 3 else (3, 40, 36)).astype(np.uint16)
+    expected = _tta_reference(image, model)
+    plain = drain(predict_probabilities(image, model, device="cpu", precision="fp32", dtype=np.float32))
+    assert np.abs(expected - plain).max() > 1e-3  # TTA changes the result
+    notes = []
+    result = drain(predict_to_zarr(image, model, tmp_path / "out.zarr", probabilities=True,
+                                   precision="fp32", tta=True,
+                                   tile_shape=(6, 32, 32) if dims == 3 else (36, 32)),
+                   lambda p: p.message and notes.append(p.message))
+    assert result.tiles_total > 3 and any("TTA x8" in n for n in notes)
+    assert np.abs(result.arrays["probabilities"][...] - expected).max() <= 1e-5
+    np.testing.assert_array_equal(result.data[...], to_semantic(expected, "foreground"))
+    assert stream_info(tmp_path / "out.zarr")["fingerprint"]["settings"]["tta"] is True
+
+
+def test_resume_with_another_tta_setting_is_refused_or_starts_over(tmp_path):
+    model = tiny_model(3)
+    image = RNG.integers(0, 4000, size=(6, 36, 36)).astype(np.uint16)
+    out = tmp_path / "out.zarr"
+    options = dict(probabilities=True, precision="fp32", tile_shape=(6, 36, 32))  # 3 tiles
+    drain(predict_to_zarr(image, model, out, max_tiles=2, **options))  # interrupted, no TTA
+    with pytest.raises(FileExistsError, match="other settings"):
+        drain(predict_to_zarr(image, model, out, tta=True, **options))
+    assert int(np.asarray(zarr.open_group(str(out))["_done"][...]).sum()) == 2  # left as it was
+    # overwrite: starts over with TTA, and a TTA run then resumes as any other
+    drain(predict_to_zarr(image, model, out, tta=True, overwrite=True, max_tiles=2, **options))
+    result = drain(predict_to_zarr(image, model, out, tta=True, **options))
+    assert result.tiles_skipped == 2 and result.tiles_total > 2
+    assert np.abs(result.arrays["probabilities"][...] - _tta_reference(image, model)).max() <= 1e-5
+    with pytest.raises(FileExistsError, match="other settings"):
+        drain(predict_to_zarr(image, model, out, **options))  # done with TTA: not reused without
+
+
 # --- resume ---------------------------------------------------------------------------------
 
 
@@ -314,6 +355,25 @@ def test_cli_predict_to_zarr_from_lazy_tiff_and_resume(tmp_path, capsys):
     assert main(["predict", str(source), "-o", str(out), "--model", str(checkpoint),
                  "--device", "cpu", "--tile", "16,32,32", "--output", "instances"]) == 2
     assert "another model or other settings" in capsys.readouterr().err
+
+
+def test_cli_predict_tta_to_zarr(tmp_path, capsys):
+    from napari_unet.cli import main
+    from napari_unet.io import write_image_tiff
+
+    model = tiny_model(3)
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.pt")
+    image = RNG.integers(0, 4000, size=(6, 36, 36)).astype(np.uint16)
+    source = write_image_tiff(tmp_path / "in.tif", image)
+    out = tmp_path / "out.zarr"
+    argv = ["predict", str(source), "-o", str(out), "--model", str(checkpoint), "--device", "cpu",
+            "--precision", "fp32", "--tile", "6,36,32", "--save-probabilities"]
+    assert main([*argv, "--tta"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    probabilities = zarr.open_group(str(out), mode="r")["probabilities"][...]
+    assert np.abs(probabilities - _tta_reference(image, model)).max() <= 1e-5
+    assert main(argv) == 2  # the same output without --tta: other settings
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_resume_uses_the_stored_plan_with_less_memory_or_another_tile(tmp_path, monkeypatch):

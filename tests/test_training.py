@@ -9,7 +9,7 @@ import torch
 from napari_unet.checkpoint import load_checkpoint, save_checkpoint
 from napari_unet.progress import drain
 from napari_unet.training import (Trainer, TrainingConfig, TrainingPair, TrainingStats, new_model,
-                                  train, train_in_subprocess, training_targets)
+                                  train, training_targets)
 
 TINY = dict(base_channels=4, depth=2)
 
@@ -170,39 +170,6 @@ def test_send_stop_and_close_keep_the_best_weights():
     best = trainer.best_model()
     assert best is not None and best.version == 1 and best.history[-1]["iterations"] == 3
     assert best.history[-1]["complete"] is False
-
-
-def test_train_in_subprocess_keeps_the_generator_contract():
-    image, labels = blobs((32, 32))
-    parent = new_model(2, "foreground", **TINY)
-    before = weights(parent)
-    stats = []
-    job = train_in_subprocess(parent, [TrainingPair(image, labels)],
-                              fast(iterations=3, preview_image=image, preview_interval=0.0))
-    result = drain(job, stats.append)
-    assert [s.iteration for s in stats] == [1, 2, 3] and isinstance(stats[0], TrainingStats)
-    assert stats[-1].preview.shape == (1, 32, 32)  # previews come across too
-    assert result.version == 1 and result.history[-1]["iterations"] == 3
-    assert result.history[-1]["complete"] is True
-    assert all(torch.equal(v, parent.network.state_dict()[k]) for k, v in before.items())
-    assert not all(torch.equal(v, result.network.state_dict()[k]) for k, v in before.items())
-
-
-def test_train_in_subprocess_stop_and_errors():
-    image, labels = blobs((32, 32))
-    job = train_in_subprocess(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
-                              fast(iterations=1000))
-    n = 0
-    for _stats in job:
-        n += 1
-        if n == 2:
-            job.request_stop()  # Stop: the job ends normally with the best weights
-    # the child may finish an iteration or two before the stop request reaches it
-    assert 2 <= n <= 4 and job.result.history[-1]["iterations"] == n
-    bad = train_in_subprocess(new_model(2, "foreground", **TINY),
-                              [TrainingPair(image, labels[:10])], fast())
-    with pytest.raises(ValueError, match="differs from labels shape"):
-        drain(bad)
 
 
 def every_iteration(monkeypatch):
@@ -703,3 +670,204 @@ def test_steps_with_non_finite_gradients_are_skipped(monkeypatch):
     assert training._finite_state(trainer.network) and training._finite_state(result.network)
     assert any(not torch.equal(v, parent.network.state_dict()[k])
                for k, v in result.network.state_dict().items())  # the other steps did train
+
+
+# --- losses, weight maps, accumulation, checkpointing, deep supervision ----------------------
+
+def _touching(shape=(48, 48)):
+    """Two squares 2 px apart and a lone one, with their image."""
+    labels = np.zeros(shape, np.uint16)
+    labels[4:20, 4:20] = 1
+    labels[4:20, 22:38] = 2
+    labels[28:40, 8:20] = 3
+    image = (labels > 0) * 100.0 + np.random.default_rng(0).normal(10, 5, shape)
+    return image.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("loss", ["bce_dice", "focal_dice", "tversky", "boundary_bce"])
+@pytest.mark.parametrize("task", ["foreground_boundary", "semantic"])
+def test_every_loss_trains_and_is_recorded(loss, task):
+    image, labels = _touching()
+    if task == "semantic":
+        labels = np.where(labels == 3, 2, labels > 0).astype(np.uint8)
+        model = new_model(2, "semantic", ["background", "a", "b"], **TINY)
+    else:
+        model = new_model(2, task, **TINY)
+    stats = []
+    result = drain(train(model, [TrainingPair(image, labels)], fast(loss=loss, validation_fraction=0.0)),
+                   stats.append)
+    assert all(np.isfinite(s.loss) for s in stats)
+    entry = result.history[-1]
+    assert entry["loss"] == loss and entry["accumulate_steps"] == 1 and entry["gradient_checkpointing"] is False
+
+
+def test_boundary_weight_maps_move_with_the_targets():
+    from napari_unet.augment import AugmentSettings
+    image, labels = _touching()
+    trainer = Trainer(new_model(2, "foreground_boundary", **TINY), [TrainingPair(image, labels)],
+                      fast(loss="boundary_bce", patch_shape=(32, 32), batch_size=8, validation_fraction=0.0,
+                           augment_settings=AugmentSettings(elastic_probability=0.5)))
+    (item,) = trainer._items
+    interior = (item.target[0] == 1) & (item.target[1] == 0)
+    (w_obj,) = np.unique(item.weight_map[interior])
+    far = item.weight_map[46, 46]
+    between = item.weight_map[6:18, 19:23]  # the boundaries of the touching squares and their gap
+    assert between.min() > far + 4 and item.weight_map[6:18, 3].max() < far + 1
+    assert trainer._sample_batch(np.random.default_rng(0))[0].shape == (8, 1, 32, 32)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        images, targets, masks, maps = trainer._sample_patches(rng)
+        assert maps.shape == masks.shape and maps.dtype == np.float32
+        inside = (targets[:, 0] == 1) & (targets[:, 1] == 0)
+        assert np.all(maps[inside] == w_obj) and np.all(maps[~inside] != w_obj)
+    # the other losses carry no map
+    plain = Trainer(new_model(2, "foreground_boundary", **TINY), [TrainingPair(image, labels)], fast())
+    assert plain._items[0].weight_map is None and plain._sample_patches(rng)[3] is None
+
+
+def test_boundary_weight_maps_of_corrected_slices_and_membranes():
+    from napari_unet.training import weight_map_objects
+    image, labels = blobs((10, 32, 32), n=6, radius=5)
+    trainer = Trainer(new_model(3, "foreground", inplane_only_levels=(0,), **TINY),
+                      [TrainingPair(image, labels, slices=[2, 6])],
+                      fast(loss="boundary_bce", validation_fraction=0.0))
+    drain(trainer.run())
+    (item,) = trainer._items
+    assert item.weight_map.shape == item.image.shape and np.all(item.weight_map[[0, 1, 3]] == 1)
+    # membranes: binary membrane labels (1 = membrane) give the cells between them as objects
+    membranes = np.zeros((20, 20), np.uint8)
+    membranes[:, 9:11] = 1
+    objects = weight_map_objects(membranes, membranes[None], "membranes")
+    assert set(np.unique(objects)) == {0, 1, 2} and not objects[membranes == 1].any()
+
+
+def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
+    import copy
+    import torch.nn.functional as F
+    from napari_unet import training
+
+    # a per-voxel mean (no batch-wide Dice), so the mean over two halves is the whole batch's loss
+    monkeypatch.setattr(training, "masked_loss",
+                        lambda logits, t, m, task, **kw: F.binary_cross_entropy_with_logits(logits, t.float()))
+    image, labels = blobs((48, 48), n=8)
+    model = new_model(2, "foreground", **TINY)
+    trainer = Trainer(model, [TrainingPair(image, labels)],
+                      fast(batch_size=2, precision="fp32", freeze_norm=True, patch_shape=(32, 32)))
+    rng = np.random.default_rng(0)
+    halves = [trainer._sample_patches(rng), trainer._sample_patches(rng)]
+    whole = tuple(np.concatenate([a, b]) for a, b in zip(*[h[:3] for h in halves])) + (None,)
+    grads, losses = {}, {}
+    for name, batches in {"accumulated": halves, "whole": [whole]}.items():
+        network = copy.deepcopy(model.network)
+        trainer._set_train_mode(network)  # batch norm frozen: no batch statistics
+        assert network.training and not network.encoders[0][1].training
+        optimizer = torch.optim.SGD(network.parameters(), lr=1e-12)
+        losses[name] = trainer._optimizer_step(network, optimizer, None, [trainer._device_batch(b) for b in batches])
+        grads[name] = [p.grad.clone() for p in network.parameters()]
+    assert losses["accumulated"] == pytest.approx(losses["whole"], rel=1e-5)
+    for a, b in zip(grads["accumulated"], grads["whole"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_accumulation_counts_optimizer_steps_and_still_skips_bad_ones(monkeypatch):
+    import napari_unet.training as training
+    real, calls = training.masked_loss, []
+
+    def third_is_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(training, "masked_loss", third_is_nan)
+    parent = new_model(2, "foreground", **TINY)
+    trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5))],
+                      fast(iterations=3, accumulate_steps=2, validation_fraction=0.0))
+    stats = []
+    result = drain(trainer.run(), stats.append)
+    assert len(calls) == 6 and [s.iteration for s in stats] == [1, 2, 3]
+    assert trainer.skipped_steps == 1  # the second step, whose second micro-batch was not finite
+    assert training._finite_state(result.network)
+    assert result.history[-1]["accumulate_steps"] == 2 and result.history[-1]["iterations"] == 3
+    assert trainer.effective_batch_size == 4
+
+
+def test_accumulation_steps_a_grad_scaler_once_per_step(monkeypatch):
+    from napari_unet import training
+    from napari_unet.precision import PrecisionPolicy
+    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+        "fp16", "cuda", requested, "GPU without bf16"))
+    monkeypatch.setattr(torch.amp, "GradScaler", _FakeScaler)
+    _FakeScaler.made.clear()
+    trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(*blobs((32, 32)))],
+                      fast(accumulate_steps=2))
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        drain(trainer.run())
+    (scaler,) = _FakeScaler.made
+    assert scaler.calls == ["scale", "scale", "step", "update"] * 3
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    image, labels = blobs((48, 48), n=8)
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
+                          fast(precision="fp32", gradient_checkpointing=checkpointing, validation_fraction=0.0))
+        stats = []
+        result = drain(trainer.run(), stats.append)
+        assert trainer.network.gradient_checkpointing == checkpointing
+        assert result.history[-1]["gradient_checkpointing"] == checkpointing
+        runs[checkpointing] = [s.loss for s in stats], result.network.state_dict()
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for key, value in runs[False][1].items():
+        assert torch.allclose(runs[True][1][key].float(), value.float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_deep_supervision_averages_the_loss_over_the_heads():
+    from napari_unet.checkpoint import SegmentationModel
+    from napari_unet.losses import masked_loss
+    from napari_unet.models import UNet, UNetConfig
+    image, labels = blobs((32, 32), n=4)
+    config = UNetConfig(spatial_dims=2, out_channels=1, base_channels=4, depth=3, architecture="unetpp",
+                        deep_supervision=True)
+    torch.manual_seed(0)
+    model = SegmentationModel(network=UNet(config), task="foreground", version=0)
+    trainer = Trainer(model, [TrainingPair(image, labels)], fast(precision="fp32", validation_fraction=0.0))
+    network = model.network.train()
+    x, t, m, w = trainer._device_batch(trainer._sample_patches(np.random.default_rng(0)))
+    with torch.no_grad():
+        heads = network.forward_heads(x)
+        assert len(heads) == 2
+        expected = sum(masked_loss(h, t, m, "foreground") for h in heads) / 2
+        assert trainer._batch_loss(network, x, t, m, w, None, None) == pytest.approx(float(expected), rel=1e-6)
+        assert float(expected) != pytest.approx(float(masked_loss(network(x), t, m, "foreground")), rel=1e-3)
+    result = drain(trainer.run())
+    assert result.network.config.deep_supervision and result.history[-1]["iterations"] == 3
+
+
+def test_training_options_are_checked():
+    image, labels = blobs((32, 32))
+    for bad in (dict(loss="dice"), dict(accumulate_steps=0), dict(accumulate_steps=1.5)):
+        with pytest.raises(ValueError):
+            Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast(**bad))
+
+
+def test_cli_trains_with_focal_loss_and_accumulation(tmp_path, capsys):
+    import tifffile
+
+    from napari_unet.cli import main
+    from napari_unet.losses import LOSSES
+    image, labels = blobs((32, 32))
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    out = tmp_path / "model.pt"
+    code = main(["train", "--image", str(tmp_path / "image.tif"), "--labels", str(tmp_path / "labels.tif"),
+                 "--dims", "2", "--task", "foreground", "--base-channels", "4", "--depth", "2",
+                 "--iterations", "3", "--batch-size", "2", "--device", "cpu", "--loss", "focal_dice",
+                 "--accumulate", "2", "--gradient-checkpointing", "-o", str(out)])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    entry = load_checkpoint(out).history[-1]
+    assert entry["loss"] == "focal_dice" and entry["accumulate_steps"] == 2 and entry["iterations"] == 3
+    assert entry["gradient_checkpointing"] is True
+    # the CLI offers exactly the losses there are
+    assert main(["train", "--loss", "nonsense"]) == 2
+    assert f"(choose from {', '.join(map(repr, LOSSES))})" in capsys.readouterr().err

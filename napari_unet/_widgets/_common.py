@@ -9,10 +9,63 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
-from qtpy.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QMessageBox, QProgressBar,
-                            QPushButton, QSizePolicy, QWidget)
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+                            QLabel, QMessageBox, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
+                            QWidget)
 
 from ._state import connect_layer_list
+
+#: file dialog filter of "Load model file…" (Segment and Fine-tune)
+MODEL_FILE_FILTER = ("Models (*.pt *.pth *.zip *.yaml *.yml);;napari-unet checkpoints (*.pt *.pth);;"
+                     "bioimage.io packages (*.zip rdf.yaml *.yaml);;All files (*)")
+#: Qt property set on a combo box whose choice came from the user (or their saved settings):
+#: a dock's automatic choice (e.g. the output a model suggests) leaves it alone
+USER_CHOICE = "napari_unet_user_choice"
+
+
+def ask_model_file(parent: QWidget) -> str | None:
+    """Ask for a model file: a napari-unet checkpoint or a bioimage.io package."""
+    path, _ = QFileDialog.getOpenFileName(parent, "Load a model file", "", MODEL_FILE_FILTER)
+    return path or None
+
+
+def remember(widget: QWidget, key: str) -> None:
+    """Restore ``widget``'s value from the saved settings (:mod:`napari_unet.settings`) and save
+    what the user picks from now on.
+
+    Combo boxes store the item data (else the text) of an item the user activated; spin boxes
+    their value. A saved value the widget does not offer (a device not found here) is ignored.
+    """
+    from ..settings import get_setting, save_settings
+
+    value = get_setting(key)
+    if isinstance(widget, QComboBox):
+        if value is not None:
+            index = widget.findData(value)
+            if index < 0:
+                index = widget.findText(str(value))
+            if index >= 0:
+                widget.setCurrentIndex(index)
+                widget.setProperty(USER_CHOICE, True)
+
+        def save_choice(index: int) -> None:
+            widget.setProperty(USER_CHOICE, True)
+            data = widget.itemData(index)
+            save_settings(**{key: data if data is not None else widget.itemText(index)})
+
+        widget.activated.connect(save_choice)
+    elif isinstance(widget, (QSpinBox, QDoubleSpinBox)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if widget.minimum() <= value <= widget.maximum():
+                widget.setValue(int(value) if isinstance(widget, QSpinBox) else float(value))
+        widget.valueChanged.connect(lambda number: save_settings(**{key: number}))
+    else:
+        raise TypeError(f"cannot remember a {type(widget).__name__}")
+
+
+def is_user_choice(widget: QWidget) -> bool:
+    """Whether the user (or their saved settings) chose ``widget``'s value."""
+    return bool(widget.property(USER_CHOICE))
 
 
 class LayerCombo(QComboBox):

@@ -20,7 +20,7 @@ from ._common import (DockKeys, LayerCombo, ProgressBar, button, connect_until_d
 from ._history import history_for
 from ._state import (corrected_slices, corrections_changed, current_slice_index,
                      install_correction_tracking, notify_error, set_corrected_slices,
-                     set_current_slice)
+                     set_current_slice, suggested_slices, suggestions_changed)
 from ._workers import start_job
 
 SCOPES = ("current slice (2D)", "whole stack (3D)")
@@ -117,6 +117,21 @@ class EditWidget(QWidget):
         box.addWidget(row(self.mark_button, self.unmark_button, self.goto_button))
         layout.addWidget(corrections)
 
+        suggestions = QGroupBox("Suggested slices to correct")
+        box = QVBoxLayout(suggestions)
+        self.suggestion_list = QListWidget()
+        self.suggestion_list.setToolTip(
+            "After Segment: the slices where the model is most uncertain, best first (score = "
+            "uncertain area near objects per pixel). Correcting these first helps Fine-tune most. "
+            "Double-click to go there")
+        self.suggestion_list.itemDoubleClicked.connect(self._jump_to_item)
+        box.addWidget(self.suggestion_list)
+        self.goto_suggested_button = button("Go to slice", "Show the selected suggested slice "
+                                            "(the best one when none is selected)",
+                                            self.goto_suggested)
+        box.addWidget(row(self.goto_suggested_button))
+        layout.addWidget(suggestions)
+
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
@@ -130,6 +145,7 @@ class EditWidget(QWidget):
 
         self.labels_combo.currentIndexChanged.connect(self._layer_changed)
         connect_until_destroyed(self, corrections_changed, self._corrections_changed)
+        connect_until_destroyed(self, suggestions_changed, self._corrections_changed)
         self._layer_changed()
         #: the running whole-stack operation (a napari worker), None when idle
         self.worker: Any = None
@@ -151,11 +167,13 @@ class EditWidget(QWidget):
         if layer is not None:
             history_for(layer)
         self._fill_slices()
+        self._fill_suggestions()
 
     def _corrections_changed(self, layer: Any) -> None:
         try:
             if layer is self.labels_combo.layer():
                 self._fill_slices()
+                self._fill_suggestions()
         except RuntimeError:  # dock closed
             pass
 
@@ -498,6 +516,27 @@ class EditWidget(QWidget):
 
     def goto_selected(self) -> None:
         items = self.slice_list.selectedItems()
+        if items:
+            self._jump_to_item(items[0])
+
+    # suggested slices -------------------------------------------------------------------------
+    def _fill_suggestions(self) -> None:
+        layer = self.labels_combo.layer()
+        self.suggestion_list.clear()
+        if layer is None or layer.ndim < 3:
+            return
+        done = set(corrected_slices(layer))
+        for z, score in suggested_slices(layer):
+            text = f"slice {z} · score {score:.3f}" + ("  (corrected)" if z in done else "")
+            item = QListWidgetItem(text)
+            item.setData(256, z)
+            self.suggestion_list.addItem(item)
+
+    def goto_suggested(self) -> None:
+        """Show the selected suggested slice (the first one when none is selected)."""
+        items = self.suggestion_list.selectedItems()
+        if not items and self.suggestion_list.count():
+            items = [self.suggestion_list.item(0)]
         if items:
             self._jump_to_item(items[0])
 

@@ -12,9 +12,9 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QGroupBox, QListWidget, QSpinBox, QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError, save_checkpoint
-from ._common import (DockKeys, LayerCombo, ProgressBar, button, connect_until_destroyed,
-                      fill_model_combo, precision_combo, resolved_precision, row,
-                      select_model_in_combo, status_label)
+from ._common import (DockKeys, LayerCombo, ProgressBar, ask_model_file, button,
+                      connect_until_destroyed, fill_model_combo, precision_combo, remember,
+                      resolved_precision, row, select_model_in_combo, status_label)
 from ._new_model import NewModelDialog, NewModelSpec
 from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
                      import_heavy_modules_on_main_thread, install_correction_tracking,
@@ -24,17 +24,6 @@ from ._workers import start_job
 PREVIEW_LAYER = "fine-tune preview"
 #: key binding of Fine-tune (Alt+F is napari's File menu and napari-animation's key frame)
 KEY = "Alt-U"
-#: default for ``FineTuneWidget.in_subprocess``: train in the worker thread (False) or in a
-#: child process (True, ``training.train_in_subprocess``). Measured (benchmarks/bench_gui.py,
-#: quiet 2-core CPU machine): the training thread's GIL use does not stall the GUI (< 11 ms gaps
-#: with no GUI work), so the thread meets the 50 ms target; the child trains ~20% more
-#: iterations in the same time (no GIL shared with the GUI) but costs ~2 s of start-up and a
-#: copy of the data, and its start-up competes with the first repaint after the click
-IN_SUBPROCESS = False
-#: niceness added to the training child process (POSIX). Higher: a busy GUI gets the CPU first,
-#: but the training also yields to every other job on the machine (it nearly stopped next to
-#: one busy process at 10)
-SUBPROCESS_NICE = 0
 #: the loss curve is redrawn at most this often (seconds)
 PLOT_INTERVAL = 0.5
 
@@ -169,11 +158,8 @@ class FineTuneWidget(QWidget):
         install_correction_tracking(napari_viewer)
         import_heavy_modules_on_main_thread()  # never in the worker (see _state)
         self.worker: Any = None
-        #: the running job's stop handle: a ``SubprocessJob`` (or a ``Trainer`` in-process)
+        #: the running job's :class:`~napari_unet.training.Trainer` (its stop handle)
         self.training_job: Any = None
-        #: train in a child process, or (default) in the worker thread of this process
-        self.in_subprocess: bool = IN_SUBPROCESS
-        self.subprocess_nice: int = SUBPROCESS_NICE
         self._stop_early = False
         self._pbar: Any = None
         self._run: dict[str, Any] = {}
@@ -193,7 +179,11 @@ class FineTuneWidget(QWidget):
         self.new_model_button = button(
             "New model…", "Start from an untrained 2D or 3D model (foreground, foreground + "
             "boundary, membranes or classes) made for the labels layer below", self.choose_new_model)
-        fields.addRow("", self.new_model_button)
+        self.load_button = button(
+            "Load model file…", "Add a napari-unet checkpoint (.pt) or a bioimage.io package "
+            "(.zip, rdf.yaml) made by napari-unet to the list, to fine-tune it",
+            self._choose_model_file)
+        fields.addRow("", row(self.new_model_button, self.load_button))
 
         pairs = QGroupBox("Training data")
         pairs_layout = QVBoxLayout(pairs)
@@ -225,6 +215,7 @@ class FineTuneWidget(QWidget):
         self.time_spin.setSuffix(" s")
         self.time_spin.setToolTip("Stop after this long (0 = no time limit; then set iterations)")
         settings.addRow("Time limit", self.time_spin)
+        remember(self.time_spin, "time_limit")
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(0, 1_000_000)
         self.iterations_spin.setValue(0)
@@ -253,6 +244,7 @@ class FineTuneWidget(QWidget):
             self.device_combo.addItem(name, name)
         self.device_combo.setToolTip(f"Where training runs. Found here: {', '.join(found)}")
         settings.addRow("Device", self.device_combo)
+        remember(self.device_combo, "device")
         self.precision_combo = precision_combo(
             "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on GPUs, "
             "fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact")
@@ -320,6 +312,27 @@ class FineTuneWidget(QWidget):
         key = self.model_combo.itemData(index)
         if key:
             self.registry.current = key
+
+    def _choose_model_file(self) -> None:
+        path = ask_model_file(self)
+        if path:
+            self.load_model_file(path)
+
+    def load_model_file(self, path: str | Path) -> str | None:
+        """Add a model file to the list (shared with Segment) and select it; errors become
+        notifications."""
+        try:
+            key = self.registry.add_file(path)
+        except CheckpointError as err:
+            notify_error(err, "Load model")
+            return None
+        model = self.registry.get(key)
+        if getattr(model, "foreign", False):
+            self.status.setText(f"Loaded {key}: a Zoo model made elsewhere segments (Segment "
+                                "dock) but cannot be fine-tuned here.")
+        else:
+            self.status.setText(f"Loaded {key}; Fine-tune makes a new version of it.")
+        return key
 
     # pairs ------------------------------------------------------------------------------------
     def add_pair(self) -> None:
@@ -404,6 +417,7 @@ class FineTuneWidget(QWidget):
                               base_channels=spec.base_channels, depth=spec.depth,
                               inplane_only_levels=spec.inplane_only_levels, name=spec.name,
                               normalization=spec.normalization, voxel_size=spec.voxel_size,
+                              architecture=spec.architecture,
                               description=f"new {spec.spatial_dims}D {spec.task} model "
                                           "made in napari")
         except ValueError as err:
@@ -438,7 +452,7 @@ class FineTuneWidget(QWidget):
         from napari.utils import progress
         from napari.utils.notifications import show_info
 
-        from ..training import Trainer, TrainingConfig, train_in_subprocess
+        from ..training import Trainer, TrainingConfig
 
         if self.worker is not None:
             show_info("Fine-tuning is already running; Stop it first.")
@@ -446,6 +460,9 @@ class FineTuneWidget(QWidget):
         try:
             key = self.registry.current
             model = self.registry.get(key)
+            if getattr(model, "foreign", False):
+                raise CheckpointError(f"{key} is a Zoo model made elsewhere: napari-unet "
+                                      "fine-tunes its own UNets only (it can still segment)")
             precision_label = resolved_precision(self.precision_combo.currentData(),
                                                  self.device_combo.currentData())
             pairs, notes = self.training_pairs()
@@ -476,7 +493,6 @@ class FineTuneWidget(QWidget):
         self._stop_early = False
         self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
                      "start": time.perf_counter(), "notes": notes, "precision": precision_label}
-        in_subprocess, nice = self.in_subprocess, self.subprocess_nice
 
         def job():  # runs in the worker thread
             # lazy (dask) images and the preview slab are read here, not on the main thread
@@ -485,17 +501,11 @@ class FineTuneWidget(QWidget):
                 pair.labels = np.asarray(pair.labels)
             if preview_image is not None:
                 config.preview_image = np.asarray(preview_image)
-            if in_subprocess:
-                # the training loop in a child process: no GIL shared with the GUI
-                training = train_in_subprocess(model, pairs, config, nice=nice)
-                handle = training
-            else:
-                handle = Trainer(model, pairs, config)  # prepares the data
-                training = handle.run()
-            self.training_job = handle
+            trainer = Trainer(model, pairs, config)  # prepares the data
+            self.training_job = trainer
             if self._stop_early:
-                handle.request_stop()
-            result = yield from training
+                trainer.request_stop()
+            result = yield from trainer.run()
             return result
 
         self.plot.clear(time_limit=config.time_limit, iterations=config.iterations)

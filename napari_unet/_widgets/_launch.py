@@ -24,6 +24,8 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     from ._io import read_layers
     from ._state import get_registry
 
+    from qtpy.QtWidgets import QApplication
+
     layers = read_layers(str(path)) if path is not None else None  # errors before any window
     if viewer is None:
         viewer = napari.Viewer(title="napari-unet", show=show)
@@ -31,15 +33,46 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     docks = []
     for name in DOCKS:
         dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=name != DOCKS[0])
+        dock.setWindowTitle(name)  # the tab reads "Segment", not "Segment (napari-unet)"
         docks.append(dock)
-    if docks:
-        docks[0].raise_()
+    before = len(viewer.layers)
     if layers is not None:
         for data, kwargs, kind in layers:
             getattr(viewer, f"add_{kind}")(data, **kwargs)
     else:
         viewer.open_sample(PLUGIN, sample)
+    for layer in list(viewer.layers)[before:]:
+        set_contrast(layer)
+    if show:
+        viewer.window._qt_window.showMaximized()
+    if docks:
+        QApplication.processEvents()  # the docks are tabified on the next pass of the event loop
+        docks[0].raise_()
     return viewer
+
+
+#: percentiles of an image layer's intensities shown as black and white when it opens
+CONTRAST_PERCENTILES = (1.0, 99.8)
+
+
+def set_contrast(layer: Any, percentiles: tuple[float, float] = CONTRAST_PERCENTILES,
+                 max_voxels: int = 2_000_000) -> None:
+    """Set an image layer's contrast limits to ``percentiles`` of (a regular subsample of) its
+    data, so a dim stack is not shown nearly black; other layers are left alone."""
+    import numpy as np
+    from napari.layers import Image
+
+    if not isinstance(layer, Image) or layer.rgb:
+        return
+    data = layer.data[-1] if layer.multiscale else layer.data  # the smallest level
+    step = max(1, int(np.ceil((int(np.prod(data.shape)) / max_voxels) ** (1 / data.ndim))))
+    sample = np.asarray(data[(slice(None, None, step),) * data.ndim], dtype=np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    if high > low:
+        layer.contrast_limits = (low, high)
 
 
 def run_gui(path: str | Path | None = None, sample: str = DEFAULT_SAMPLE) -> None:

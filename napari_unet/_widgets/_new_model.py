@@ -15,6 +15,9 @@ TASK_CHOICES = {"foreground": "foreground", "foreground + boundary": "foreground
 #: normalisation shown in the dialog -> model normalisation settings
 NORMALIZATIONS = {"percentile (1-99.8 %)": {"mode": "percentile", "low": 1.0, "high": 99.8},
                   "CT window (HU 40 ± 200)": {"mode": "window", "center": 40.0, "width": 400.0}}
+#: architecture shown in the dialog -> ``UNetConfig.architecture``
+ARCHITECTURE_CHOICES = {"UNet": "unet", "Residual UNet": "resunet", "Attention UNet": "attention",
+                        "UNet++": "unetpp"}
 #: columns of a labels layer's features that may hold class names, in order of preference
 NAME_COLUMNS = ("name", "names", "class", "class_name", "label_name", "organ", "structure")
 
@@ -33,6 +36,7 @@ class NewModelSpec:
     normalization: dict[str, Any] = field(default_factory=lambda: dict(
         NORMALIZATIONS["percentile (1-99.8 %)"]))
     voxel_size: tuple[float, ...] | None = None
+    architecture: str = "unet"
 
 
 def layer_class_names(layer: Any) -> dict[int, str]:
@@ -135,6 +139,13 @@ class NewModelDialog(QDialog):
         self.base_spin.setValue(16)
         self.base_spin.setToolTip("Channels of the first level (larger = slower, more capacity)")
         fields.addRow("Base channels", self.base_spin)
+        self.architecture_combo = QComboBox()
+        for text, architecture in ARCHITECTURE_CHOICES.items():
+            self.architecture_combo.addItem(text, architecture)
+        self.architecture_combo.setToolTip(
+            "UNet: the classic; Residual UNet: residual blocks; Attention UNet: attention gates "
+            "on the skip connections; UNet++: nested dense skips (more memory and time)")
+        fields.addRow("Architecture", self.architecture_combo)
         self.depth_spin = QSpinBox()
         self.depth_spin.setRange(2, 6)
         self.depth_spin.setValue(4)
@@ -201,7 +212,7 @@ class NewModelDialog(QDialog):
                             name=model_name(self.name_edit.text()), inplane_only_levels=levels,
                             base_channels=self.base_spin.value(), depth=depth,
                             normalization=dict(NORMALIZATIONS[self.norm_combo.currentText()]),
-                            voxel_size=voxel)
+                            voxel_size=voxel, architecture=str(self.architecture_combo.currentData()))
 
 
 def spec_for_layer(labels_layer: Any, spatial_dims: int, task: str,

@@ -7,19 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QLabel, QSpinBox,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox,
                             QVBoxLayout, QWidget)
 
 from ..checkpoint import CheckpointError
 from ..postprocess import DEFAULT_MIN_SIZE
-from ._common import (ChunkedWriter, DockKeys, LayerCombo, ProgressBar, ask_yes_no, button,
-                      connect_until_destroyed, fill_model_combo, precision_combo,
-                      resolved_precision, row, select_model_in_combo, status_label)
+from ._common import (ChunkedWriter, DockKeys, LayerCombo, ProgressBar, ask_model_file, ask_yes_no,
+                      button, connect_until_destroyed, fill_model_combo, is_user_choice,
+                      precision_combo, remember, resolved_precision, row, select_model_in_combo,
+                      status_label)
 from ._history import history_for
 from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, corrected_slices,
                      current_slice_index, format_seconds, get_registry,
                      import_heavy_modules_on_main_thread, install_correction_tracking, layer_unit,
-                     notify_error, set_corrected_slices, view_point)
+                     notify_error, set_corrected_slices, set_suggested_slices, view_point)
 from ._workers import start_job
 
 OUTPUTS = {"instances": "instances", "binary / classes": "labels"}
@@ -31,6 +32,8 @@ WRITE_MODES = ("keep corrected slices", "new labels layer", "overwrite all")
 KEY = "Alt-G"
 #: the labels layer is redrawn at most this often while tiles arrive (seconds)
 REFRESH_INTERVAL = 0.1
+#: slices suggested to correct after a whole-stack run (listed in the Edit dock)
+SUGGESTED_SLICES = 5
 
 
 class SegmentWidget(QWidget):
@@ -47,6 +50,8 @@ class SegmentWidget(QWidget):
         self.worker: Any = None
         self.last_result: Any = None
         self.labels_layer: Any = None
+        #: the image layer with the last run's uncertainty map (the "Uncertainty layer" option)
+        self.uncertainty_layer: Any = None
         self._pbar: Any = None
         self._run: dict[str, Any] = {}
         #: extra options for inference.segment (tile_shape, batch_size); empty = automatic
@@ -66,7 +71,8 @@ class SegmentWidget(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model to run: shipped models, loaded files and fine-tuned "
                                     "versions (from the Fine-tune dock)")
-        self.load_button = button("Load model file…", "Add a napari-unet checkpoint (.pt) to the list",
+        self.load_button = button("Load model file…", "Add a napari-unet checkpoint (.pt) or a "
+                                  "bioimage.io Model Zoo package (.zip, rdf.yaml) to the list",
                                   self._choose_model_file)
         fields.addRow("Model", self.model_combo)
         fields.addRow("", self.load_button)
@@ -84,6 +90,7 @@ class SegmentWidget(QWidget):
                                      "auto = the fastest one; out of GPU memory falls back to "
                                      "smaller tiles, then to the CPU")
         fields.addRow("Device", self.device_combo)
+        remember(self.device_combo, "device")
         self.precision_combo = precision_combo(
             "Numeric precision: auto = bf16 on CPUs with native bf16 and on GPUs, fp16 on older "
             "GPUs, else fp32; fp32 = exact")
@@ -94,6 +101,7 @@ class SegmentWidget(QWidget):
         self.output_combo.setToolTip("instances: one id per object (nuclei, cells); binary / "
                                      "classes: foreground = 1, or class ids for multi-class models")
         fields.addRow("Output", self.output_combo)
+        remember(self.output_combo, "output")
 
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(list(SCOPES))
@@ -124,6 +132,22 @@ class SegmentWidget(QWidget):
         self.min_size_spin.setToolTip("Remove objects smaller than this many pixels/voxels "
                                       "(0 = keep all)")
         fields.addRow("Min size", self.min_size_spin)
+        #: False while threshold and min size show the model's own (tuned) values; True once
+        #: the user changes one, so their value wins over the model's
+        self.postprocess_edited = False
+        for spin in (self.threshold_spin, self.min_size_spin):
+            spin.valueChanged.connect(self._postprocess_edited)
+
+        self.tta_check = QCheckBox("Test-time augmentation")
+        self.tta_check.setToolTip("Average the model over 8 flips and rotations of the image: "
+                                  "smoother, often slightly better results, 8x slower")
+        fields.addRow("", self.tta_check)
+        self.uncertainty_check = QCheckBox("Uncertainty layer")
+        self.uncertainty_check.setToolTip(
+            "Add (or update) an image layer '<image> uncertainty' where the model is unsure "
+            "(0..1: entropy of the probabilities, with test-time augmentation also the "
+            "disagreement between the augmentations). Toggle it like any layer")
+        fields.addRow("", self.uncertainty_check)
 
         self.segment_button = button("Segment", f"Run the model on the image ({KEY.replace('-', '+')}). The labels "
                                      "layer fills in tile by tile", self.segment)
@@ -165,6 +189,21 @@ class SegmentWidget(QWidget):
             self.registry.current = key
             self._describe(key)
 
+    def _postprocess_edited(self, *_: Any) -> None:
+        self.postprocess_edited = True
+
+    def show_model_postprocess(self, model: Any) -> None:
+        """Show ``model``'s tuned threshold and min size (the built-in defaults if it has none);
+        they are used until the user changes them."""
+        from ..inference import postprocess_settings
+
+        threshold, min_size, _ = postprocess_settings(model)
+        for spin, value in ((self.threshold_spin, threshold), (self.min_size_spin, min_size)):
+            spin.blockSignals(True)
+            spin.setValue(value)
+            spin.blockSignals(False)
+        self.postprocess_edited = False
+
     def _describe(self, key: str) -> None:
         if not key or key not in self.registry:
             self.model_info.setText("")
@@ -174,6 +213,7 @@ class SegmentWidget(QWidget):
             self.model_info.setText(f"{entry.source} model (loads on first use)")
             return
         model = entry.model
+        self.show_model_postprocess(model)
         text = f"{model.spatial_dims}D · {model.task}"
         if model.task in ("foreground_boundary",) or "nuclei" in model.name or "cells" in model.name:
             default = "instances"
@@ -182,11 +222,11 @@ class SegmentWidget(QWidget):
         if model.description:
             text += f" · {model.description.splitlines()[0][:80]}"
         self.model_info.setText(text)
-        self.output_combo.setCurrentText(default)
+        if not is_user_choice(self.output_combo):  # the user's (saved) choice wins
+            self.output_combo.setCurrentText(default)
 
     def _choose_model_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load napari-unet model", "",
-                                              "napari-unet checkpoints (*.pt *.pth);;All files (*)")
+        path = ask_model_file(self)
         if path:
             self.load_model_file(path)
 
@@ -295,7 +335,7 @@ class SegmentWidget(QWidget):
         from napari.utils import progress
         from napari.utils.notifications import show_info, show_warning
 
-        from ..inference import segment
+        from ..zoo import segment_model as segment  # Zoo models made elsewhere: blended tiles
 
         if self.worker is not None:
             show_info("Segmentation is already running; Cancel it first.")
@@ -345,9 +385,26 @@ class SegmentWidget(QWidget):
                 self.status.setText("Nothing was changed (your corrections are kept).")
                 return
         # the job's own checks (device, channels) run in the worker and come back as errors
+        tta = self.tta_check.isChecked()
+        want_map = self.uncertainty_check.isChecked()
+        whole_run = all(r.start == 0 and r.stop == n for r, n in zip(read, shape))
+        rank = len(shape) == 3 and whole_run
+        uncertain = None
+        if want_map or rank:
+            # a 3D model's errors at the ends of the stack are edge effects: suggested last
+            from ..uncertainty import default_edge
+
+            edge = default_edge(shape[0], SUGGESTED_SLICES) if model.spatial_dims == 3 else 0
+            uncertain = {"map": want_map, "rank": rank, "spread": None, "edge": edge}
+            if tta:  # the disagreement between augmentations, filled tile by tile
+                spatial = tuple(sub.shape[1:] if model.config.in_channels > 1 else sub.shape)
+                uncertain["spread"] = np.zeros(spatial, np.float16)
+        if not self.postprocess_edited:  # the model's tuned values (it may have just loaded)
+            self.show_model_postprocess(model)
         job = segment(sub, model, output=output, device=device, precision=precision,
                       threshold=self.threshold_spin.value(), min_size=self.min_size_spin.value(),
-                      voxel_size=voxel_size, start_at=self._start_at(image, read),
+                      voxel_size=voxel_size, start_at=self._start_at(image, read), tta=tta,
+                      tta_spread=uncertain["spread"] if uncertain else None,
                       **self.predict_options)
 
         created = layer is None
@@ -393,7 +450,7 @@ class SegmentWidget(QWidget):
                      "threshold": self.threshold_spin.value(), "start": time.perf_counter(),
                      "first_tile": None, "done": 0, "total": 0, "created": created,
                      "wrote": False, "mode": mode, "precision": precision_label,
-                     "history": history}
+                     "history": history, "uncertain": uncertain}
         self._pbar = progress(total=0, desc=f"Segment {image.name} ({model.label})")
         self.progress_bar.setRange(0, 0)  # busy until the tile count is known
         self.segment_button.setEnabled(False)
@@ -401,17 +458,24 @@ class SegmentWidget(QWidget):
         kept = ""
         if mode == "keep" and layer.ndim >= 3 and corrected_slices(layer):
             kept = f"; corrected slices {_short_list(corrected_slices(layer))} are kept"
+        augmented = " · TTA x8" if tta else ""
         self.status.setText(f"Segmenting {image.name} with {model.label} · {precision_label}"
-                            f"{kept}…")
-        self.worker = start_job(self._with_previews(job, model.task, self.threshold_spin.value()),
+                            f"{augmented}{kept}…")
+        if uncertain is not None:
+            # corrected slices are done: never suggested again
+            uncertain["exclude"] = corrected_slices(layer) if layer.ndim >= 3 else []
+        self.worker = start_job(self._with_previews(job, model.task, self.threshold_spin.value(),
+                                                    uncertain),
                                 on_yield=self._on_progress, on_return=self._on_result,
                                 on_error=self._on_error, on_finish=self._on_finish,
                                 on_abort=self._on_abort)
 
     @staticmethod
-    def _with_previews(job: Any, task: str, threshold: float) -> Any:
+    def _with_previews(job: Any, task: str, threshold: float,
+                       uncertain: dict[str, Any] | None = None) -> Any:
         """Run in the worker: pass the job's progress on, with the tile's thresholded preview
-        computed here rather than on the main thread."""
+        computed here rather than on the main thread. At the end, also here: the uncertainty
+        map and the suggested slices when ``uncertain`` asks for them."""
         from ..postprocess import to_semantic
 
         while True:
@@ -422,7 +486,8 @@ class SegmentWidget(QWidget):
                 # count objects (and find the largest id) here, not on the main thread
                 ids = np.unique(result.data) if result.output != "probabilities" else np.zeros(1)
                 largest = int(ids[-1]) if ids.size and result.output != "probabilities" else 0
-                return result, int(np.count_nonzero(ids)), largest
+                extras = _uncertainty_extras(result, task, threshold, uncertain)
+                return result, int(np.count_nonzero(ids)), largest, extras
             preview = None
             if update.region is not None and update.probabilities is not None:
                 preview = to_semantic(np.asarray(update.probabilities, dtype=np.float32), task,
@@ -520,8 +585,9 @@ class SegmentWidget(QWidget):
             run["last_refresh"] = now
             run["layer"].refresh()
 
-    def _on_result(self, returned: tuple[Any, int, int]) -> None:
-        result, n_found, largest = returned
+    def _on_result(self, returned: tuple[Any, int, int, dict[str, Any]]) -> None:
+        result, n_found, largest, extras = returned
+        self._run["extras"] = extras
         run = self._run
         run["returned"] = True
         layer = run["layer"]
@@ -557,10 +623,58 @@ class SegmentWidget(QWidget):
         if protected:
             text += f" Corrected slices {_short_list(protected)} were left as they were."
         text += " Ctrl+Z puts the layer back as it was."
+        text += self._show_uncertainty(run.get("extras") or {})
         for message in result.messages:
             text += f"\n{message}"
         layer.refresh()
         self.status.setText(text)
+
+    def _show_uncertainty(self, extras: dict[str, Any]) -> str:
+        """Put the uncertainty map and the suggested slices in place (main thread); returns
+        what to add to the status line."""
+        run = self._run
+        text = ""
+        uncertainty = extras.get("uncertainty")
+        if uncertainty is not None:
+            self.uncertainty_layer = self._uncertainty_into_layer(uncertainty)
+            text += f" Uncertainty in {self.uncertainty_layer.name!r}."
+        suggested = extras.get("suggested")
+        if suggested is not None:
+            set_suggested_slices(run["layer"], suggested)
+            if suggested:
+                text += (f" Suggested slices to correct: "
+                         f"{_short_list([z for z, _ in suggested])} (Edit dock).")
+        return text
+
+    def _uncertainty_into_layer(self, uncertainty: np.ndarray) -> Any:
+        """Add the image's uncertainty layer, or update the one there (same shape)."""
+        from napari.layers import Image
+
+        run = self._run
+        image, keep, offset = run["image"], run["keep"], run["offset"]
+        shape = self._spatial_shape(image)
+        name = f"{image.name} uncertainty"
+        values = uncertainty[keep]
+        region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(offset, keep))
+        whole = all(r.start == 0 and r.stop == n for r, n in zip(region, shape))
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if not isinstance(layer, Image) or tuple(layer.data.shape) != shape \
+                or not isinstance(layer.data, np.ndarray):
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            data = values if whole else np.zeros(shape, np.float32)
+            if not whole:
+                data[region] = values
+            ndim = len(shape)
+            return self.viewer.add_image(data, name=name, colormap="magma", blending="additive",
+                                         contrast_limits=(0.0, 1.0), scale=image.scale[-ndim:],
+                                         translate=image.translate[-ndim:])
+        if whole:
+            layer.data = values
+        else:
+            layer.data[region] = values
+            layer.refresh()
+        return layer
 
     def _write_failed(self, err: BaseException) -> None:
         self._on_error(err)
@@ -605,6 +719,26 @@ class SegmentWidget(QWidget):
     def first_tile_seconds(self) -> float | None:
         """Seconds from clicking Segment to the first tile on screen (last run)."""
         return self._run.get("first_tile")
+
+
+def _uncertainty_extras(result: Any, task: str, threshold: float,
+                        uncertain: dict[str, Any] | None) -> dict[str, Any]:
+    """In the worker: the uncertainty map (when asked) and the suggested slices (whole-stack
+    runs), from the result's probabilities and the TTA spread."""
+    if not uncertain:
+        return {}
+    from ..uncertainty import rank_slices, uncertainty_map
+
+    extras: dict[str, Any] = {}
+    uncertainty = uncertainty_map(result.probabilities, task, uncertain.get("spread"))
+    if uncertain.get("map"):
+        extras["uncertainty"] = uncertainty
+    if uncertain.get("rank"):
+        extras["suggested"] = rank_slices(uncertainty, result.probabilities, SUGGESTED_SLICES,
+                                          task=task, threshold=threshold,
+                                          edge=uncertain.get("edge", 0),
+                                          exclude=uncertain.get("exclude", ()))
+    return extras
 
 
 def labels_dtype(output: str, n_classes: int) -> np.dtype:

@@ -28,6 +28,8 @@ PROBABILITIES_KEY = "napari_unet_probabilities"
 MODEL_KEY = "napari_unet_model"
 UNIT_KEY = "napari_unet_unit"
 SOURCE_KEY = "napari_unet_source_path"
+#: on a labels layer: the slices Segment suggests to correct, ``[[z, score], ...]`` best first
+SUGGESTED_KEY = "napari_unet_suggested_slices"
 
 #: errors that are the user's situation, not a bug: shown as one-line notifications
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, CheckpointError, MemoryError,
@@ -229,11 +231,49 @@ _REGISTRY: ModelRegistry | None = None
 
 
 def get_registry() -> ModelRegistry:
-    """The process-wide registry shared by all docks."""
+    """The process-wide registry shared by all docks (the last model of the previous session
+    selected, see :mod:`napari_unet.settings`)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = ModelRegistry()
+        restore_last_model(_REGISTRY)
+        _REGISTRY.current_changed.connect(remember_model)
     return _REGISTRY
+
+
+def remember_model(key: str) -> None:
+    """Save the selected model (a shipped name or a file) as the next session's first choice;
+    versions held only in memory (fine-tuned, new) cannot come back and are not saved."""
+    from ..settings import save_settings
+
+    registry = get_registry()
+    if not key or key not in registry:
+        return
+    entry = registry.entry(key)
+    if entry.source == "shipped":
+        save_settings(model=key, model_file=None)
+    elif entry.source == "file" and entry.path is not None:
+        save_settings(model=None, model_file=str(entry.path.resolve()))
+
+
+def restore_last_model(registry: ModelRegistry) -> str | None:
+    """Select the model saved by :func:`remember_model` (a file is loaded again; one that is
+    gone or no longer loads is skipped). Returns its key, or None."""
+    from ..settings import load_settings
+
+    saved = load_settings()
+    path = saved.get("model_file")
+    if path and Path(path).is_file():
+        try:
+            return registry.add_file(path)
+        except CheckpointError as err:
+            log.warning("last model %s not loaded again: %s", path, err)
+            return None
+    name = saved.get("model")
+    if name in registry:
+        registry.current = name
+        return name
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +344,25 @@ class _CorrectionSignals:
 
 _correction_signals = _CorrectionSignals()
 corrections_changed = _correction_signals.changed
+
+
+class _SuggestionSignals:
+    changed = Signal(object)
+
+
+_suggestion_signals = _SuggestionSignals()
+#: emitted with the labels layer whose suggested slices changed
+suggestions_changed = _suggestion_signals.changed
+
+
+def suggested_slices(layer: Any) -> list[tuple[int, float]]:
+    """The slices Segment suggested to correct on ``layer``: ``[(z, score), ...]``, best first."""
+    return [(int(z), float(score)) for z, score in layer.metadata.get(SUGGESTED_KEY, [])]
+
+
+def set_suggested_slices(layer: Any, ranked: Any) -> None:
+    layer.metadata[SUGGESTED_KEY] = [[int(z), float(score)] for z, score in ranked]
+    suggestions_changed.emit(layer)
 
 
 def _paint_slices(atoms: Any, ndim: int) -> set[int]:

@@ -250,3 +250,44 @@ def test_paint_while_a_whole_stack_operation_runs_is_kept(make_napari_viewer, qt
     assert "changed while it ran" in widget.status.text()
     for button in widget.buttons.values():
         assert button.isEnabled()
+
+
+def test_suggested_slices_fill_after_segment_and_jump(make_napari_viewer, qtbot, registry,
+                                                      model_2d_path):
+    from qtpy.QtCore import Qt
+
+    from napari_unet._widgets._segment import SegmentWidget
+
+    from .conftest import blobs
+
+    viewer = make_napari_viewer()
+    image, _ = blobs((12, 40, 40))
+    viewer.add_image(image, name="stack")
+    segment_dock = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment_dock, name="Segment")
+    segment_dock.load_model_file(model_2d_path)
+    edit = _dock(viewer)
+    assert edit.suggestion_list.count() == 0
+    click(qtbot, segment_dock, "Segment")
+    wait_idle(qtbot, segment_dock)
+    labels = viewer.layers["stack labels"]
+    edit.labels_combo.set_layer(labels)
+    suggested = labels.metadata["napari_unet_suggested_slices"]
+    assert edit.suggestion_list.count() == len(suggested) == 5
+    texts = [edit.suggestion_list.item(i).text() for i in range(edit.suggestion_list.count())]
+    assert texts[0].startswith(f"slice {suggested[0][0]} · score")
+    # double-click jumps there
+    viewer.dims.set_point(0, 0)
+    target = edit.suggestion_list.item(1)
+    edit.suggestion_list.itemDoubleClicked.emit(target)
+    assert viewer.dims.current_step[0] == suggested[1][0]
+    # the button: the selected one, else the best one
+    edit.suggestion_list.clearSelection()
+    qtbot.mouseClick(edit.goto_suggested_button, Qt.LeftButton)
+    assert viewer.dims.current_step[0] == suggested[0][0]
+    edit.suggestion_list.item(2).setSelected(True)
+    click(qtbot, edit, "Go to slice")
+    assert viewer.dims.current_step[0] == suggested[2][0]
+    # correcting a suggested slice shows it as done
+    click(qtbot, edit, "Mark current")
+    assert "(corrected)" in edit.suggestion_list.item(2).text()

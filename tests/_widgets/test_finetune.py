@@ -141,46 +141,8 @@ def test_pairs_list(make_napari_viewer, qtbot, registry):
     assert widget.pair_list.count() == 1
 
 
-def test_training_in_a_child_process_preview_updated_in_place(make_napari_viewer, qtbot,
-                                                             registry, model_2d_path):
-    import os
-
-    from napari_unet._widgets._finetune import PREVIEW_LAYER
-    from napari_unet.subprocess_job import SubprocessJob
-
-    viewer = make_napari_viewer()
-    image, labels = blobs((48, 48))
-    viewer.add_image(image, name="img")
-    viewer.add_labels(labels, name="img labels")
-    segment, widget = _docks(viewer)
-    segment.load_model_file(model_2d_path)
-    assert not widget.in_subprocess  # the default: the worker thread (see _finetune.IN_SUBPROCESS)
-    widget.in_subprocess = True
-    widget.iterations_spin.setValue(4)
-    widget.time_spin.setValue(0)
-    widget.config_overrides = {"batch_size": 2}
-    click(qtbot, widget, "Fine-tune")
-    preview = viewer.layers[PREVIEW_LAYER]  # created before the worker starts
-    array = preview.data
-    jobs = []
-    widget.worker.yielded.connect(lambda _stats: jobs.append(widget.training_job))
-    wait_idle(qtbot, widget)
-
-    assert jobs and all(isinstance(job, SubprocessJob) for job in jobs)
-    assert jobs[0].pid is None or jobs[0].pid != os.getpid()
-    assert not jobs[0].running  # the child is gone
-    assert widget.result_key is not None and widget.last_stats.iteration == 4
-    assert registry.get(widget.result_key).history[-1]["iterations"] == 4
-    # the preview was written into the layer's own array (no new array per update)
-    assert viewer.layers[PREVIEW_LAYER] is preview and preview.data is array
-    assert array.any()
-    # the view caught up with the last iteration when the job ended
-    assert widget.progress_bar.value() == widget.progress_bar.maximum()
-    assert "New version" in widget.status.text()
-
-
-def test_training_in_the_worker_thread_by_default(make_napari_viewer, qtbot, registry,
-                                                  model_2d_path):
+def test_training_in_the_worker_thread_preview_updated_in_place(make_napari_viewer, qtbot,
+                                                                registry, model_2d_path):
     from napari_unet._widgets._finetune import PREVIEW_LAYER
     from napari_unet.training import Trainer
 
@@ -201,6 +163,9 @@ def test_training_in_the_worker_thread_by_default(make_napari_viewer, qtbot, reg
     assert handles and isinstance(handles[0], Trainer)
     assert registry.get(widget.result_key).history[-1]["iterations"] == 2
     assert viewer.layers[PREVIEW_LAYER].data is array and array.any()  # written in place
+    # the view caught up with the last iteration when the job ended
+    assert widget.progress_bar.value() == widget.progress_bar.maximum()
+    assert "New version" in widget.status.text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,9 +326,10 @@ def test_lazy_layer_is_streamed_in_the_worker(make_napari_viewer, qtbot, registr
     widget.output_combo.setCurrentText("binary / classes")
     segment_calls = []
     widget.segment()
-    segment_calls.append(list(source.reads))  # nothing read by the click itself
+    # nothing read on the main thread by the click itself (the worker may already be reading)
+    segment_calls.append(list(source.reads))
     wait_idle(qtbot, widget)
-    assert segment_calls == [[]]
+    assert not any(segment_calls[0])
     layer = viewer.layers["lazy labels"]
     expected = drain(segment(image, load_model(model_2d_path), output="labels")).data
     np.testing.assert_array_equal(layer.data, expected)
@@ -368,12 +369,24 @@ def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, mo
     from napari_unet import inference
     from napari_unet.precision import resolve_precision
 
-    calls = []
+    calls, regions = [], []
     original = inference.segment
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
-        return original(*args, **kwargs)
+        job = original(*args, **kwargs)
+
+        def record_regions():  # in the worker: every tile's region, in order
+            while True:
+                try:
+                    item = next(job)
+                except StopIteration as stop:
+                    return stop.value
+                if item.region:
+                    regions.append(item.region)
+                yield item
+
+        return record_regions()
 
     monkeypatch.setattr(inference, "segment", recording)
     viewer = make_napari_viewer()
@@ -384,9 +397,7 @@ def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, mo
     widget.load_model_file(model_2d_path)
     widget.output_combo.setCurrentText("binary / classes")
     widget.precision_combo.setCurrentText("fp32")
-    regions = []
     click(qtbot, widget, "Segment")
-    widget.worker.yielded.connect(lambda item: item[0].region and regions.append(item[0].region))
     wait_idle(qtbot, widget)
     start_at = calls[0]["start_at"]
     assert start_at[0] == 6 and 0 <= start_at[1] < 40 and 0 <= start_at[2] < 60
@@ -394,3 +405,84 @@ def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, mo
     assert regions[0][0] == slice(6, 7)  # the slice on screen came first
     label = resolve_precision("fp32", "cpu").label()
     assert label in widget.status.text()
+
+
+def test_tuned_post_processing_is_the_default_and_the_user_can_override(
+        make_napari_viewer, qtbot, registry, model_2d_path, tmp_path):
+    model = load_model(model_2d_path)
+    model.postprocess = {"threshold": 0.35, "min_size": 7, "tuned_on": "a test"}
+    tuned_path = save_checkpoint(model, tmp_path / "tuned.pt")
+    viewer = make_napari_viewer()
+    image, _ = blobs((64, 80))
+    viewer.add_image(image, name="cells")
+    widget = _dock(viewer, qtbot)
+    assert widget.load_model_file(tuned_path)
+    assert widget.threshold_spin.value() == pytest.approx(0.35)
+    assert widget.min_size_spin.value() == 7
+    widget.output_combo.setCurrentText("instances")
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    expected = drain(segment(image, model, output="instances"))  # the model's own values
+    np.testing.assert_array_equal(viewer.layers["cells labels"].data, expected.data)
+    # the user's value wins, also over a model loaded later without tuned values
+    widget.threshold_spin.setValue(0.6)
+    assert widget.postprocess_edited
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    assert widget.threshold_spin.value() == pytest.approx(0.6)
+
+
+def test_uncertainty_layer_and_suggested_slices_after_segment(make_napari_viewer, qtbot, registry,
+                                                              model_2d_path):
+    from napari_unet.uncertainty import rank_slices, uncertainty_map
+
+    viewer = make_napari_viewer()
+    image, _ = blobs((10, 40, 48))
+    viewer.add_image(image, name="stack")
+    widget = _dock(viewer, qtbot)
+    widget.load_model_file(model_2d_path)
+    widget.output_combo.setCurrentText("binary / classes")
+    model = load_model(model_2d_path)
+    threshold = widget.threshold_spin.value()
+    # without the option: no layer, but the slices are ranked all the same (no extra cost)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    assert "stack uncertainty" not in viewer.layers
+    labels = viewer.layers["stack labels"]
+    probabilities = drain(segment(image, model, output="labels")).probabilities
+    plain_map = uncertainty_map(probabilities, model.task)
+    expected = rank_slices(plain_map, probabilities, 5, task=model.task, threshold=threshold)
+    assert labels.metadata["napari_unet_suggested_slices"] == [[z, pytest.approx(s)] for z, s in expected]
+    assert "Suggested slices to correct" in widget.status.text()
+
+    # with the option: the layer appears (magma, additive, 0..1)
+    widget.uncertainty_check.setChecked(True)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    layer = viewer.layers["stack uncertainty"]
+    assert layer is widget.uncertainty_layer
+    assert layer.colormap.name == "magma" and layer.blending == "additive"
+    assert tuple(layer.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_allclose(layer.data, plain_map, atol=1e-6)
+
+    # with TTA it updates in place and includes the disagreement between augmentations
+    widget.tta_check.setChecked(True)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    assert viewer.layers["stack uncertainty"] is layer
+    spread = np.zeros(image.shape, np.float16)
+    augmented = drain(segment(image, model, output="labels", tta=True, tta_spread=spread))
+    expected_map = uncertainty_map(augmented.probabilities, model.task, spread)
+    np.testing.assert_allclose(layer.data, expected_map, atol=1e-6)
+    assert spread.max() > 0 and np.abs(layer.data - plain_map).max() > 5e-5
+    np.testing.assert_array_equal(labels.data, augmented.data)
+
+    # the user may toggle it; a corrected slice is never suggested again
+    layer.visible = False
+    labels.metadata["napari_unet_corrected_slices"] = [expected[0][0]]
+    widget.tta_check.setChecked(False)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    suggested = [z for z, _ in labels.metadata["napari_unet_suggested_slices"]]
+    assert expected[0][0] not in suggested and len(suggested) == 5
+    assert not viewer.layers["stack uncertainty"].visible
