@@ -121,9 +121,8 @@ class EditWidget(QWidget):
         box = QVBoxLayout(suggestions)
         self.suggestion_list = QListWidget()
         self.suggestion_list.setToolTip(
-            "After Segment: the slices where the model is most uncertain, best first (score = "
-            "uncertain area near objects per pixel). Correcting these first helps Fine-tune most. "
-            "Double-click to go there")
+            "After Segment: uncertain slices spread over the stack (score = uncertain area near "
+            "objects per pixel), corrected ones left out. Double-click to go there")
         self.suggestion_list.itemDoubleClicked.connect(self._jump_to_item)
         box.addWidget(self.suggestion_list)
         self.goto_suggested_button = button("Go to slice", "Show the selected suggested slice "
