@@ -54,6 +54,9 @@ from napari_unet.training import Trainer, TrainingConfig, TrainingPair, training
 from napari_unet.uncertainty import STRATEGIES as RANKINGS
 from napari_unet.uncertainty import default_edge, rank_slices, uncertainty_map
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import corrected_slices, paste  # noqa: E402  (the same slices and pasting)
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STRATEGIES = ("suggested", "even", "random")
 
@@ -69,19 +72,6 @@ class Case:
     min_size: int
 
 
-def even_slices(n: int, count: int = 3) -> list[int]:
-    """``count`` slices spread evenly over the stack, away from its ends (bench_finetune's)."""
-    return sorted({int(round(n * (i + 1) / (count + 1))) for i in range(count)})
-
-
-def paste(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.ndarray:
-    """``truth`` on ``slices`` pasted into ``prediction`` with fresh ids (above its largest)."""
-    out = prediction.astype(np.uint32)
-    for z in slices:
-        ids, inverse = np.unique(truth[z], return_inverse=True)
-        fresh = np.where(ids == 0, 0, np.arange(len(ids)) + int(out.max()) + 1).astype(np.uint32)
-        out[z] = fresh[inverse].reshape(truth[z].shape)
-    return out
 
 
 def predict(model: SegmentationModel, case: Case, tta: bool = False,
@@ -121,7 +111,7 @@ def run_case(case: Case, iterations: int, seeds: int, tta: bool,
                                edge=edge, strategy=name) for name in RANKINGS}
     ranked = picks[ranking]
     chosen_suggested = sorted(z for z, _ in ranked)
-    chosen_even = even_slices(n)
+    chosen_even = corrected_slices(n)  # evenly spaced, as in bench_finetune
     others = ", ".join(f"{name} {sorted(z for z, _ in picks[name])}" for name in RANKINGS if name != ranking)
     print(f"\n{case.title}: model {case.model}, stack {case.image.shape}; suggested slices "
           f"({ranking}) {chosen_suggested} (scores {', '.join(f'{s:.4f}' for _, s in ranked)}), "
