@@ -617,23 +617,38 @@ def predict_probabilities(
 
     start = time.perf_counter()
     tiles = first_tiles(plan, start_at)
-    total, done = len(tiles), 0
+    total = len(tiles)
     augmented = f", TTA x{len(tta_transforms(config.spatial_dims))}" if tta else ""
     yield Progress(0, total, 0.0, message=f"{policy.label()}, {plan.describe()}{augmented}",
                    stage="plan")
     for warning in _plan_warnings(config, plan):
         runner.messages.append(warning)
         yield Progress(0, total, 0.0, message=warning)
+    def view(tile: Tile) -> tuple[tuple[slice, ...], np.ndarray | None]:
+        values = out[(slice(None), *tile.write)] if isinstance(out, np.ndarray) else None
+        return tile.write, values
+
+    yield from runner_progress(runner, tiles, write, view, start)
+    return out
+
+
+def runner_progress(runner: TileRunner, tiles: Sequence[Tile],
+                    write: Callable[[Tile, np.ndarray], None],
+                    view: Callable[[Tile], tuple[tuple[slice, ...], np.ndarray | None]],
+                    start: float) -> Generator[Progress, None, None]:
+    """Run ``tiles`` through ``runner``: a :class:`Progress` per runner message and per finished
+    tile, whose region and probabilities ``view(tile)`` gives (tiles added by an out-of-memory
+    split count in the total)."""
+    total, done = len(tiles), 0
     for event in runner.run(tiles, write):
         total += event.added
         if event.message:
             yield Progress(done, total, time.perf_counter() - start, message=event.message)
         for finished in event.finished:
             done += 1
-            values = out[(slice(None), *finished.write)] if isinstance(out, np.ndarray) else None
-            yield Progress(done, total, time.perf_counter() - start, region=finished.write,
+            region, values = view(finished)
+            yield Progress(done, total, time.perf_counter() - start, region=region,
                            probabilities=values)
-    return out
 
 
 #: above this many voxels computed per voxel written, a plan is worth a warning

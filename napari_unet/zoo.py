@@ -674,7 +674,8 @@ def predict_foreign(image: Any, model: ForeignModel, *, device: str | torch.devi
     foreign model behaves in bf16 is unknown). Yields :class:`~napari_unet.inference.Progress`,
     returns float32 probabilities ``(channels, *spatial)``.
     """
-    from .inference import Progress, TileRunner, first_tiles, make_plan, select_device
+    from .inference import (Progress, TileRunner, first_tiles, make_plan, runner_progress,
+                            select_device)
     from .precision import resolve_precision
     from .tiling import Tile
 
@@ -712,23 +713,19 @@ def predict_foreign(image: Any, model: ForeignModel, *, device: str | torch.devi
     tiles = [widen(t) for t in cores]
     core_of = {id(t): c.write for t, c in zip(tiles, cores)}
     start = time.perf_counter()
-    total, done = len(tiles), 0
+    total = len(tiles)
     yield Progress(0, total, 0.0, message=f"{policy.label()}, {plan.describe()}, blended "
                    f"overlap {tuple(overlap)} + halo {tuple(model.halo)}", stage="plan")
     for note in model.notes[1:] + (["test-time augmentation is not used with Zoo models made "
                                      "elsewhere"] if tta else []):
         yield Progress(0, total, 0.0, message=note)
-    for event in runner.run(tiles, write):
-        total += event.added
-        if event.message:
-            yield Progress(done, total, time.perf_counter() - start, message=event.message)
-        for finished in event.finished:
-            done += 1
-            region = core_of.get(id(finished), finished.write)
-            weight = np.maximum(total_weight[region], 1e-12)
-            values = total_values[(slice(None), *region)] / weight
-            yield Progress(done, total, time.perf_counter() - start, region=region,
-                           probabilities=values)
+
+    def view(tile: Tile) -> tuple[tuple[slice, ...], np.ndarray]:
+        region = core_of.get(id(tile), tile.write)
+        weight = np.maximum(total_weight[region], 1e-12)
+        return region, total_values[(slice(None), *region)] / weight
+
+    yield from runner_progress(runner, tiles, write, view, start)
     np.maximum(total_weight, 1e-12, out=total_weight)
     total_values /= total_weight
     return total_values
