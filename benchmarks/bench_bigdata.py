@@ -53,8 +53,9 @@ def cheap_model():
     import torch
     import torch.nn.functional as F
 
-    from napari_unet.checkpoint import SegmentationModel
-    from napari_unet.models import UNet, UNetConfig
+    from napari_unet.model.checkpoint import SegmentationModel
+    from napari_unet.model.config import UNetConfig
+    from napari_unet.model.unet import UNet
 
     class CheapNet(UNet):
         # config of a depth-1 UNet: halo 2 >= this net's receptive radius 1, divisor 1
@@ -77,8 +78,9 @@ def cheap_model():
 def small_unet():
     import torch
 
-    from napari_unet.checkpoint import SegmentationModel
-    from napari_unet.models import UNet, UNetConfig
+    from napari_unet.model.checkpoint import SegmentationModel
+    from napari_unet.model.config import UNetConfig
+    from napari_unet.model.unet import UNet
 
     torch.manual_seed(0)
     network = UNet(UNetConfig(spatial_dims=3, base_channels=2, depth=2, norm="batch"))
@@ -153,9 +155,9 @@ def make_crop(source: Path, path: Path, gigabytes: float) -> None:
 
 
 def stage_stream(source: str, output: str, which: str) -> dict:
-    from napari_unet.io import open_lazy
+    from napari_unet.bigdata.streaming import predict_to_zarr
+    from napari_unet.io.lazy import open_lazy
     from napari_unet.progress import drain
-    from napari_unet.streaming import predict_to_zarr
 
     model = cheap_model() if which == "cheap" else small_unet()
     image = open_lazy(source)
@@ -170,8 +172,12 @@ def stage_stream(source: str, output: str, which: str) -> dict:
 
 
 def stage_cluster(source: str, output: str, workers: int) -> dict:
-    from napari_unet.cluster import dask_client, predict_to_zarr_distributed, worker_peak_rss
-    from napari_unet.io import open_lazy
+    from napari_unet.bigdata.cluster import (
+        dask_client,
+        predict_to_zarr_distributed,
+        worker_peak_rss,
+    )
+    from napari_unet.io.lazy import open_lazy
     from napari_unet.progress import drain
 
     model = small_unet()

@@ -44,12 +44,15 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_unet.checkpoint import SegmentationModel, load_model
-from napari_unet.inference import probabilities_to_output, segment
-from napari_unet.io import read_image
-from napari_unet.metrics import dice, match_instances
+from napari_unet.engine.predict import probabilities_to_output, segment
+from napari_unet.io.readers import read_image
+from napari_unet.labels.metrics import dice, match_instances
+from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.progress import drain
-from napari_unet.training import Trainer, TrainingConfig, TrainingPair, training_targets
+from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.targets import training_targets
+from napari_unet.training.trainer import Trainer
+from napari_unet.zoo.loading import load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CASES = ("2d", "nuclei", "synthetic", "cells")

@@ -79,8 +79,10 @@ def wait(app, condition, timeout: float) -> bool:
 
 
 def model_for(name: str, spatial_dims: int, task: str):
-    from napari_unet.checkpoint import SegmentationModel, list_pretrained, load_model
-    from napari_unet.models import UNet, UNetConfig
+    from napari_unet.model.checkpoint import SegmentationModel, list_pretrained
+    from napari_unet.model.config import UNetConfig
+    from napari_unet.model.unet import UNet
+    from napari_unet.zoo.loading import load_model
 
     if name in list_pretrained():
         return load_model(name)
@@ -256,7 +258,7 @@ def main() -> None:
     import dask.array as da
     import torch
 
-    from napari_unet.io import read_image
+    from napari_unet.io.readers import read_image
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,8 +46,9 @@ MONAI_ROI = {"3d": (64, 128, 128), "nuclei-3d": (64, 128, 128), "em-2d": (256, 2
 def random_3d_model():
     import torch
 
-    from napari_unet.checkpoint import SegmentationModel
-    from napari_unet.models import UNet, UNetConfig
+    from napari_unet.model.checkpoint import SegmentationModel
+    from napari_unet.model.config import UNetConfig
+    from napari_unet.model.unet import UNet
 
     torch.manual_seed(0)
     network = UNet(UNetConfig(spatial_dims=3, base_channels=16, depth=4, norm="batch"))
@@ -66,8 +67,8 @@ def load_case(case: str):
 
     import tifffile
 
-    from napari_unet.checkpoint import load_model
-    from napari_unet.normalization import fit_normalizer
+    from napari_unet.model.normalization import fit_normalizer
+    from napari_unet.zoo.loading import load_model
 
     if case == "3d":
         from scipy import ndimage
@@ -95,8 +96,9 @@ def run_method(case: str, method: str, device: str, out_path: str) -> None:
     """Child process: one method on one case; saves probabilities, prints JSON stats."""
     import torch
 
-    from napari_unet.inference import make_plan, predict_probabilities
-    from napari_unet.models import fuse_for_inference
+    from napari_unet.engine.planning import make_plan
+    from napari_unet.engine.predict import predict_probabilities
+    from napari_unet.model.unet import fuse_for_inference
     from napari_unet.progress import drain
 
     model, image = load_case(case)
@@ -139,8 +141,8 @@ def first_tile_seconds(device: str) -> float:
     stack, started at the slice on screen (what the Segment dock does)."""
     import tifffile
 
-    from napari_unet.checkpoint import load_model
-    from napari_unet.inference import predict_probabilities
+    from napari_unet.engine.predict import predict_probabilities
+    from napari_unet.zoo.loading import load_model
 
     model = load_model("em-membranes-2d")
     stack = np.stack([np.tile(tifffile.imread(ROOT / "sample_data" / "em_2d.tif"), (2, 2))] * 20)
@@ -159,8 +161,8 @@ def forward_paths(device: str) -> list[str]:
     channels-last, on tiles of a few million voxels (the CPU engine runs the slab-wise one)."""
     import torch
 
-    from napari_unet.checkpoint import load_model
-    from napari_unet.models import fuse_for_inference
+    from napari_unet.model.unet import fuse_for_inference
+    from napari_unet.zoo.loading import load_model
 
     lines = []
     for name, shape in (("em-membranes-2d", (4, 1, 512, 512)), ("nuclei-3d", (1, 1, 64, 128, 128))):
@@ -207,9 +209,9 @@ def bf16_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 def planner_ratios() -> dict[str, float]:
     """Voxels computed per voxel written on a 200x1024x1024 volume, shipped 3D models."""
-    from napari_unet.checkpoint import load_model
-    from napari_unet.inference import make_plan
-    from napari_unet.streaming import DEFAULT_MAX_TILE_BYTES
+    from napari_unet.bigdata.store import DEFAULT_MAX_TILE_BYTES
+    from napari_unet.engine.planning import make_plan
+    from napari_unet.zoo.loading import load_model
 
     class Shape:
         shape, ndim = (200, 1024, 1024), 3

@@ -54,14 +54,15 @@ import numpy as np
 import tifffile
 import torch
 
-from napari_unet.checkpoint import SegmentationModel, save_checkpoint
-from napari_unet.inference import predict_probabilities
-from napari_unet.metrics import match_instances
-from napari_unet.normalization import fit_normalizer
-from napari_unet.postprocess import to_instances, to_semantic
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.labels.instances import to_instances, to_semantic
+from napari_unet.labels.metrics import match_instances
+from napari_unet.labels.tuning import tune_postprocessing
+from napari_unet.model.checkpoint import SegmentationModel, save_checkpoint
+from napari_unet.model.normalization import fit_normalizer
 from napari_unet.progress import drain
-from napari_unet.training import Trainer, TrainingConfig, TrainingPair, new_model
-from napari_unet.tuning import tune_postprocessing
+from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.trainer import Trainer, new_model
 
 DATA = Path(os.environ.get("DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 WORK = Path(os.environ.get("WORK", "/tmp/napari-unet-models"))
@@ -238,8 +239,8 @@ class PeerTrainer(Trainer):
                               out_channels=model.config.out_channels)
 
     def train_peer(self) -> dict[str, Any]:
-        from napari_unet.losses import masked_loss
-        from napari_unet.precision import prepare_batch
+        from napari_unet.model.precision import prepare_batch
+        from napari_unet.training.losses import masked_loss
 
         config, policy = self.config, self.policy
         rng = np.random.default_rng(config.seed)
@@ -491,7 +492,7 @@ def shipped_candidate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_card(key: str) -> Path:
     """The model card of task ``key`` from the recorded results (``$WORK/cards/<name>.md``)."""
-    from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.model.checkpoint import load_checkpoint
 
     spec, rows = SPECS[key], _rows(key)
     final = {r["method"]: r for r in rows if r["phase"] == "final"}

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_unet import postprocess
-from napari_unet.checkpoint import load_model
-from napari_unet.io import read_image
-from napari_unet.normalization import fit_normalizer
-from napari_unet.onnx_export import export_onnx, session
+from napari_unet.io.readers import read_image
+from napari_unet.labels import instances
+from napari_unet.model.normalization import fit_normalizer
+from napari_unet.zoo.loading import load_model
+from napari_unet.zoo.onnx import export_onnx, session
 
 SAMPLES = {"em-membranes-2d": "em_2d", "nuclei-2d": "nuclei_2d", "nuclei-3d": "nuclei_3d",
            "cells-3d": "cells_3d"}
@@ -43,7 +43,7 @@ def best_time(path: Path, x: np.ndarray, repeats: int = 3) -> tuple[np.ndarray, 
 def labels(model, logits: np.ndarray) -> np.ndarray:
     tensor = torch.from_numpy(logits[0])
     probs = torch.softmax(tensor, 0) if model.task == "semantic" else torch.sigmoid(tensor)
-    return postprocess.to_semantic(probs.numpy(), model.task, threshold=0.5)
+    return instances.to_semantic(probs.numpy(), model.task, threshold=0.5)
 
 
 def main() -> None:

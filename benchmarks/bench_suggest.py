@@ -45,14 +45,17 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_unet.checkpoint import SegmentationModel, load_model
-from napari_unet.inference import predict_probabilities, probabilities_to_output
-from napari_unet.io import read_image
-from napari_unet.metrics import dice, match_instances
+from napari_unet.engine.predict import predict_probabilities, probabilities_to_output
+from napari_unet.engine.uncertainty import STRATEGIES as RANKINGS
+from napari_unet.engine.uncertainty import default_edge, rank_slices, uncertainty_map
+from napari_unet.io.readers import read_image
+from napari_unet.labels.metrics import dice, match_instances
+from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.progress import drain
-from napari_unet.training import Trainer, TrainingConfig, TrainingPair, training_targets
-from napari_unet.uncertainty import STRATEGIES as RANKINGS
-from napari_unet.uncertainty import default_edge, rank_slices, uncertainty_map
+from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.targets import training_targets
+from napari_unet.training.trainer import Trainer
+from napari_unet.zoo.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_finetune import corrected_slices, paste  # noqa: E402  (the same slices and pasting)

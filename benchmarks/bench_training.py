@@ -37,9 +37,10 @@ import numpy as np
 import tifffile
 import torch
 
-from napari_unet.checkpoint import load_model
 from napari_unet.progress import drain
-from napari_unet.training import Trainer, TrainingConfig, TrainingPair
+from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.trainer import Trainer
+from napari_unet.zoo.loading import load_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 PRECISIONS = ("fp32", "auto")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import SegmentationModel
-from napari_unet.models import UNet, UNetConfig
+from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.unet import UNet
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unet.augment import AugmentSettings, augment
+from napari_unet.training.augment import AugmentSettings, augment
 
 GEOMETRY_ONLY = AugmentSettings(intensity_probability=0.0, noise_probability=0.0, elastic_probability=1.0)
 
@@ -93,7 +93,7 @@ def test_rejects_mismatched_shapes():
 def test_elastic_displacement_equals_a_cubic_zoom_of_the_control_points():
     from scipy import ndimage as ndi
 
-    from napari_unet.augment import elastic_displacement
+    from napari_unet.training.augment import elastic_displacement
     for shape in [(24, 40), (128, 128), (7, 33, 50), (16, 64, 64)]:
         field = elastic_displacement(shape, np.random.default_rng(3), 24, 2.5)
         rng = np.random.default_rng(3)
@@ -121,7 +121,7 @@ def _coordinate_arrays(shape):
                                                      ((20, 50, 50), (8, 16, 16), False),
                                                      ((20, 50, 50), (6, 16, 16), True)])
 def test_augment_patch_keeps_image_labels_and_mask_aligned(shape, patch, anisotropic):
-    from napari_unet.augment import augment_patch, elastic_margin
+    from napari_unet.training.augment import augment_patch, elastic_margin
     grid, image, weights = _coordinate_arrays(shape)
     mask = (grid.sum(axis=0) % 3) == 0  # any function of the position
     settings = AugmentSettings(elastic_probability=0.5, intensity_probability=0.0, noise_probability=0.0)
@@ -152,7 +152,7 @@ def test_augment_patch_keeps_image_labels_and_mask_aligned(shape, patch, anisotr
 
 
 def test_augment_patch_without_elastic_is_a_flip_or_rotation_of_the_region():
-    from napari_unet.augment import augment_patch
+    from napari_unet.training.augment import augment_patch
     grid, image, _ = _coordinate_arrays((30, 40))
     settings = AugmentSettings(elastic_probability=0.0, intensity_probability=0.0, noise_probability=0.0)
     region = grid[:, 5:21, 10:26].reshape(2, -1)
@@ -164,6 +164,6 @@ def test_augment_patch_without_elastic_is_a_flip_or_rotation_of_the_region():
 
 
 def test_augment_patch_rejects_a_patch_outside_the_image():
-    from napari_unet.augment import augment_patch
+    from napari_unet.training.augment import augment_patch
     with pytest.raises(ValueError, match="not inside"):
         augment_patch(np.zeros((20, 20)), [], (10, 0), (16, 16), np.random.default_rng(0), spatial_dims=2)

@@ -2,19 +2,19 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import (
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.model.checkpoint import (
     CheckpointError,
     SegmentationModel,
     expected_channels,
     list_pretrained,
     load_checkpoint,
-    load_model,
     model_from_bytes,
     model_to_bytes,
     save_checkpoint,
 )
-from napari_unet.inference import predict_probabilities
 from napari_unet.progress import drain
+from napari_unet.zoo.loading import load_model
 
 from .conftest import tiny_model
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet.checkpoint import save_checkpoint
-from napari_unet.cli import main
-from napari_unet.inference import segment
-from napari_unet.io import read_image
+from napari_unet.cli.main import main
+from napari_unet.engine.predict import segment
+from napari_unet.io.readers import read_image
+from napari_unet.model.checkpoint import save_checkpoint
 from napari_unet.progress import drain
 
 from .conftest import tiny_model
@@ -37,7 +37,7 @@ def test_predict_writes_what_the_engine_computes(tmp_path, model_file, stack_fil
     written = read_image(out)
     assert written.voxel_size == pytest.approx((1.5, 0.2, 0.2))
     image = read_image(stack_file)
-    from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.model.checkpoint import load_checkpoint
 
     expected = drain(segment(image.data, load_checkpoint(model_file), output=output, device="cpu",
                              tile_shape=(32, 32), voxel_size=image.voxel_size)).data
@@ -50,7 +50,7 @@ def test_predict_writes_what_the_engine_computes(tmp_path, model_file, stack_fil
 
 def test_models_lists_names_first(capsys):
     assert main(["models"]) == 0
-    from napari_unet.checkpoint import list_pretrained
+    from napari_unet.model.checkpoint import list_pretrained
 
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert [line.split("\t")[0] for line in lines] == list(list_pretrained())
@@ -109,7 +109,7 @@ def test_hounsfield_window_overrides_model_normalisation(tmp_path, model_file):
 
 
 def test_predict_precision_choice(tmp_path, model_file, stack_file, capsys):
-    from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.model.checkpoint import load_checkpoint
 
     image = read_image(stack_file)
     model = load_checkpoint(model_file)
@@ -130,7 +130,7 @@ def test_predict_precision_choice(tmp_path, model_file, stack_file, capsys):
 
 
 def test_predict_tta_writes_the_augmented_engine_result(tmp_path, model_file, stack_file, capsys):
-    from napari_unet.checkpoint import load_checkpoint
+    from napari_unet.model.checkpoint import load_checkpoint
 
     image = read_image(stack_file)
     model = load_checkpoint(model_file)
@@ -146,8 +146,8 @@ def test_predict_tta_writes_the_augmented_engine_result(tmp_path, model_file, st
 
 
 def test_suggest_prints_ranked_slices_and_writes_the_map(tmp_path, model_file, stack_file, capsys):
-    from napari_unet.checkpoint import load_checkpoint
-    from napari_unet.uncertainty import rank_slices, uncertainty_map
+    from napari_unet.engine.uncertainty import rank_slices, uncertainty_map
+    from napari_unet.model.checkpoint import load_checkpoint
 
     capsys.readouterr()
     out = tmp_path / "u.tif"

@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet.checkpoint import list_pretrained, load_checkpoint, save_checkpoint
-from napari_unet.cli import main
-from napari_unet.io import read_image
+from napari_unet.cli.main import main
+from napari_unet.io import writers
+from napari_unet.io.readers import read_image
+from napari_unet.model.checkpoint import (
+    list_pretrained,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 from .conftest import SAMPLE_DATA, tiny_model
 
@@ -141,12 +146,12 @@ def test_all_nan_or_constant_image_is_a_clear_error(tmp_path, capsys, model_file
 
 
 def test_train_output_that_is_a_folder_is_refused_before_training(tmp_path, capsys, train_data, monkeypatch):
-    import napari_unet.training as training
+    from napari_unet.training import trainer
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(training.Trainer, "run", never)
+    monkeypatch.setattr(trainer.Trainer, "run", never)
     folder = tmp_path / "existing.pt"
     folder.mkdir()
     code, _, err = run(capsys, "train", "--image", train_data["image"], "--labels", train_data["labels"],
@@ -200,10 +205,11 @@ def test_train_saves_to_the_cache_when_the_disk_is_full(tmp_path, capsys, train_
 
 
 def test_train_saves_next_to_the_output_when_only_that_file_fails(tmp_path, capsys, train_data, monkeypatch):
-    import napari_unet.checkpoint as checkpoint
+    from napari_unet.io import files
+    from napari_unet.model import checkpoint
 
     target = tmp_path / "m.pt"
-    real = checkpoint.atomic_write
+    real = files.atomic_write
 
     def atomic_write(path, write):
         if Path(path) == target:
@@ -230,14 +236,14 @@ def test_train_saves_next_to_the_output_when_only_that_file_fails(tmp_path, caps
 ])
 def test_predict_output_location_is_checked_before_inference(tmp_path, capsys, model_file, image_file,
                                                               monkeypatch, suffix, case):
-    import napari_unet.inference as inference
-    import napari_unet.streaming as streaming
+    from napari_unet.bigdata import streaming as streaming_streaming
+    from napari_unet.engine import predict
 
     def never(*args, **kwargs):
         raise AssertionError("inference started")
 
-    monkeypatch.setattr(inference, "segment", never)
-    monkeypatch.setattr(streaming, "predict_to_zarr", never)
+    monkeypatch.setattr(predict, "segment", never)
+    monkeypatch.setattr(streaming_streaming, "predict_to_zarr", never)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     output = {"folder": tmp_path / "existing.tif", "parent_is_file": blocker / f"o{suffix}",
@@ -257,13 +263,13 @@ def test_predict_output_location_is_checked_before_inference(tmp_path, capsys, m
 
 
 def test_predict_tif_disk_full_names_the_users_file(tmp_path, capsys, model_file, image_file, monkeypatch):
-    import napari_unet.io as nio
+    pass
 
     def full(file, *args, **kwargs):
         Path(file).write_bytes(b"II*\x00")
         raise OSError(errno.ENOSPC, "No space left on device", str(file))
 
-    monkeypatch.setattr(nio.tifffile, "imwrite", full)
+    monkeypatch.setattr(writers.tifffile, "imwrite", full)
     output = tmp_path / "labels.tif"
     code, _, err = run(capsys, "predict", image_file, "-o", output, "--model", model_file, "--device", "cpu")
     assert code == 1
@@ -302,12 +308,12 @@ def test_predict_into_a_read_only_folder_is_refused_before_inference(tmp_path, c
 
 def test_predict_permission_denied_probe_is_refused_before_inference(tmp_path, capsys, model_file,
                                                                       image_file, monkeypatch):
-    import napari_unet.io as nio
+    from napari_unet.io import files
 
     def denied(folder):
         raise PermissionError(errno.EACCES, "Permission denied", str(folder / ".probe"))
 
-    monkeypatch.setattr(nio, "_probe_writable", denied)
+    monkeypatch.setattr(files, "_probe_writable", denied)
     output = tmp_path / "o.tif"
     code, _, err = run(capsys, "predict", image_file, "-o", output, "--model", model_file)
     assert code == 2
@@ -496,9 +502,9 @@ def test_train_values_refused_at_parsing(tmp_path, capsys, train_data, option, v
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_training_saves_the_best_model_and_exits_130(tmp_path, capsys, train_data,
                                                                    monkeypatch, signum):
-    import napari_unet.training as training
+    from napari_unet.training import trainer
 
-    real_run = training.Trainer.run
+    real_run = trainer.Trainer.run
 
     def run_then_signal(self):
         job = real_run(self)
@@ -513,7 +519,7 @@ def test_signal_during_training_saves_the_best_model_and_exits_130(tmp_path, cap
     def unhandled(signum, frame):
         raise Unhandled(signum)
 
-    monkeypatch.setattr(training.Trainer, "run", run_then_signal)
+    monkeypatch.setattr(trainer.Trainer, "run", run_then_signal)
     target = tmp_path / "m.pt"
     previous = signal.signal(signum, unhandled)  # not the default: SIGTERM would end pytest
     try:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet.checkpoint import load_checkpoint
-from napari_unet.cli import main
+from napari_unet.cli.main import main
+from napari_unet.model.checkpoint import load_checkpoint
 
 TINY = ["--base-channels", "4", "--depth", "2", "--iterations", "2", "--batch-size", "2"]
 

@@ -8,13 +8,14 @@ import pytest
 import zarr
 from scipy import ndimage as ndi
 
-from napari_unet import cluster
-from napari_unet.checkpoint import save_checkpoint
-from napari_unet.inference import predict_probabilities, segment
-from napari_unet.io import read_image, write_image_tiff
-from napari_unet.postprocess import to_semantic
+from napari_unet.bigdata import cluster
+from napari_unet.bigdata.streaming import predict_to_zarr
+from napari_unet.engine.predict import predict_probabilities, segment
+from napari_unet.io.readers import read_image
+from napari_unet.io.writers import write_image_tiff
+from napari_unet.labels.instances import to_semantic
+from napari_unet.model.checkpoint import save_checkpoint
 from napari_unet.progress import drain
-from napari_unet.streaming import predict_to_zarr
 
 from .test_streaming import _balls, _same_partition, mask_model, tiny_model
 
@@ -120,7 +121,7 @@ def test_instances_on_the_cluster_are_consistent_across_chunks(client, tmp_path)
 
 
 def test_batch_folder_one_task_per_file_and_cli(client, tmp_path, capsys):
-    from napari_unet.cli import main
+    from napari_unet.cli.main import main
 
     model = tiny_model(2)
     folder = tmp_path / "images"
@@ -148,7 +149,7 @@ def test_batch_folder_one_task_per_file_and_cli(client, tmp_path, capsys):
 
 
 def test_cli_dask_single_image_needs_zarr_output(client, tmp_path, capsys):
-    from napari_unet.cli import main
+    from napari_unet.cli.main import main
 
     model = tiny_model(3)
     checkpoint = save_checkpoint(model, tmp_path / "m.pt")

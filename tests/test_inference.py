@@ -6,21 +6,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from napari_unet import inference
-from napari_unet.checkpoint import SegmentationModel
-from napari_unet.inference import (
-    Progress,
-    make_plan,
+from napari_unet.engine import devices, planning, predict, tta
+from napari_unet.engine import runner as inference_runner
+from napari_unet.engine.devices import select_device
+from napari_unet.engine.planning import make_plan
+from napari_unet.engine.predict import (
     postprocess_settings,
     predict_probabilities,
     probabilities_to_output,
     segment,
-    select_device,
 )
-from napari_unet.models import UNet, UNetConfig
-from napari_unet.normalization import Normalizer, fit_normalizer
-from napari_unet.precision import resolve_precision
-from napari_unet.progress import drain
+from napari_unet.model import unet
+from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.normalization import Normalizer, fit_normalizer
+from napari_unet.model.precision import resolve_precision
+from napari_unet.model.unet import UNet
+from napari_unet.progress import Progress, drain
 
 from .conftest import tiny_model
 
@@ -125,13 +127,13 @@ def test_closing_the_generator_stops_at_the_next_tile():
     image = np.random.default_rng(4).random((96, 96), dtype=np.float32)
     calls = []
     job = predict_probabilities(image, MODEL_2D, device="cpu", tile_shape=(40, 40), batch_size=1)
-    original = inference.TileRunner._run_batch
+    original = inference_runner.TileRunner._run_batch
 
     def counting_run(self, tiles, write):
         calls.append(len(tiles))
         return original(self, tiles, write)
 
-    inference.TileRunner._run_batch = counting_run
+    inference_runner.TileRunner._run_batch = counting_run
     try:
         assert next(job).stage == "plan" and not calls
         first = next(job)
@@ -142,7 +144,7 @@ def test_closing_the_generator_stops_at_the_next_tile():
         with pytest.raises(StopIteration):
             next(job)
     finally:
-        inference.TileRunner._run_batch = original
+        inference_runner.TileRunner._run_batch = original
     assert first.done == 1 and len(calls) == 1 and first.total > 1
 
 
@@ -203,7 +205,7 @@ def test_out_of_memory_that_never_ends_is_a_clear_memory_error():
 
 def test_device_selection():
     assert select_device("cpu").type == "cpu"
-    assert select_device("auto").type in inference.available_devices()
+    assert select_device("auto").type in devices.available_devices()
     with pytest.raises(ValueError, match="unknown device"):
         select_device("tpu")
     if not torch.cuda.is_available():
@@ -220,11 +222,11 @@ def test_auto_precision_on_cuda_is_bf16_or_fp16(monkeypatch):
 
 
 def test_plan_follows_free_memory(monkeypatch):
-    monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**30)
+    monkeypatch.setattr(planning, "_available_memory", lambda device: 64 * 2**30)
     image = np.zeros((40, 256, 256), np.float32)
     big = make_plan(image, MODEL_3D, device="cpu")
     assert big.core == (40, 256, 256) and big.read_per_written == 1.0
-    monkeypatch.setattr(inference, "_available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(planning, "_available_memory", lambda device: 64 * 2**20)
     small = make_plan(image, MODEL_3D, device="cpu")
     assert math.prod(small.tile_shape) < math.prod(big.tile_shape) and small.batch_size >= 1
     assert small.read_per_written > 1.0
@@ -278,9 +280,9 @@ def test_instances_from_foreground_probabilities_split_touching_objects():
     yy, xx = np.mgrid[:64, :80]
     two_disks = ((yy - 32) ** 2 + (xx - 26) ** 2 < 15 ** 2) | ((yy - 32) ** 2 + (xx - 52) ** 2 < 15 ** 2)
     probabilities = two_disks[None].astype(np.float16)
-    instances = inference.probabilities_to_output(probabilities, "foreground", "instances")
+    instances = predict.probabilities_to_output(probabilities, "foreground", "instances")
     assert instances.max() == 2
-    binary = inference.probabilities_to_output(probabilities, "foreground", "labels")
+    binary = predict.probabilities_to_output(probabilities, "foreground", "labels")
     assert set(np.unique(binary)) == {0, 1}
 
 
@@ -291,8 +293,8 @@ def test_default_min_size_drops_seed_fragments():
     boundary = disk & ((yy - 32) ** 2 + (xx - 32) ** 2 >= 10 ** 2)
     boundary[50, 32] = False  # a 1-pixel hole in the boundary ring = a fragment seed
     probabilities = np.stack([disk, boundary]).astype(np.float16)
-    assert inference.probabilities_to_output(probabilities, "foreground_boundary", "instances").max() == 1
-    fragments = inference.probabilities_to_output(probabilities, "foreground_boundary", "instances", min_size=0)
+    assert predict.probabilities_to_output(probabilities, "foreground_boundary", "instances").max() == 1
+    fragments = predict.probabilities_to_output(probabilities, "foreground_boundary", "instances", min_size=0)
     assert fragments.max() == 2
 
 
@@ -302,7 +304,7 @@ def test_default_min_size_drops_seed_fragments():
 def test_channels_last_fp32_equals_the_plain_layout():
     for model, shape in ((MODEL_2D, (2, 1, 40, 56)), (MODEL_3D, (1, 1, 12, 32, 24))):
         x = torch.randn(*shape)
-        network = inference.fuse_for_inference(model.network)
+        network = unet.fuse_for_inference(model.network)
         with torch.inference_mode():
             plain = network(x)
             fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
@@ -367,7 +369,8 @@ def test_group_norm_models_warn_that_tiles_are_not_exact():
 def test_shipped_models_bf16_labels_agree_with_fp32_on_sample_images(name, sample):
     import tifffile
 
-    from napari_unet.checkpoint import load_model
+    from napari_unet.zoo.loading import load_model
+
     from .conftest import SAMPLE_DATA
 
     image = tifffile.imread(SAMPLE_DATA / f"{sample}.tif")
@@ -418,7 +421,7 @@ def _tta_reference(image: np.ndarray, model: SegmentationModel) -> tuple[np.ndar
     padded = np.pad(normalizer(image), pad, mode="edge")
     crop = (slice(None), *(slice(0, n) for n in image.shape))
     outputs = []
-    for transform in inference.tta_transforms(model.spatial_dims):
+    for transform in tta.tta_transforms(model.spatial_dims):
         moved = _numpy_transform(padded, transform)
         probs = untiled(moved, SegmentationModel(network=model.network, task=model.task,
                                                  normalization={"mode": "none"}))
@@ -431,13 +434,13 @@ def _symmetrised(model: SegmentationModel) -> SegmentationModel:
     """A copy whose every kernel is invariant under the TTA transforms: an equivariant model."""
     network = UNet(model.config)
     network.load_state_dict(model.network.state_dict())
-    transforms = inference.tta_transforms(model.spatial_dims)
+    transforms = tta.tta_transforms(model.spatial_dims)
     with torch.no_grad():
         for module in network.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d,
                                    torch.nn.ConvTranspose3d)):
                 weight = module.weight
-                module.weight.copy_(sum(inference._transform(weight, t) for t in transforms)
+                module.weight.copy_(sum(tta._transform(weight, t) for t in transforms)
                                     / len(transforms))
     network.eval()
     return SegmentationModel(network=network, task=model.task, name="symmetric")
@@ -445,7 +448,7 @@ def _symmetrised(model: SegmentationModel) -> SegmentationModel:
 
 def test_tta_transforms_are_a_group_of_eight_and_invert_exactly():
     for dims in (2, 3):
-        transforms = inference.tta_transforms(dims)
+        transforms = tta.tta_transforms(dims)
         assert len(set(transforms)) == 8
         shape = (1, 2, 5, 7) if dims == 2 else (1, 2, 4, 5, 7)
         x = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
@@ -455,14 +458,14 @@ def test_tta_transforms_are_a_group_of_eight_and_invert_exactly():
 
         images = set()
         for t in transforms:
-            moved = inference._transform(x, t)
-            assert torch.equal(inference._untransform(moved, t), x)
+            moved = tta._transform(x, t)
+            assert torch.equal(tta._untransform(moved, t), x)
             images.add(key(moved))
         assert len(images) == 8  # eight different augmentations
         # closed under composition: transforming a transformed image gives one of the eight
         for a in transforms:
             for b in transforms:
-                assert key(inference._transform(inference._transform(x, a), b)) in images
+                assert key(tta._transform(tta._transform(x, a), b)) in images
 
 
 @pytest.mark.parametrize("model, shape", [(MODEL_2D, (37, 53)), (MODEL_3D, (9, 29, 22)),
@@ -533,7 +536,7 @@ def test_tta_in_a_streamed_core_and_semantic_softmax_averages_probabilities():
     assert np.allclose(whole.sum(axis=0), 1, atol=1e-5)  # averaged after the softmax
     plan = make_plan(image, model, device="cpu", tile_shape=(20, 18))
     policy = resolve_precision("fp32", torch.device("cpu"))
-    runner = inference.TileRunner(image, inference.prepare_network(model.network, torch.device("cpu"), policy),
+    runner = inference_runner.TileRunner(image, inference_runner.prepare_network(model.network, torch.device("cpu"), policy),
                                   fit_normalizer(image, model.normalization), torch.device("cpu"),
                                   policy, model.task, plan, tta=True)
     for tile in plan.tiles():

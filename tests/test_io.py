@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet import io as nio
-from napari_unet.io import (
-    ImageReadError,
-    LoadedImage,
-    atomic_write,
-    read_image,
-    smallest_label_dtype,
+from napari_unet.io import writers
+from napari_unet.io.files import atomic_write
+from napari_unet.io.formats import ImageReadError, LoadedImage
+from napari_unet.io.readers import read_image
+from napari_unet.io.writers import (
     write_image_tiff,
     write_labels_tiff,
     write_tiff_atomic,
 )
+from napari_unet.labels.dtypes import smallest_label_dtype
 
 RNG = np.random.default_rng(0)
 
@@ -388,7 +387,7 @@ def test_atomic_write_failure_leaves_existing_file_and_no_temp(tmp_path, monkeyp
             handle.write(b"II*\x00partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(nio.tifffile, "imwrite", failing_imwrite)
+    monkeypatch.setattr(writers.tifffile, "imwrite", failing_imwrite)
     with pytest.raises(RuntimeError, match="disk full"):
         write_labels_tiff(out, np.full((4, 5), 7, np.uint8))
     assert out.read_bytes() == before

@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet import io as nio
-from napari_unet.io import (
-    ImageReadError,
-    OutputPathError,
-    atomic_write,
-    check_output_path,
-    open_lazy,
-    read_image,
-    write_labels_tiff,
-)
+from napari_unet.io import files, writers
+from napari_unet.io.files import atomic_write, check_output_path
+from napari_unet.io.formats import ImageReadError, OutputPathError
+from napari_unet.io.lazy import open_lazy
+from napari_unet.io.readers import read_image
+from napari_unet.io.writers import write_labels_tiff
 
 STACK = np.random.default_rng(0).integers(0, 255, (8, 32, 32), dtype=np.uint8)
 
@@ -66,7 +62,7 @@ def test_disk_full_during_write_names_the_users_file_and_leaves_nothing(tmp_path
         Path(file).write_bytes(b"II*\x00partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(file))
 
-    monkeypatch.setattr(nio.tifffile, "imwrite", full)
+    monkeypatch.setattr(writers.tifffile, "imwrite", full)
     out = tmp_path / "labels.tif"
     with pytest.raises(OSError) as info:
         write_labels_tiff(out, np.ones((4, 5), np.uint8))
@@ -112,7 +108,7 @@ def test_check_output_path_cases(tmp_path, monkeypatch):
     def read_only(folder):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder / ".probe"))
 
-    monkeypatch.setattr(nio, "_probe_writable", read_only)
+    monkeypatch.setattr(files, "_probe_writable", read_only)
     with pytest.raises(OutputPathError, match=r"Read-only file system"):
         check_output_path(tmp_path / "ok.tif")
 

@@ -8,14 +8,10 @@ import pytest
 import tifffile
 import zarr
 
-from napari_unet.io import (
-    ImageReadError,
-    estimated_nbytes,
-    is_zarr_path,
-    open_lazy,
-    read_image,
-    write_image_tiff,
-)
+from napari_unet.io.formats import ImageReadError
+from napari_unet.io.lazy import estimated_nbytes, is_zarr_path, open_lazy
+from napari_unet.io.readers import read_image
+from napari_unet.io.writers import write_image_tiff
 
 RNG = np.random.default_rng(1)
 

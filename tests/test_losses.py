@@ -9,8 +9,14 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_unet.losses import (LOSSES, class_weights_from_counts, map_class_weights, masked_loss,
-                                positive_weights, unet_weight_map)
+from napari_unet.training.losses import (
+    LOSSES,
+    class_weights_from_counts,
+    map_class_weights,
+    masked_loss,
+    positive_weights,
+    unet_weight_map,
+)
 
 
 def _case(task: str, spatial=(2, 12, 10), channels=2, seed=0):

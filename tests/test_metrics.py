@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from napari_unet import metrics
+from napari_unet.labels import metrics
 
 
 def squares(shape, corners, size, ids=None) -> np.ndarray:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.models import UNet, UNetConfig, build_model, fuse_for_inference
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.unet import UNet, build_model, fuse_for_inference
 
 from .conftest import randomize_batch_norm
 

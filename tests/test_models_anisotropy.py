@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from napari_unet.models import UNet, UNetConfig, inplane_only_levels_for
+from napari_unet.model.config import UNetConfig, inplane_only_levels_for
+from napari_unet.model.unet import UNet
 
 
 @pytest.mark.parametrize("voxel_size, depth, expected", [

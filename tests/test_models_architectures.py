@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import SegmentationModel, load_checkpoint, save_checkpoint
-from napari_unet.inference import predict_probabilities
-from napari_unet.models import (
-    ARCHITECTURES,
-    UNet,
-    UNetConfig,
-    build_model,
-    fuse_for_inference,
-    init_weights,
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.model.checkpoint import (
+    SegmentationModel,
+    load_checkpoint,
+    save_checkpoint,
 )
+from napari_unet.model.config import ARCHITECTURES, UNetConfig
+from napari_unet.model.unet import UNet, build_model, fuse_for_inference, init_weights
 from napari_unet.progress import drain
 
 from .conftest import randomize_batch_norm
@@ -263,7 +261,7 @@ def test_kaiming_init():
 
 
 def test_planner_budgets_more_memory_for_unet_plus_plus():
-    from napari_unet.inference import bytes_per_voxel
+    from napari_unet.engine.planning import bytes_per_voxel
 
     cpu = torch.device("cpu")
     sizes = {arch: bytes_per_voxel(UNet(_config(arch, "2d")), cpu) for arch in ARCHITECTURES}
@@ -286,30 +284,31 @@ def pair(tmp_path):
 
 
 def test_cli_trains_a_new_architecture_and_keeps_it_when_fine_tuning(pair, tmp_path, capsys):
-    from napari_unet import cli, models
+    from napari_unet.cli import main, train
+    from napari_unet.model import config as models_config
 
-    assert cli.ARCHITECTURE_CHOICES == models.ARCHITECTURES
+    assert train.ARCHITECTURE_CHOICES == models_config.ARCHITECTURES
     tiny = ["--base-channels", "4", "--depth", "3", "--iterations", "1", "--batch-size", "1", "--no-tune"]
     first = tmp_path / "first.pt"
-    assert cli.main(["train", *pair, "--dims", "2", *tiny, "--architecture", "unetpp",
+    assert main.main(["train", *pair, "--dims", "2", *tiny, "--architecture", "unetpp",
                      "--deep-supervision", "--init", "default", "-o", str(first)]) == 0
     config = load_checkpoint(first).network.config
     assert (config.architecture, config.deep_supervision) == ("unetpp", True)
     second = tmp_path / "second.pt"
-    assert cli.main(["train", *pair, "--from", str(first), "--iterations", "1", "--no-tune",
+    assert main.main(["train", *pair, "--from", str(first), "--iterations", "1", "--no-tune",
                      "-o", str(second)]) == 0
     assert load_checkpoint(second).network.config == config
     capsys.readouterr()
-    assert cli.main(["train", *pair, "--from", str(first), "--architecture", "resunet",
+    assert main.main(["train", *pair, "--from", str(first), "--architecture", "resunet",
                      "-o", str(tmp_path / "x.pt")]) == 2
     assert "only apply to new models" in capsys.readouterr().err
-    assert cli.main(["train", *pair, "--dims", "2", "--architecture", "attention", "--deep-supervision",
+    assert main.main(["train", *pair, "--dims", "2", "--architecture", "attention", "--deep-supervision",
                      "-o", str(tmp_path / "y.pt")]) == 2
     assert "needs --architecture unetpp" in capsys.readouterr().err
 
 
 def test_new_model_uses_kaiming_unless_told_otherwise():
-    from napari_unet.training import new_model
+    from napari_unet.training.trainer import new_model
 
     kaiming = new_model(2, "foreground", base_channels=4, depth=2, architecture="resunet")
     default = new_model(2, "foreground", base_channels=4, depth=2, architecture="resunet", init="default")

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from napari_unet.inference import predict_probabilities
-from napari_unet.normalization import (
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.model.normalization import (
     NonFiniteValuesWarning,
     Normalizer,
     UnusableImageError,
@@ -36,7 +36,7 @@ def test_percentiles_ignore_nan_and_say_how_many():
 
 
 def test_subsampled_image_reports_a_fraction(monkeypatch):
-    import napari_unet.normalization as normalization
+    import napari_unet.model.normalization as normalization
 
     monkeypatch.setattr(normalization, "_PERCENTILE_SAMPLE", 100)
     image = RNG.random((40, 40)).astype(np.float32)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_unet.checkpoint import save_checkpoint
-from napari_unet.cli import main
+from napari_unet.cli.main import main
+from napari_unet.model.checkpoint import save_checkpoint
 
 from .conftest import tiny_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from napari_unet.onnx_export import (OnnxExportError, OnnxModule, export_onnx,  # noqa: E402
-                                     exportable_network, read_metadata)
+from napari_unet.zoo.onnx import (
+    OnnxExportError,
+    OnnxModule,
+    export_onnx,
+    exportable_network,
+    read_metadata,
+)
 
 
 @pytest.mark.parametrize("dims, config", [
@@ -59,7 +64,7 @@ def test_cli_export_onnx_and_refusals(tmp_path, capsys):
 
 
 def test_a_wrong_export_is_refused_not_written(tmp_path, monkeypatch):
-    import napari_unet.onnx_export as onnx_export
+    import napari_unet.zoo.onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "compare_with_torch", lambda *a, **k: 0.5)
     with pytest.raises(OnnxExportError, match="differs from torch by 0.5"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_unet import postprocess
+from napari_unet.labels import dtypes, edits
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -14,9 +14,9 @@ def test_chunked_bincount_equals_bincount(seed):
     rng = np.random.default_rng(seed)
     values = rng.integers(0, rng.integers(1, 500), size=(7, 33, 29)).astype(
         [np.uint8, np.uint16, np.uint32, np.int64, np.int32][seed])
-    np.testing.assert_array_equal(postprocess.chunked_bincount(values, chunk=1000),
+    np.testing.assert_array_equal(dtypes.chunked_bincount(values, chunk=1000),
                                   np.bincount(values.ravel()))
-    assert postprocess.chunked_bincount(np.zeros(0, np.uint8)).size == 0
+    assert dtypes.chunked_bincount(np.zeros(0, np.uint8)).size == 0
 
 
 @pytest.mark.parametrize("shape, density, seed", [
@@ -30,7 +30,7 @@ def test_fill_binary_holes_equals_scipy(shape, density, seed):
     if len(shape) > 1:
         mask |= rng.random(shape) < density / 4  # noise: many small holes and islands
     expected = ndi.binary_fill_holes(mask)
-    np.testing.assert_array_equal(postprocess.fill_binary_holes(mask), expected)
+    np.testing.assert_array_equal(edits.fill_binary_holes(mask), expected)
 
 
 def test_fill_holes_of_labels_unchanged_by_the_new_helpers():
@@ -39,6 +39,6 @@ def test_fill_holes_of_labels_unchanged_by_the_new_helpers():
     labels[4:6, 9:11, 9:11] = 0  # a closed cavity in object 3
     labels[2:8, 18:28, 18:28] = 5
     labels[2:8, 22:24, 22:24] = 0  # a tunnel through object 5: not a hole
-    out = postprocess.fill_holes(labels)
+    out = edits.fill_holes(labels)
     assert (out[4:6, 9:11, 9:11] == 3).all() and not out[2:8, 22:24, 22:24].any()
     np.testing.assert_array_equal(out[labels != 0], labels[labels != 0])

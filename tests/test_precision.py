@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_unet import precision
-from napari_unet.precision import PRECISIONS, prepare_batch, resolve_precision
+from napari_unet.model import precision
+from napari_unet.model.precision import PRECISIONS, prepare_batch, resolve_precision
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from napari_unet import settings
+from napari_unet.io import settings
 
 
 def test_settings_round_trip_in_the_config_folder(tmp_path, monkeypatch):

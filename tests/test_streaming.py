@@ -9,14 +9,17 @@ import torch
 import zarr
 from scipy import ndimage as ndi
 
-from napari_unet import streaming
-from napari_unet.checkpoint import SegmentationModel, save_checkpoint
-from napari_unet.inference import predict_probabilities, segment
-from napari_unet.models import UNet, UNetConfig
-from napari_unet.normalization import Normalizer
-from napari_unet.postprocess import to_semantic
+from napari_unet.bigdata import streaming as streaming_streaming
+from napari_unet.bigdata.store import stream_info
+from napari_unet.bigdata.streaming import predict_to_zarr
+from napari_unet.engine.planning import make_plan
+from napari_unet.engine.predict import predict_probabilities, segment
+from napari_unet.labels.instances import to_semantic
+from napari_unet.model.checkpoint import SegmentationModel, save_checkpoint
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.normalization import Normalizer
+from napari_unet.model.unet import UNet
 from napari_unet.progress import drain
-from napari_unet.streaming import make_plan, predict_to_zarr, stream_info
 
 from .conftest import tiny_model as conftest_tiny_model
 
@@ -201,8 +204,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert int(np.asarray(zarr.open_group(str(out))["_done"][...]).sum()) == 4
 
     calls = []
-    original = streaming.TileWriter.predict
-    monkeypatch.setattr(streaming.TileWriter, "predict",
+    original = streaming_streaming.TileWriter.predict
+    monkeypatch.setattr(streaming_streaming.TileWriter, "predict",
                         lambda self, tile: calls.append(tile) or original(self, tile))
     result = drain(predict_to_zarr(image, model, out, output="labels", probabilities=True,
                                    tile_shape=(20, 28, 28)))
@@ -332,8 +335,9 @@ def test_instance_merge_resumes(tmp_path):
 
 
 def test_cli_predict_to_zarr_from_lazy_tiff_and_resume(tmp_path, capsys):
-    from napari_unet.cli import main
-    from napari_unet.io import open_lazy, write_image_tiff
+    from napari_unet.cli.main import main
+    from napari_unet.io.lazy import open_lazy
+    from napari_unet.io.writers import write_image_tiff
 
     model = tiny_model(3)
     checkpoint = save_checkpoint(model, tmp_path / "tiny.pt")
@@ -358,8 +362,8 @@ def test_cli_predict_to_zarr_from_lazy_tiff_and_resume(tmp_path, capsys):
 
 
 def test_cli_predict_tta_to_zarr(tmp_path, capsys):
-    from napari_unet.cli import main
-    from napari_unet.io import write_image_tiff
+    from napari_unet.cli.main import main
+    from napari_unet.io.writers import write_image_tiff
 
     model = tiny_model(3)
     checkpoint = save_checkpoint(model, tmp_path / "tiny.pt")
@@ -377,8 +381,8 @@ def test_cli_predict_tta_to_zarr(tmp_path, capsys):
 
 
 def test_resume_uses_the_stored_plan_with_less_memory_or_another_tile(tmp_path, monkeypatch):
-    from napari_unet import inference
-    from napari_unet.streaming import stored_plan
+    from napari_unet.bigdata.store import stored_plan
+    from napari_unet.engine import planning
 
     model = tiny_model(3)
     image = RNG.integers(0, 4000, size=(20, 48, 40)).astype(np.uint16)
@@ -387,7 +391,7 @@ def test_resume_uses_the_stored_plan_with_less_memory_or_another_tile(tmp_path, 
     drain(predict_to_zarr(image, model, out, probabilities=True, tile_shape=(20, 28, 28), max_tiles=3))
     first_plan = stored_plan(zarr.open_group(str(out)))
     # the machine now has much less free memory: a fresh plan would be different
-    monkeypatch.setattr(inference, "_available_memory", lambda device: 2**20)
+    monkeypatch.setattr(planning, "_available_memory", lambda device: 2**20)
     assert make_plan(image, model, device="cpu").core != first_plan.core
     notes = []
     result = drain(predict_to_zarr(image, model, out, probabilities=True),

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_unet.tiling import plan_run, plan_tiles
+from napari_unet.engine.tiling import plan_run, plan_tiles
 
 
 @st.composite
@@ -73,7 +73,7 @@ import math  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from napari_unet.tiling import axis_read_per_written, choose_cores  # noqa: E402
+from napari_unet.engine.tiling import axis_read_per_written, choose_cores  # noqa: E402
 
 
 def _halving_cores(shape, halo, divisor, max_voxels):

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import load_checkpoint, save_checkpoint
+from napari_unet.model.checkpoint import load_checkpoint, save_checkpoint
 from napari_unet.progress import drain
-from napari_unet.training import (Trainer, TrainingConfig, TrainingPair, TrainingStats, new_model,
-                                  train, training_targets)
+from napari_unet.training import trainer as trainer_module
+from napari_unet.training.config import TrainingConfig, TrainingPair, TrainingStats
+from napari_unet.training.targets import training_targets
+from napari_unet.training.trainer import Trainer, new_model, train
 
 TINY = dict(base_channels=4, depth=2)
 
@@ -174,7 +176,7 @@ def test_send_stop_and_close_keep_the_best_weights():
 
 def every_iteration(monkeypatch):
     """Validation after every iteration (``validation_interval=0`` and no time share cap)."""
-    monkeypatch.setattr("napari_unet.training.EVALUATION_SHARE", 1e9)
+    monkeypatch.setattr("napari_unet.training.trainer.EVALUATION_SHARE", 1e9)
 
 
 def test_validation_split_tracks_the_best_weights(monkeypatch):
@@ -279,7 +281,8 @@ def _a_prediction(truth):
 
 def test_label_boundaries_ignore_unannotated_neighbours():
     from skimage.segmentation import find_boundaries
-    from napari_unet.training import label_boundaries
+
+    from napari_unet.training.targets import label_boundaries
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, (6, 7, 8))
@@ -400,10 +403,13 @@ def test_two_images_keep_the_weights_that_score_best_on_the_held_out_one(monkeyp
 
 
 def test_validation_scores_objects_slice_by_slice():
-    from napari_unet.metrics import match_instances
+    from napari_unet.engine.predict import (
+        predict_probabilities,
+        probabilities_to_output,
+    )
+    from napari_unet.labels.metrics import match_instances
+    from napari_unet.model.normalization import Normalizer
     from napari_unet.progress import drain as run
-    from napari_unet.inference import predict_probabilities, probabilities_to_output
-    from napari_unet.normalization import Normalizer
 
     image, labels = blobs((12, 32, 32), n=8, radius=5)
     model = new_model(3, "foreground_boundary", **TINY)
@@ -443,7 +449,7 @@ def test_a_corrected_region_gives_the_same_targets_in_truth_and_in_a_prediction(
 # --- precision, memory layout, patch pipeline (issue 8) ------------------------------------
 
 def test_training_precision_follows_the_policy(monkeypatch):
-    from napari_unet import precision
+    from napari_unet.model import precision
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     image, labels = blobs((32, 32))
     pair = [TrainingPair(image, labels)]
@@ -478,12 +484,13 @@ def test_bf16_training_keeps_weights_and_batch_norm_statistics_in_fp32():
 
 def test_channels_last_training_equals_contiguous_in_fp32(monkeypatch):
     import dataclasses
-    from napari_unet import training
+
+    from napari_unet.model import precision as training_precision
     image, labels = blobs((8, 32, 32), n=5)
     runs = {}
-    real = training.resolve_precision
+    real = training_precision.resolve_precision
     for channels_last in (True, False):
-        monkeypatch.setattr(training, "resolve_precision", lambda *a, cl=channels_last, **k:
+        monkeypatch.setattr(trainer_module, "resolve_precision", lambda *a, cl=channels_last, **k:
                             dataclasses.replace(real(*a, **k), channels_last=cl))
         trainer = Trainer(new_model(3, "foreground", **TINY), [TrainingPair(image, labels)],
                           fast(precision="fp32", iterations=3))
@@ -523,9 +530,8 @@ class _FakeScaler:
 
 
 def test_fp16_on_cuda_trains_with_a_grad_scaler(monkeypatch):
-    from napari_unet import training
-    from napari_unet.precision import PrecisionPolicy
-    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+    from napari_unet.model.precision import PrecisionPolicy
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda requested, device: PrecisionPolicy(
         "fp16", "cuda", requested, "GPU without bf16"))
     monkeypatch.setattr(torch.amp, "GradScaler", _FakeScaler)
     _FakeScaler.made.clear()
@@ -540,7 +546,7 @@ def test_fp16_on_cuda_trains_with_a_grad_scaler(monkeypatch):
     assert "training in fp16 (auto: GPU without bf16)" in stats[0].message
     # bf16 and fp32 need no scaler
     _FakeScaler.made.clear()
-    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda requested, device: PrecisionPolicy(
         "bf16", "cpu", requested))
     drain(Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast()).run())
     assert not _FakeScaler.made
@@ -549,7 +555,7 @@ def test_fp16_on_cuda_trains_with_a_grad_scaler(monkeypatch):
 def test_patches_are_read_without_full_size_allocations():
     import tracemalloc
 
-    from napari_unet.augment import AugmentSettings
+    from napari_unet.training.augment import AugmentSettings
     image, labels = blobs((1024, 1024), n=40, radius=10)
     annotated = np.zeros(image.shape, bool)
     annotated[:, 300:] = True
@@ -584,7 +590,7 @@ def test_validation_on_a_cut_out_window_scores_like_the_whole_stack():
 
 
 def test_validation_and_preview_are_throttled_by_their_cost(monkeypatch):
-    from napari_unet import training
+    pass
 
     class Clock:
         now = 0.0
@@ -593,7 +599,7 @@ def test_validation_and_preview_are_throttled_by_their_cost(monkeypatch):
             return self.now
 
     clock = Clock()
-    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(trainer_module, "time", clock)
     image, labels = blobs((8, 32, 32), n=6)
     trainer = Trainer(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
                       fast(iterations=40, validation_fraction=0.25, validation_interval=0.0,
@@ -623,10 +629,11 @@ def test_validation_and_preview_are_throttled_by_their_cost(monkeypatch):
 
 @pytest.mark.parametrize("held_out", [True, False])
 def test_diverged_weights_are_never_kept(monkeypatch, held_out):
-    import napari_unet.training as training
+    from napari_unet.training import losses as training_losses
+    from napari_unet.training import trainer as training_trainer
 
     every_iteration(monkeypatch)
-    real, calls = training.masked_loss, []
+    real, calls = training_losses.masked_loss, []
 
     def diverging(*args, **kwargs):  # the weights blow up from the third step on
         calls.append(1)
@@ -635,14 +642,14 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
                 trainer.network.head.weight.fill_(float("inf"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "masked_loss", diverging)
+    monkeypatch.setattr(trainer_module, "masked_loss", diverging)
     pairs = [TrainingPair(*blobs((32, 32), n=5, seed=s)) for s in range(3 if held_out else 1)]
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, pairs, fast(iterations=5, validation_interval=0.0))
     assert trainer.keeps_best == held_out
     result = drain(trainer.run())
-    assert not training._finite_state(trainer.network)  # the run did diverge
-    assert training._finite_state(result.network)
+    assert not training_trainer._finite_state(trainer.network)  # the run did diverge
+    assert training_trainer._finite_state(result.network)
     if held_out:
         assert trainer.best_iteration in (1, 2)
     else:
@@ -652,22 +659,23 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
 
 def test_steps_with_non_finite_gradients_are_skipped(monkeypatch):
     """A rare non-finite gradient (seen with bf16 on a CPU) must not poison the weights."""
-    import napari_unet.training as training
+    from napari_unet.training import losses as training_losses
+    from napari_unet.training import trainer as training_trainer
 
-    real, calls = training.masked_loss, []
+    real, calls = training_losses.masked_loss, []
 
     def sometimes_nan(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) in (2, 4) else loss
 
-    monkeypatch.setattr(training, "masked_loss", sometimes_nan)
+    monkeypatch.setattr(trainer_module, "masked_loss", sometimes_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5, seed=0))],
                       fast(iterations=6, validation_fraction=0.0))
     result = drain(trainer.run())
     assert trainer.skipped_steps == 2
-    assert training._finite_state(trainer.network) and training._finite_state(result.network)
+    assert training_trainer._finite_state(trainer.network) and training_trainer._finite_state(result.network)
     assert any(not torch.equal(v, parent.network.state_dict()[k])
                for k, v in result.network.state_dict().items())  # the other steps did train
 
@@ -702,7 +710,7 @@ def test_every_loss_trains_and_is_recorded(loss, task):
 
 
 def test_boundary_weight_maps_move_with_the_targets():
-    from napari_unet.augment import AugmentSettings
+    from napari_unet.training.augment import AugmentSettings
     image, labels = _touching()
     trainer = Trainer(new_model(2, "foreground_boundary", **TINY), [TrainingPair(image, labels)],
                       fast(loss="boundary_bce", patch_shape=(32, 32), batch_size=8, validation_fraction=0.0,
@@ -726,7 +734,7 @@ def test_boundary_weight_maps_move_with_the_targets():
 
 
 def test_boundary_weight_maps_of_corrected_slices_and_membranes():
-    from napari_unet.training import weight_map_objects
+    from napari_unet.training.targets import weight_map_objects
     image, labels = blobs((10, 32, 32), n=6, radius=5)
     trainer = Trainer(new_model(3, "foreground", inplane_only_levels=(0,), **TINY),
                       [TrainingPair(image, labels, slices=[2, 6])],
@@ -743,11 +751,12 @@ def test_boundary_weight_maps_of_corrected_slices_and_membranes():
 
 def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
     import copy
+
     import torch.nn.functional as F
-    from napari_unet import training
+
 
     # a per-voxel mean (no batch-wide Dice), so the mean over two halves is the whole batch's loss
-    monkeypatch.setattr(training, "masked_loss",
+    monkeypatch.setattr(trainer_module, "masked_loss",
                         lambda logits, t, m, task, **kw: F.binary_cross_entropy_with_logits(logits, t.float()))
     image, labels = blobs((48, 48), n=8)
     model = new_model(2, "foreground", **TINY)
@@ -770,15 +779,16 @@ def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
 
 
 def test_accumulation_counts_optimizer_steps_and_still_skips_bad_ones(monkeypatch):
-    import napari_unet.training as training
-    real, calls = training.masked_loss, []
+    from napari_unet.training import losses as training_losses
+    from napari_unet.training import trainer as training_trainer
+    real, calls = training_losses.masked_loss, []
 
     def third_is_nan(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(training, "masked_loss", third_is_nan)
+    monkeypatch.setattr(trainer_module, "masked_loss", third_is_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5))],
                       fast(iterations=3, accumulate_steps=2, validation_fraction=0.0))
@@ -786,15 +796,14 @@ def test_accumulation_counts_optimizer_steps_and_still_skips_bad_ones(monkeypatc
     result = drain(trainer.run(), stats.append)
     assert len(calls) == 6 and [s.iteration for s in stats] == [1, 2, 3]
     assert trainer.skipped_steps == 1  # the second step, whose second micro-batch was not finite
-    assert training._finite_state(result.network)
+    assert training_trainer._finite_state(result.network)
     assert result.history[-1]["accumulate_steps"] == 2 and result.history[-1]["iterations"] == 3
     assert trainer.effective_batch_size == 4
 
 
 def test_accumulation_steps_a_grad_scaler_once_per_step(monkeypatch):
-    from napari_unet import training
-    from napari_unet.precision import PrecisionPolicy
-    monkeypatch.setattr(training, "resolve_precision", lambda requested, device: PrecisionPolicy(
+    from napari_unet.model.precision import PrecisionPolicy
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda requested, device: PrecisionPolicy(
         "fp16", "cuda", requested, "GPU without bf16"))
     monkeypatch.setattr(torch.amp, "GradScaler", _FakeScaler)
     _FakeScaler.made.clear()
@@ -823,9 +832,10 @@ def test_gradient_checkpointing_gives_the_same_training():
 
 
 def test_deep_supervision_averages_the_loss_over_the_heads():
-    from napari_unet.checkpoint import SegmentationModel
-    from napari_unet.losses import masked_loss
-    from napari_unet.models import UNet, UNetConfig
+    from napari_unet.model.checkpoint import SegmentationModel
+    from napari_unet.model.config import UNetConfig
+    from napari_unet.model.unet import UNet
+    from napari_unet.training.losses import masked_loss
     image, labels = blobs((32, 32), n=4)
     config = UNetConfig(spatial_dims=2, out_channels=1, base_channels=4, depth=3, architecture="unetpp",
                         deep_supervision=True)
@@ -854,8 +864,8 @@ def test_training_options_are_checked():
 def test_cli_trains_with_focal_loss_and_accumulation(tmp_path, capsys):
     import tifffile
 
-    from napari_unet.cli import main
-    from napari_unet.losses import LOSSES
+    from napari_unet.cli.main import main
+    from napari_unet.training.losses import LOSSES
     image, labels = blobs((32, 32))
     tifffile.imwrite(tmp_path / "image.tif", image)
     tifffile.imwrite(tmp_path / "labels.tif", labels)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unet.checkpoint import load_checkpoint, save_checkpoint
-from napari_unet.inference import postprocess_settings, segment
-from napari_unet.postprocess import DEFAULT_MIN_SIZE
+from napari_unet.engine.predict import postprocess_settings, segment
+from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.labels.tuning import tune_postprocessing
+from napari_unet.model.checkpoint import load_checkpoint, save_checkpoint
 from napari_unet.progress import drain
-from napari_unet.training import new_model
-from napari_unet.tuning import tune_postprocessing
+from napari_unet.training.trainer import new_model
 
 
 def _discs(shape=(64, 64), centres=((16, 16), (16, 44), (44, 30)), radius=7) -> np.ndarray:

@@ -6,13 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import SegmentationModel
-from napari_unet.inference import predict_probabilities
-from napari_unet.models import UNet, UNetConfig
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.engine.uncertainty import (
+    STRATEGIES,
+    background_level,
+    coverage_width,
+    default_edge,
+    default_min_gap,
+    entropy,
+    rank_slices,
+    slice_scores,
+    suggest,
+    uncertainty_map,
+)
+from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.unet import UNet
 from napari_unet.progress import drain
-from napari_unet.uncertainty import (STRATEGIES, background_level, coverage_width, default_edge,
-                                     default_min_gap, entropy, rank_slices, slice_scores, suggest,
-                                     uncertainty_map)
 
 from .conftest import tiny_model
 

@@ -11,10 +11,11 @@ import pytest
 import tifffile
 import torch
 
-from napari_unet.checkpoint import CheckpointError, load_model, save_checkpoint
-from napari_unet.cli import main
-from napari_unet.inference import predict_probabilities
+from napari_unet.cli.main import main
+from napari_unet.engine.predict import predict_probabilities
+from napari_unet.model.checkpoint import CheckpointError, save_checkpoint
 from napari_unet.progress import drain
+from napari_unet.zoo.loading import load_model
 
 from .conftest import tiny_model
 
@@ -23,7 +24,13 @@ pytest.importorskip("onnxruntime")
 
 from bioimageio.spec.model import v0_5 as v  # noqa: E402
 
-from napari_unet import zoo, zoo_export  # noqa: E402
+from napari_unet.zoo import (
+    description,
+    foreign,  # noqa: E402
+    network,
+    predict,
+)
+from napari_unet.zoo import export as zoo_export
 
 
 def blobs(shape, seed=0):
@@ -97,14 +104,14 @@ def test_every_architecture_exports_in_every_weight_format(tmp_path, architectur
     model = tiny_model(2, depth=3, architecture=architecture)
     report = exported(tmp_path, model, blobs((48, 56)), validate=False)
     descr = spec.load_model_description(report.path)
-    raw = np.load(zoo._file_bytes_io(descr.inputs[0].test_tensor.source))
-    expected = np.load(zoo._file_bytes_io(descr.outputs[0].test_tensor.source))
+    raw = np.load(description._file_bytes_io(descr.inputs[0].test_tensor.source))
+    expected = np.load(description._file_bytes_io(descr.outputs[0].test_tensor.source))
     x = torch.from_numpy(zoo_export._normalize_test_input(model, raw))
     w = descr.weights
-    runners = {"pytorch_state_dict": zoo._state_dict_module(w.pytorch_state_dict),
-               "torchscript": torch.jit.load(zoo._file_bytes_io(w.torchscript.source)),
-               "onnx": __import__("napari_unet.onnx_export").onnx_export.OnnxModule(
-                   zoo._file_bytes(w.onnx.source))}
+    runners = {"pytorch_state_dict": network._state_dict_module(w.pytorch_state_dict),
+               "torchscript": torch.jit.load(description._file_bytes_io(w.torchscript.source)),
+               "onnx": __import__("napari_unet.zoo.onnx").zoo.onnx.OnnxModule(
+                   description._file_bytes(w.onnx.source))}
     for name, runner in runners.items():
         with torch.no_grad():
             got = torch.sigmoid(runner(x)).numpy()
@@ -225,11 +232,11 @@ def foreign_package(folder, weight_format, halo=4, classes=None):
 def test_foreign_package_runs_with_blended_tiles_using_its_halo(tmp_path, weight_format):
     package = foreign_package(tmp_path / "pkg", weight_format)
     model = load_model(package)
-    assert isinstance(model, zoo.ForeignModel) and model.task == "foreground"
+    assert isinstance(model, foreign.ForeignModel) and model.task == "foreground"
     assert model.halo == (4, 4) and model.notes[0] == f"{weight_format} weights"
     image = blobs((96, 88), seed=2)  # valid sizes: min 16 + steps of 8
     progress = []
-    result = drain(zoo.segment_model(image, model, output="labels", device="cpu",
+    result = drain(predict.segment_model(image, model, output="labels", device="cpu",
                                      tile_shape=(72, 72), min_size=0), progress.append)
     plan = progress[0].message
     assert "blended overlap" in plan and "halo (4, 4)" in plan
@@ -247,7 +254,7 @@ def test_foreign_softmax_package_gives_classes(tmp_path):
     model = load_model(foreign_package(tmp_path / "pkg", "onnx", classes=["bg", "nucleus", "edge"]))
     assert model.task == "semantic" and model.class_names == ["bg", "nucleus", "edge"]
     image = blobs((40, 48), seed=4)
-    result = drain(zoo.segment_model(image, model, output="labels", device="cpu"))
+    result = drain(predict.segment_model(image, model, output="labels", device="cpu"))
     with torch.no_grad():
         logits = _tiny_net(3)(torch.from_numpy(_zmuv(image))[None, None])[0]
     np.testing.assert_allclose(result.probabilities, torch.softmax(logits, 0).numpy(), atol=1e-5)
@@ -256,8 +263,8 @@ def test_foreign_softmax_package_gives_classes(tmp_path):
 
 def test_blending_weights_sum_to_one_across_a_seam():
     spatial, overlap = (40,), (4,)
-    left = zoo._ramp((slice(0, 24),), spatial, overlap)  # core 0..20 plus overlap 4
-    right = zoo._ramp((slice(16, 40),), spatial, overlap)  # core 20..40 minus overlap 4
+    left = predict._ramp((slice(0, 24),), spatial, overlap)  # core 0..20 plus overlap 4
+    right = predict._ramp((slice(16, 40),), spatial, overlap)  # core 20..40 minus overlap 4
     total = np.zeros(40)
     total[0:24] += left
     total[16:40] += right

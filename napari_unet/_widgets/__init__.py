@@ -11,19 +11,19 @@ __all__ = ["SegmentWidget", "EditWidget", "FineTuneWidget", "ExportWidget"]
 
 def __getattr__(name: str):
     if name == "SegmentWidget":
-        from ._segment import SegmentWidget
+        from napari_unet._widgets._segment import SegmentWidget
 
         return SegmentWidget
     if name == "EditWidget":
-        from ._edit import EditWidget
+        from napari_unet._widgets._edit import EditWidget
 
         return EditWidget
     if name == "FineTuneWidget":
-        from ._finetune import FineTuneWidget
+        from napari_unet._widgets._finetune import FineTuneWidget
 
         return FineTuneWidget
     if name == "ExportWidget":
-        from ._export import ExportWidget
+        from napari_unet._widgets._export import ExportWidget
 
         return ExportWidget
     raise AttributeError(name)

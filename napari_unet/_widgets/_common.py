@@ -7,13 +7,24 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 import numpy as np
-
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                            QLabel, QMessageBox, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
-                            QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QWidget,
+)
 
-from ._state import connect_layer_list
+from napari_unet._widgets._state import connect_layer_list
+from napari_unet.progress import drain
 
 #: file dialog filter of "Load model file…" (Segment and Fine-tune)
 MODEL_FILE_FILTER = ("Models (*.pt *.pth *.zip *.yaml *.yml);;napari-unet checkpoints (*.pt *.pth);;"
@@ -36,7 +47,7 @@ def remember(widget: QWidget, key: str) -> None:
     Combo boxes store the item data (else the text) of an item the user activated; spin boxes
     their value. A saved value the widget does not offer (a device not found here) is ignored.
     """
-    from ..settings import get_setting, save_settings
+    from napari_unet.io.settings import get_setting, save_settings
 
     value = get_setting(key)
     if isinstance(widget, QComboBox):
@@ -232,7 +243,7 @@ def ask_yes_no(parent: QWidget, title: str, text: str) -> bool:
 
 def precision_combo(tooltip: str) -> QComboBox:
     """The Precision choice shared by Segment and Fine-tune (item data = the name)."""
-    from ..precision import PRECISIONS
+    from napari_unet.model.precision import PRECISIONS
 
     combo = QComboBox()
     for name in PRECISIONS:
@@ -249,8 +260,8 @@ def resolved_precision(precision: str, device: str) -> str:
     ValueError
         For a precision the device cannot run (bf16 on a GPU without it, fp16 on MPS).
     """
-    from ..inference import select_device
-    from ..precision import resolve_precision
+    from napari_unet.engine.devices import select_device
+    from napari_unet.model.precision import resolve_precision
 
     return resolve_precision(precision, select_device(device)).label()
 
@@ -367,12 +378,9 @@ class MainThreadSteps(QObject):
         if self.done:
             return
         self._timer.stop()
-        try:
-            while True:
-                next(self._steps)
-        except StopIteration as stop:
-            self.done = True
-            self._on_done(stop.value)
+        result = drain(self._steps)
+        self.done = True
+        self._on_done(result)
 
 
 #: bytes written per piece by :class:`ChunkedWriter`. The first write into fresh memory costs a

@@ -6,22 +6,67 @@ napari's brush, fill and eraser stay the main tools; this dock adds the object-l
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QLineEdit,
-                            QListWidget, QListWidgetItem, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
-from .. import postprocess
-from ._common import (DockKeys, LayerCombo, ProgressBar, button, connect_until_destroyed, row,
-                      status_label)
-from ._history import history_for
-from ._state import (corrected_slices, corrections_changed, current_slice_index,
-                     install_correction_tracking, notify_error, set_corrected_slices,
-                     set_current_slice, suggested_slices, suggestions_changed)
-from ._workers import start_job
+from napari_unet._widgets._common import (
+    DockKeys,
+    LayerCombo,
+    ProgressBar,
+    button,
+    connect_until_destroyed,
+    row,
+    status_label,
+)
+from napari_unet._widgets._history import history_for
+from napari_unet._widgets._state import (
+    corrected_slices,
+    corrections_changed,
+    current_slice_index,
+    install_correction_tracking,
+    notify_error,
+    set_corrected_slices,
+    set_current_slice,
+    suggested_slices,
+    suggestions_changed,
+)
+from napari_unet._widgets._workers import start_job
+from napari_unet.labels import dtypes, edits
+from napari_unet.labels.scope import (
+    EditScope,
+    Operation,
+    chosen_ids,
+    edit_scope,
+    labels_under_seeds,
+    offset_new_ids,
+    parse_ids,
+    run_on_scope,
+    scope_spacing,
+    seeds_in_scope,
+    seeds_in_slice,
+    seeds_on_label,
+    slice_id_offset,
+    split_target,
+    whole_scope,
+    whole_stack_job,
+)
+
+__all__ = ["EditWidget", "EditJob", "parse_ids", "KEYS", "SCOPES", "SEEDS_LAYER"]
 
 SCOPES = ("current slice (2D)", "whole stack (3D)")
 SEEDS_LAYER = "split seeds"
@@ -29,16 +74,24 @@ SEEDS_LAYER = "split seeds"
 #: Alt+F/R/D/A/B)
 KEYS = {"merge": "Alt-M", "split": "Alt-X", "delete": "Alt-K", "mark": "Alt-O"}
 
-def parse_ids(text: str) -> list[int]:
-    """``"3, 7 12"`` → ``[3, 7, 12]``; raises ValueError on anything else."""
-    parts = [p for p in re.split(r"[\s,;]+", text.strip()) if p]
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"label ids must be whole numbers like '3, 7', got {text!r}") from None
-    if any(i < 0 for i in ids):
-        raise ValueError("label ids must be positive")
-    return ids
+
+@dataclass
+class EditJob:
+    """The whole-stack operation running in the background (see ``_apply_in_worker``)."""
+
+    layer: Any
+    #: the array the worker reads; the result is dropped if the layer no longer holds it
+    data: Any
+    description: str
+    #: napari paint steps seen when it started; the result is dropped after more
+    paints: int
+    start: float
+    history: Any
+    #: whether its result was applied
+    ok: bool = False
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class EditWidget(QWidget):
@@ -148,7 +201,7 @@ class EditWidget(QWidget):
         self._layer_changed()
         #: the running whole-stack operation (a napari worker), None when idle
         self.worker: Any = None
-        self._job: dict[str, Any] = {}
+        self._job: EditJob | None = None
         self._pbar: Any = None
         self.keys = DockKeys(self, napari_viewer, {
             KEYS["merge"]: self.merge, KEYS["split"]: self.split, KEYS["delete"]: self.delete,
@@ -176,57 +229,31 @@ class EditWidget(QWidget):
         except RuntimeError:  # dock closed
             pass
 
-    def _slice_region(self, layer: Any) -> tuple[tuple[slice, ...], int | None]:
-        """Region of the layer the operation works on, and the slice index for 2D scope."""
-        full = tuple(slice(0, n) for n in layer.data.shape)
-        if layer.ndim >= 3 and self.scope_combo.currentText() == SCOPES[0]:
-            z = current_slice_index(self.viewer, layer)
-            region = list(full)
-            region[-3] = slice(z, z + 1)
-            return tuple(region), z
-        return full, None
+    def _scope(self, layer: Any) -> EditScope:
+        """The part of the layer an operation works on: the slice on screen (2D scope of a
+        stack) or the whole array."""
+        current = layer.ndim >= 3 and self.scope_combo.currentText() == SCOPES[0]
+        return edit_scope(layer.data.shape, current_slice_index(self.viewer, layer) if current
+                          else None)
 
-    def _ids(self, layer: Any, region: tuple[slice, ...], z: int | None) -> list[int]:
-        text = self.ids_edit.text().strip()
-        if text:
-            return parse_ids(text)
-        under = self._labels_under_seeds(layer, z)
-        if under:
-            return under
-        return [int(layer.selected_label)]
+    def _ids(self, layer: Any, scope: EditScope) -> list[int]:
+        text = self.ids_edit.text()
+        under = [] if text.strip() else self._labels_under_seeds(layer, scope.z)
+        return chosen_ids(text, under, int(layer.selected_label))
 
     def _seeds(self, layer: Any, z: int | None) -> list[tuple[float, ...]]:
         """Seed points in the layer's data coordinates (2D scope: only those on slice ``z``)."""
         points = self.seeds_combo.layer()
         if points is None or len(points.data) == 0:
             return []
-        seeds = []
-        for point in points.data:
-            coords = np.asarray(layer.world_to_data(points.data_to_world(point)))[-layer.ndim:]
-            index = np.round(coords).astype(int)
-            if np.any(index < 0) or np.any(index >= layer.data.shape):
-                continue
-            if z is not None:
-                if index[-3] != z:
-                    continue
-                coords = coords.copy()
-                coords[-3] = 0
-            seeds.append(tuple(float(c) for c in coords))
-        return seeds
+        coords = [np.asarray(layer.world_to_data(points.data_to_world(point)))
+                  for point in points.data]
+        return seeds_in_scope(coords, layer.data.shape, z)
 
     def _labels_under_seeds(self, layer: Any, z: int | None) -> list[int]:
-        ids = []
-        for seed in self._seeds(layer, z):
-            index = tuple(int(round(c)) for c in seed)
-            if z is not None:
-                index = (*index[:-3], z, *index[-2:])
-            value = int(layer.data[index])
-            if value and value not in ids:
-                ids.append(value)
-        return ids
+        return labels_under_seeds(layer.data, self._seeds(layer, z), z)
 
-    def _apply(self, description: str, operation: Callable[[np.ndarray], np.ndarray],
-               force_3d: bool = False) -> bool:
+    def _apply(self, description: str, operation: Operation, force_3d: bool = False) -> bool:
         """Run ``operation`` on the scope's data and record it (undoable); errors → notifications.
 
         A slice (or a 2D image) is done at once; a whole stack in a worker thread, the layer
@@ -235,20 +262,17 @@ class EditWidget(QWidget):
         from napari.utils.notifications import show_info
 
         if self.worker is not None:
-            show_info(f"{self._job.get('description', 'An operation')} is still running; wait for it.")
+            running = self._job.description if self._job is not None else "An operation"
+            show_info(f"{running} is still running; wait for it.")
             return False
         try:
             layer = self.layer()
-            region, z = self._slice_region(layer)
-            if force_3d:
-                region, z = tuple(slice(0, n) for n in layer.data.shape), None
+            scope = whole_scope(layer.data.shape) if force_3d else self._scope(layer)
+            z = scope.z
             if z is None and layer.ndim >= 3:
                 return self._apply_in_worker(layer, description, operation)
-            before = np.asarray(layer.data[region])
-            block = before[..., 0, :, :] if z is not None else before  # 2D: the slice itself
-            result = np.asarray(operation(block))
-            after = result[..., None, :, :] if z is not None else result
-            patch = history_for(layer).apply(region, after, description)
+            after = run_on_scope(np.asarray(layer.data[scope.region]), z, operation)
+            patch = history_for(layer).apply(scope.region, after, description)
         except (ValueError, TypeError) as err:
             notify_error(err, description)
             return False
@@ -258,12 +282,10 @@ class EditWidget(QWidget):
             return False
         if z is not None:
             set_corrected_slices(layer, set(corrected_slices(layer)) | {z})
-        where = f"slice {z}" if z is not None else ("whole stack" if layer.ndim >= 3 else "image")
-        self.status.setText(f"{description} ({where}). Ctrl+Z undoes it.")
+        self.status.setText(f"{description} ({scope.where(layer.ndim)}). Ctrl+Z undoes it.")
         return True
 
-    def _apply_in_worker(self, layer: Any, description: str,
-                         operation: Callable[[np.ndarray], np.ndarray]) -> bool:
+    def _apply_in_worker(self, layer: Any, description: str, operation: Operation) -> bool:
         """Whole-stack ``operation`` in a napari worker; the layer gets the result (a new array,
         no copy on the main thread) in the callback. If the layer is painted or changed while
         the operation runs, the result is dropped: the paint is never lost."""
@@ -272,39 +294,28 @@ class EditWidget(QWidget):
         history = history_for(layer)
         history._check_free()
         data = layer.data  # the array itself: the worker only reads it
-
-        def job():  # runs in the worker thread
-            yield "computing"
-            result = np.asarray(operation(np.asarray(data)))
-            yield "comparing"
-            if result.shape != data.shape:
-                raise ValueError(f"{description}: result has shape {result.shape}, expected {data.shape}")
-            if np.array_equal(result, data):
-                return None
-            return _in_dtype_of(result, data.dtype)
-
         history.busy = description
-        self._job = {"layer": layer, "data": data, "description": description,
-                     "paints": history.paint_count, "start": time.perf_counter(), "history": history}
+        self._job = EditJob(layer=layer, data=data, description=description,
+                            paints=history.paint_count, start=time.perf_counter(), history=history)
         self._pbar = progress(total=0, desc=f"{description} ({layer.name})")
         self.progress_bar.setRange(0, 0)
         for widget in self.buttons.values():
             widget.setEnabled(False)
         self.status.setText(f"{description} (whole stack) running in the background…")
-        self.worker = start_job(job(), on_yield=self._on_job_step, on_return=self._on_job_result,
+        self.worker = start_job(whole_stack_job(data, operation, description),
+                                on_yield=self._on_job_step, on_return=self._on_job_result,
                                 on_error=self._on_job_error, on_finish=self._on_job_finish)
         return True
 
     def _on_job_step(self, stage: str) -> None:
         job = self._job
-        self.status.setText(f"{job['description']} (whole stack): {stage}… "
-                            f"{time.perf_counter() - job['start']:.1f} s")
+        self.status.setText(f"{job.description} (whole stack): {stage}… {job.seconds():.1f} s")
 
     def _on_job_result(self, result: np.ndarray | None) -> None:
         job = self._job
-        layer, history, description = job["layer"], job["history"], job["description"]
-        job["ok"] = False
-        if history.paint_count != job["paints"] or layer.data is not job["data"]:
+        layer, history, description = job.layer, job.history, job.description
+        job.ok = False
+        if history.paint_count != job.paints or layer.data is not job.data:
             self.status.setText(f"{description}: the labels changed while it ran, so its result "
                                 "was not applied (your edits are kept). Run it again.")
             return
@@ -313,15 +324,15 @@ class EditWidget(QWidget):
             return
         history.busy = None
         history.replace(result, description)
-        job["ok"] = True
-        self.status.setText(f"{description} (whole stack) in "
-                            f"{time.perf_counter() - job['start']:.1f} s. Ctrl+Z undoes it.")
+        job.ok = True
+        self.status.setText(f"{description} (whole stack) in {job.seconds():.1f} s. "
+                            "Ctrl+Z undoes it.")
 
     def _on_job_error(self, err: BaseException) -> None:
-        self.status.setText(notify_error(err, self._job.get("description", "Edit")))
+        self.status.setText(notify_error(err, self._job.description if self._job else "Edit"))
 
     def _on_job_finish(self) -> None:
-        history = self._job.get("history")
+        history = self._job.history if self._job is not None else None
         if history is not None:
             history.busy = None
         self.worker = None
@@ -339,12 +350,12 @@ class EditWidget(QWidget):
     # operations -------------------------------------------------------------------------------
     def merge(self) -> bool:
         layer = self.labels_combo.layer()
-        ids = self._ids(layer, *self._slice_region(layer)) if layer is not None else []
+        ids = self._ids(layer, self._scope(layer)) if layer is not None else []
         if len(set(ids) - {0}) < 2:
             notify_error(ValueError("list at least two label ids, e.g. '3, 7', or put a seed on "
                                     "each label"), "Merge")
             return False
-        ok = self._apply(f"Merge {sorted(set(ids))}", lambda a: postprocess.merge_labels(a, ids))
+        ok = self._apply(f"Merge {sorted(set(ids))}", lambda a: edits.merge_labels(a, ids))
         if ok:
             self._clear_seeds()
         return ok
@@ -354,47 +365,31 @@ class EditWidget(QWidget):
         if layer is None:
             notify_error(ValueError("no labels layer"), "Split")
             return False
-        region, z = self._slice_region(layer)
+        z = self._scope(layer).z
         seeds = self._seeds(layer, z)
-        text = self.ids_edit.text().strip()
+        text = self.ids_edit.text()
         try:
-            if text:
-                label_id = parse_ids(text)[0]
-            elif seeds:
-                label_id = self._labels_under_seeds(layer, z)[0]
-            else:
-                label_id = int(layer.selected_label)
+            under = labels_under_seeds(layer.data, seeds, z) if seeds and not text.strip() else []
+            label_id = split_target(text, seeds, under, int(layer.selected_label))
         except (ValueError, IndexError):
             notify_error(ValueError("the seeds are not on a label"), "Split")
             return False
-        spacing = tuple(float(s) for s in layer.scale[-layer.ndim:])
-        if z is not None:
-            spacing = spacing[:-3] + spacing[-2:]
-            local = [tuple(s[:-3] + s[-2:]) for s in seeds]
-        else:
-            local = seeds
-        local = [s for s in local if int(layer.data[self._global(s, z)]) == label_id] or None
+        spacing = scope_spacing(layer.scale, layer.ndim, z)
+        local = seeds_on_label(layer.data, seeds_in_slice(seeds, z), z, label_id)
         how = f"{len(local)} seeds" if local else "automatic"
 
         def operation(block: np.ndarray) -> np.ndarray:
-            return postprocess.split_label(block, label_id, local, sampling=spacing)
+            return edits.split_label(block, label_id, local, sampling=spacing)
 
         ok = self._apply(f"Split label {label_id} ({how})", operation)
         if ok:
             self._clear_seeds()
         return ok
 
-    @staticmethod
-    def _global(seed: tuple[float, ...], z: int | None) -> tuple[int, ...]:
-        index = tuple(int(round(c)) for c in seed)
-        if z is not None:
-            index = (*index[:-2], z, *index[-2:])
-        return index
-
     def delete(self) -> bool:
         layer = self.labels_combo.layer()
         try:
-            ids = [i for i in self._ids(layer, *self._slice_region(layer)) if i] if layer else []
+            ids = [i for i in self._ids(layer, self._scope(layer)) if i] if layer else []
         except ValueError as err:
             notify_error(err, "Delete")
             return False
@@ -404,7 +399,7 @@ class EditWidget(QWidget):
 
         def operation(block: np.ndarray) -> np.ndarray:
             for label_id in ids:
-                block = postprocess.delete_label(block, label_id)
+                block = edits.delete_label(block, label_id)
             return block
 
         ok = self._apply(f"Delete {ids}", operation)
@@ -413,35 +408,31 @@ class EditWidget(QWidget):
         return ok
 
     def fill_holes(self) -> bool:
-        return self._apply("Fill holes", postprocess.fill_holes)
+        return self._apply("Fill holes", edits.fill_holes)
 
     def remove_small(self) -> bool:
         size = self.min_size_spin.value()
         return self._apply(f"Remove objects < {size}",
-                           lambda a: postprocess.remove_small_objects(a, size))
+                           lambda a: edits.remove_small_objects(a, size))
 
     def relabel(self) -> bool:
-        return self._apply("Relabel 1..N", postprocess.relabel_sequential, force_3d=True)
+        return self._apply("Relabel 1..N", dtypes.relabel_sequential, force_3d=True)
 
     def to_instances(self) -> bool:
         layer = self.labels_combo.layer()
-        region, z = self._slice_region(layer) if layer is not None else ((), None)
+        z = self._scope(layer).z if layer is not None else None
 
         def operation(block: np.ndarray) -> np.ndarray:
-            out = postprocess.binary_to_instances(block > 0)
+            out = edits.binary_to_instances(block > 0)
             if z is not None:  # new ids after those of the other slices
-                data = layer.data
-                offset = max(int(np.max(data[..., :z, :, :], initial=0)),
-                             int(np.max(data[..., z + 1:, :, :], initial=0)))
-                out = out.astype(np.promote_types(out.dtype, layer.data.dtype))
-                out[out > 0] += offset
+                out = offset_new_ids(out, slice_id_offset(layer.data, z), layer.data.dtype)
             return out
 
         return self._apply("Binary → instances", operation)
 
     def to_binary(self) -> bool:
         return self._apply("Instances → binary",
-                           lambda a: postprocess.instances_to_binary(a).astype(np.uint8))
+                           lambda a: edits.instances_to_binary(a).astype(np.uint8))
 
     def undo(self) -> None:
         try:
@@ -545,14 +536,3 @@ class EditWidget(QWidget):
         if layer is not None and z is not None:
             set_current_slice(self.viewer, layer, int(z))
 
-
-def _in_dtype_of(result: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``result`` in the layer's ``dtype`` when its ids fit (wider otherwise)."""
-    if result.dtype == dtype:
-        return result
-    if result.dtype == bool or not np.issubdtype(dtype, np.integer):
-        return result.astype(dtype)
-    largest = int(result.max(initial=0))
-    if largest <= np.iinfo(dtype).max and int(result.min(initial=0)) >= 0:
-        return result.astype(dtype)
-    return result.astype(np.promote_types(dtype, result.dtype))

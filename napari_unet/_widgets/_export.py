@@ -6,14 +6,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QLineEdit, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QLineEdit,
+    QVBoxLayout,
+    QWidget,
+)
 
-from .. import postprocess
-from ..io import write_image_tiff, write_labels_tiff
-from ._common import DockKeys, LayerCombo, MainThreadSteps, button, row, status_label
-from ._state import PROBABILITIES_KEY, SOURCE_KEY, layer_unit, notify_error
-from ._workers import start_job
+from napari_unet._widgets._common import (
+    DockKeys,
+    LayerCombo,
+    MainThreadSteps,
+    button,
+    row,
+    status_label,
+)
+from napari_unet._widgets._state import (
+    PROBABILITIES_KEY,
+    SOURCE_KEY,
+    layer_unit,
+    notify_error,
+)
+from napari_unet._widgets._workers import start_job
+from napari_unet.io.writers import write_image_tiff, write_labels_tiff
+from napari_unet.labels import edits, statistics
 
 #: ``as in the layer`` (default) writes the ids as they are: an instance layer as instances,
 #: classes as classes, a mask as 0/1. ``instances`` also splits a mask into objects;
@@ -47,17 +66,17 @@ def labels_for_export(data: np.ndarray, mode: str) -> np.ndarray:
     if mode == MODES[0]:
         return data
     if mode == "binary":
-        return postprocess.instances_to_binary(data).astype(np.uint8)
+        return edits.instances_to_binary(data).astype(np.uint8)
     if mode == "instances":
         if data.size and int(data.max()) <= 1:  # a binary mask: split it into objects
-            return postprocess.binary_to_instances(data > 0)
+            return edits.binary_to_instances(data > 0)
         return data
     raise ValueError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def summary_line(labels: np.ndarray, voxel_size: tuple[float, ...], unit: str) -> str:
     """``"54 objects, 12 345 voxels, volume 1 234.5 um³"``."""
-    stats = postprocess.label_statistics(labels, voxel_size)
+    stats = statistics.label_statistics(labels, voxel_size)
     power = "³" if labels.ndim == 3 else "²"
     return (f"{stats['objects']} objects, {stats['voxels']} voxels, volume "
             f"{stats['volume']:.4g} {unit}{power} (mean {stats['mean_volume']:.4g} {unit}{power})")
@@ -168,7 +187,7 @@ class ExportWidget(QWidget):
         """
         from napari.utils.notifications import show_info
 
-        from ._history import history_for
+        from napari_unet._widgets._history import history_for
 
         if self.worker is not None:
             show_info("An export is already running.")

@@ -8,18 +8,46 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                            QGroupBox, QListWidget, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QListWidget,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
-from ..checkpoint import CheckpointError, save_checkpoint
-from ._common import (DockKeys, LayerCombo, ProgressBar, ask_model_file, button,
-                      connect_until_destroyed, fill_model_combo, precision_combo, remember,
-                      resolved_precision, row, select_model_in_combo, status_label)
-from ._new_model import NewModelDialog, NewModelSpec
-from ._state import (corrected_slices, current_slice_index, format_seconds, get_registry,
-                     import_heavy_modules_on_main_thread, install_correction_tracking,
-                     notify_error)
-from ._workers import start_job
+from napari_unet._widgets._common import (
+    DockKeys,
+    LayerCombo,
+    ProgressBar,
+    ask_model_file,
+    button,
+    connect_until_destroyed,
+    fill_model_combo,
+    precision_combo,
+    remember,
+    resolved_precision,
+    row,
+    select_model_in_combo,
+    status_label,
+)
+from napari_unet._widgets._new_model import NewModelDialog, NewModelSpec
+from napari_unet._widgets._state import (
+    corrected_slices,
+    current_slice_index,
+    format_seconds,
+    get_registry,
+    import_heavy_modules_on_main_thread,
+    install_correction_tracking,
+    notify_error,
+)
+from napari_unet._widgets._workers import start_job
+from napari_unet.model.checkpoint import CheckpointError, save_checkpoint
 
 PREVIEW_LAYER = "fine-tune preview"
 #: key binding of Fine-tune (Alt+F is napari's File menu and napari-animation's key frame)
@@ -151,7 +179,7 @@ class FineTuneWidget(QWidget):
         super().__init__(parent)
         from napari.layers import Image, Labels
 
-        from ..inference import available_devices
+        from napari_unet.engine.devices import available_devices
 
         self.viewer = napari_viewer
         self.registry = get_registry()
@@ -370,7 +398,7 @@ class FineTuneWidget(QWidget):
         marked): painting while training changes nothing in this run. The images stay as they
         are (a lazy, dask-backed image is read in the worker, not here).
         """
-        from ..training import TrainingPair
+        from napari_unet.training.config import TrainingPair
 
         result, notes = [], []
         for image, labels in self._pairs():
@@ -410,7 +438,7 @@ class FineTuneWidget(QWidget):
     def create_model(self, spec: NewModelSpec) -> str | None:
         """Build an untrained model from ``spec`` (:func:`napari_unet.training.new_model`), add it
         to the model list and select it; returns its key."""
-        from ..training import new_model
+        from napari_unet.training.trainer import new_model
 
         try:
             model = new_model(spec.spatial_dims, spec.task, spec.class_names,
@@ -452,7 +480,8 @@ class FineTuneWidget(QWidget):
         from napari.utils import progress
         from napari.utils.notifications import show_info
 
-        from ..training import Trainer, TrainingConfig
+        from napari_unet.training.config import TrainingConfig
+        from napari_unet.training.trainer import Trainer
 
         if self.worker is not None:
             show_info("Fine-tuning is already running; Stop it first.")

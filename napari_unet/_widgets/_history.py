@@ -137,7 +137,10 @@ class EditHistory:
     def _exchange(self, step: Swap) -> None:
         layer = self.layer
         if step.corrected is not None:
-            from ._state import corrected_slices, set_corrected_slices
+            from napari_unet._widgets._state import (
+                corrected_slices,
+                set_corrected_slices,
+            )
 
             now = corrected_slices(layer)
             set_corrected_slices(layer, step.corrected)

@@ -10,17 +10,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import io
-from ..io import (
-    SUPPORTED_SUFFIXES,
-    ImageReadError,
-    LoadedImage,
-    estimated_nbytes,
-    is_zarr_path,
-    read_image,
-    write_labels_tiff,
-)
-from ._state import SOURCE_KEY, UNIT_KEY
+from napari_unet._widgets._state import SOURCE_KEY, UNIT_KEY
+from napari_unet.io import lazy as io_lazy
+from napari_unet.io.formats import SUPPORTED_SUFFIXES, ImageReadError, LoadedImage
+from napari_unet.io.lazy import estimated_nbytes, is_zarr_path
+from napari_unet.io.readers import read_image
+from napari_unet.io.writers import write_labels_tiff
 
 LayerData = tuple[Any, dict[str, Any], str]
 #: file names that hold labels rather than intensities
@@ -64,7 +59,7 @@ def load(path: str | Path) -> LoadedImage:
     """The one place pixels are loaded: files above ``io.LAZY_SIZE_THRESHOLD`` and zarr stores
     open lazily as dask arrays, so opening is instant whatever their size."""
     size = estimated_nbytes(path)
-    lazy = is_zarr_path(path) or (size is not None and size > io.LAZY_SIZE_THRESHOLD)
+    lazy = is_zarr_path(path) or (size is not None and size > io_lazy.LAZY_SIZE_THRESHOLD)
     return read_image(path, allow_channels=True, lazy=lazy)
 
 

@@ -20,11 +20,10 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
         ``path`` cannot be opened.
     """
     import napari
-
-    from ._io import read_layers
-    from ._state import get_registry
-
     from qtpy.QtWidgets import QApplication
+
+    from napari_unet._widgets._io import read_layers
+    from napari_unet._widgets._state import get_registry
 
     layers = read_layers(str(path)) if path is not None else None  # errors before any window
     if viewer is None:

@@ -6,8 +6,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtpy.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel, QLineEdit,
-                            QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 #: task shown in the dialog -> checkpoint task
 TASK_CHOICES = {"foreground": "foreground", "foreground + boundary": "foreground_boundary",
@@ -95,7 +104,7 @@ class NewModelDialog(QDialog):
     """Ask for dimensions, task, class names, anisotropy and name of a new model."""
 
     def __init__(self, labels_layer: Any | None, parent: QWidget | None = None):
-        from ..models import inplane_only_levels_for
+        from napari_unet.model.config import inplane_only_levels_for
 
         super().__init__(parent)
         self.setWindowTitle("New model")
@@ -220,7 +229,7 @@ def spec_for_layer(labels_layer: Any, spatial_dims: int, task: str,
     """The dialog's defaults for ``labels_layer`` without showing it (scripts and tests):
     class names from the layer when ``task`` is ``semantic`` and none are given, in-plane-only
     levels from the layer's scale."""
-    from ..models import inplane_only_levels_for
+    from napari_unet.model.config import inplane_only_levels_for
 
     depth = int(options.pop("depth", 4))
     voxel = tuple(float(s) for s in labels_layer.scale[-spatial_dims:])

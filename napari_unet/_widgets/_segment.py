@@ -7,21 +7,56 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
-from ..checkpoint import CheckpointError
-from ..postprocess import DEFAULT_MIN_SIZE
-from ._common import (ChunkedWriter, DockKeys, LayerCombo, ProgressBar, ask_model_file, ask_yes_no,
-                      button, connect_until_destroyed, fill_model_combo, is_user_choice,
-                      precision_combo, remember, resolved_precision, row, select_model_in_combo,
-                      status_label)
-from ._history import history_for
-from ._state import (MODEL_KEY, PROBABILITIES_KEY, SOURCE_KEY, UNIT_KEY, corrected_slices,
-                     current_slice_index, format_seconds, get_registry,
-                     import_heavy_modules_on_main_thread, install_correction_tracking, layer_unit,
-                     notify_error, set_corrected_slices, set_suggested_slices, view_point)
-from ._workers import start_job
+from napari_unet._widgets._common import (
+    ChunkedWriter,
+    DockKeys,
+    LayerCombo,
+    ProgressBar,
+    ask_model_file,
+    ask_yes_no,
+    button,
+    connect_until_destroyed,
+    fill_model_combo,
+    is_user_choice,
+    precision_combo,
+    remember,
+    resolved_precision,
+    row,
+    select_model_in_combo,
+    status_label,
+)
+from napari_unet._widgets._history import history_for
+from napari_unet._widgets._state import (
+    MODEL_KEY,
+    PROBABILITIES_KEY,
+    SOURCE_KEY,
+    UNIT_KEY,
+    corrected_slices,
+    current_slice_index,
+    format_seconds,
+    get_registry,
+    import_heavy_modules_on_main_thread,
+    install_correction_tracking,
+    layer_unit,
+    notify_error,
+    set_corrected_slices,
+    set_suggested_slices,
+    view_point,
+)
+from napari_unet._widgets._workers import start_job
+from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.model.checkpoint import CheckpointError
 
 OUTPUTS = {"instances": "instances", "binary / classes": "labels"}
 SCOPES = ("whole stack", "current slice", "visible region")
@@ -43,7 +78,7 @@ class SegmentWidget(QWidget):
         super().__init__(parent)
         from napari.layers import Image
 
-        from ..inference import available_devices
+        from napari_unet.engine.devices import available_devices
 
         self.viewer = napari_viewer
         self.registry = get_registry()
@@ -195,7 +230,7 @@ class SegmentWidget(QWidget):
     def show_model_postprocess(self, model: Any) -> None:
         """Show ``model``'s tuned threshold and min size (the built-in defaults if it has none);
         they are used until the user changes them."""
-        from ..inference import postprocess_settings
+        from napari_unet.engine.predict import postprocess_settings
 
         threshold, min_size, _ = postprocess_settings(model)
         for spin, value in ((self.threshold_spin, threshold), (self.min_size_spin, min_size)):
@@ -335,7 +370,9 @@ class SegmentWidget(QWidget):
         from napari.utils import progress
         from napari.utils.notifications import show_info, show_warning
 
-        from ..zoo import segment_model as segment  # Zoo models made elsewhere: blended tiles
+        from napari_unet.zoo.predict import (
+            segment_model as segment,  # Zoo models made elsewhere: blended tiles
+        )
 
         if self.worker is not None:
             show_info("Segmentation is already running; Cancel it first.")
@@ -392,7 +429,7 @@ class SegmentWidget(QWidget):
         uncertain = None
         if want_map or rank:
             # a 3D model's errors at the ends of the stack are edge effects: suggested last
-            from ..uncertainty import default_edge
+            from napari_unet.engine.uncertainty import default_edge
 
             edge = default_edge(shape[0], SUGGESTED_SLICES) if model.spatial_dims == 3 else 0
             uncertain = {"map": want_map, "rank": rank, "spread": None, "edge": edge}
@@ -476,7 +513,7 @@ class SegmentWidget(QWidget):
         """Run in the worker: pass the job's progress on, with the tile's thresholded preview
         computed here rather than on the main thread. At the end, also here: the uncertainty
         map and the suggested slices when ``uncertain`` asks for them."""
-        from ..postprocess import to_semantic
+        from napari_unet.labels.instances import to_semantic
 
         while True:
             try:
@@ -727,7 +764,7 @@ def _uncertainty_extras(result: Any, task: str, threshold: float,
     runs), from the result's probabilities and the TTA spread."""
     if not uncertain:
         return {}
-    from ..uncertainty import rank_slices, uncertainty_map
+    from napari_unet.engine.uncertainty import rank_slices, uncertainty_map
 
     extras: dict[str, Any] = {}
     uncertainty = uncertainty_map(result.probabilities, task, uncertain.get("spread"))

@@ -18,7 +18,12 @@ from typing import Any, Callable
 import numpy as np
 from psygnal import Signal
 
-from ..checkpoint import CheckpointError, SegmentationModel, list_pretrained, load_model
+from napari_unet.model.checkpoint import (
+    CheckpointError,
+    SegmentationModel,
+    list_pretrained,
+)
+from napari_unet.zoo.loading import load_model
 
 log = logging.getLogger("napari_unet")
 
@@ -244,7 +249,7 @@ def get_registry() -> ModelRegistry:
 def remember_model(key: str) -> None:
     """Save the selected model (a shipped name or a file) as the next session's first choice;
     versions held only in memory (fine-tuned, new) cannot come back and are not saved."""
-    from ..settings import save_settings
+    from napari_unet.io.settings import save_settings
 
     registry = get_registry()
     if not key or key not in registry:
@@ -259,7 +264,7 @@ def remember_model(key: str) -> None:
 def restore_last_model(registry: ModelRegistry) -> str | None:
     """Select the model saved by :func:`remember_model` (a file is loaded again; one that is
     gone or no longer loads is skipped). Returns its key, or None."""
-    from ..settings import load_settings
+    from napari_unet.io.settings import load_settings
 
     saved = load_settings()
     path = saved.get("model_file")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unet.checkpoint import SegmentationModel, save_checkpoint
-from napari_unet.models import UNet, UNetConfig
+from napari_unet.model.checkpoint import SegmentationModel, save_checkpoint
+from napari_unet.model.config import UNetConfig
+from napari_unet.model.unet import UNet
 
 pytestmark = pytest.mark.gui
 

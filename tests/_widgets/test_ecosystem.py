@@ -37,7 +37,7 @@ def test_settings_come_back_in_the_next_session(make_napari_viewer, registry, mo
     from napari_unet._widgets._finetune import FineTuneWidget
     from napari_unet._widgets._segment import SegmentWidget
     from napari_unet._widgets._state import ModelRegistry, restore_last_model
-    from napari_unet.settings import load_settings
+    from napari_unet.io.settings import load_settings
 
     viewer = make_napari_viewer()
     segment, finetune = SegmentWidget(viewer), FineTuneWidget(viewer)
@@ -66,8 +66,8 @@ def test_zoo_packages_in_segment_and_finetune(make_napari_viewer, qtbot, registr
     pytest.importorskip("bioimageio.spec")
     from napari_unet._widgets._finetune import FineTuneWidget
     from napari_unet._widgets._segment import SegmentWidget
-    from napari_unet.zoo import ForeignModel
-    from napari_unet.zoo_export import export_bioimageio
+    from napari_unet.zoo.export import export_bioimageio
+    from napari_unet.zoo.foreign import ForeignModel
 
     from ..test_zoo import foreign_package
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unet import postprocess
+from napari_unet.labels import dtypes, edits
 
 from .conftest import click, wait_idle
 
@@ -39,7 +39,7 @@ def test_merge_undo_redo_exact(make_napari_viewer, qtbot):
     widget = _dock(viewer)
     widget.ids_edit.setText("1, 2")
     click(qtbot, widget, "Merge")
-    np.testing.assert_array_equal(layer.data, postprocess.merge_labels(original, [1, 2]))
+    np.testing.assert_array_equal(layer.data, edits.merge_labels(original, [1, 2]))
     merged = layer.data.copy()
     click(qtbot, widget, "Undo")
     np.testing.assert_array_equal(layer.data, original)
@@ -54,10 +54,10 @@ def test_merge_undo_redo_exact(make_napari_viewer, qtbot):
 
 
 @pytest.mark.parametrize("operation, expected", [
-    ("Fill holes", lambda a: postprocess.fill_holes(a)),
-    ("Remove small", lambda a: postprocess.remove_small_objects(a, 50)),
-    ("Relabel", lambda a: postprocess.relabel_sequential(a)),
-    ("Instances → binary", lambda a: postprocess.instances_to_binary(a).astype(np.uint8)),
+    ("Fill holes", lambda a: edits.fill_holes(a)),
+    ("Remove small", lambda a: edits.remove_small_objects(a, 50)),
+    ("Relabel", lambda a: dtypes.relabel_sequential(a)),
+    ("Instances → binary", lambda a: edits.instances_to_binary(a).astype(np.uint8)),
 ])
 def test_operations_match_core_2d(make_napari_viewer, qtbot, operation, expected):
     viewer = make_napari_viewer()
@@ -79,10 +79,10 @@ def test_delete_selected_and_binary_to_instances(make_napari_viewer, qtbot):
     widget = _dock(viewer)
     layer.selected_label = 4
     click(qtbot, widget, "Delete")  # empty ids field: the selected label
-    np.testing.assert_array_equal(layer.data, postprocess.delete_label(original, 4))
+    np.testing.assert_array_equal(layer.data, edits.delete_label(original, 4))
     layer.data = (original > 0).astype(np.uint8)
     click(qtbot, widget, "Binary → instances")
-    np.testing.assert_array_equal(layer.data, postprocess.binary_to_instances(original > 0))
+    np.testing.assert_array_equal(layer.data, edits.binary_to_instances(original > 0))
 
 
 def test_split_with_seed_clicks_and_automatic(make_napari_viewer, qtbot):
@@ -95,14 +95,14 @@ def test_split_with_seed_clicks_and_automatic(make_napari_viewer, qtbot):
     points.add([[15, 10], [15, 40]])  # the seeds layer has the labels layer's scale
     widget.labels_combo.set_layer(layer)
     click(qtbot, widget, "Split")
-    expected = postprocess.split_label(original, 7, [(15.0, 10.0), (15.0, 40.0)], sampling=(0.5, 0.5))
+    expected = edits.split_label(original, 7, [(15.0, 10.0), (15.0, 40.0)], sampling=(0.5, 0.5))
     np.testing.assert_array_equal(layer.data, expected)
     assert len(points.data) == 0  # seeds are used up
     click(qtbot, widget, "Undo")
     np.testing.assert_array_equal(layer.data, original)
     widget.ids_edit.setText("7")
     click(qtbot, widget, "Split")  # no seeds: automatic
-    np.testing.assert_array_equal(layer.data, postprocess.split_label(original, 7, None,
+    np.testing.assert_array_equal(layer.data, edits.split_label(original, 7, None,
                                                                       sampling=(0.5, 0.5)))
 
 
@@ -115,7 +115,7 @@ def test_stack_current_slice_scope_and_correction_tracking(make_napari_viewer, q
     widget.ids_edit.setText("1 2")
     click(qtbot, widget, "Merge")
     expected = stack.copy()
-    expected[3] = postprocess.merge_labels(stack[3], [1, 2])
+    expected[3] = edits.merge_labels(stack[3], [1, 2])
     np.testing.assert_array_equal(layer.data, expected)
     assert layer.metadata["napari_unet_corrected_slices"] == [3]
 
@@ -181,9 +181,9 @@ def _hollow_stack(n: int = 6) -> np.ndarray:
 
 
 @pytest.mark.parametrize("operation, name, expected", [
-    ("Fill holes", "fill_holes", lambda a: postprocess.fill_holes(a)),
-    ("Relabel", "relabel_sequential", lambda a: postprocess.relabel_sequential(a)),
-    ("Split", "split_label", lambda a: postprocess.split_label(a, 9, None)),
+    ("Fill holes", "fill_holes", lambda a: edits.fill_holes(a)),
+    ("Relabel", "relabel_sequential", lambda a: dtypes.relabel_sequential(a)),
+    ("Split", "split_label", lambda a: edits.split_label(a, 9, None)),
 ])
 def test_whole_stack_operations_run_in_a_worker(make_napari_viewer, qtbot, monkeypatch, operation,
                                                 name, expected):
@@ -197,13 +197,14 @@ def test_whole_stack_operations_run_in_a_worker(make_napari_viewer, qtbot, monke
     if operation == "Split":
         widget.ids_edit.setText("9")
     threads, data_events = [], []
-    real = getattr(postprocess, name)
+    module = dtypes if name == "relabel_sequential" else edits
+    real = getattr(module, name)
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread() is threading.main_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(postprocess, name, recording)
+    monkeypatch.setattr(module, name, recording)
     layer.events.data.connect(
         lambda _e: data_events.append(threading.current_thread() is threading.main_thread()))
     array = layer.data
@@ -230,13 +231,13 @@ def test_paint_while_a_whole_stack_operation_runs_is_kept(make_napari_viewer, qt
     original = _hollow_stack()
     layer = viewer.add_labels(original.copy(), name="labels")
     widget = _dock(viewer)
-    real = postprocess.relabel_sequential
+    real = dtypes.relabel_sequential
 
     def slow(labels):
         time.sleep(0.5)
         return real(labels)
 
-    monkeypatch.setattr(postprocess, "relabel_sequential", slow)
+    monkeypatch.setattr(dtypes, "relabel_sequential", slow)
     click(qtbot, widget, "Relabel")
     assert widget.worker is not None
     click(qtbot, widget, "Undo")  # refused while the operation runs

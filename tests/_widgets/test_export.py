@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unet import postprocess
-from napari_unet.io import read_image
+from napari_unet.io.readers import read_image
+from napari_unet.labels import edits, statistics
 
 from .conftest import blobs, click, wait_idle
 
@@ -36,7 +36,7 @@ def test_export_instances_with_voxel_size_and_summary(make_napari_viewer, qtbot,
     assert back.voxel_size == pytest.approx((0.5, 0.2, 0.2)) and back.unit == "um"
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert tif.pages[0].compression != 1  # compressed
-    stats = postprocess.label_statistics(labels, (0.5, 0.2, 0.2))
+    stats = statistics.label_statistics(labels, (0.5, 0.2, 0.2))
     assert f"{stats['objects']} objects" in widget.status.text()
     assert "um³" in widget.status.text()
 
@@ -116,7 +116,7 @@ def test_export_follows_the_layer(make_napari_viewer, qtbot, tmp_path):
     widget.export(tmp_path / "split.tif")
     wait_idle(qtbot, widget)
     np.testing.assert_array_equal(read_image(tmp_path / "split.tif").data,
-                                  postprocess.binary_to_instances(labels > 0))
+                                  edits.binary_to_instances(labels > 0))
 
 
 def test_export_snapshot_is_copied_in_pieces(make_napari_viewer, qtbot, tmp_path, monkeypatch):

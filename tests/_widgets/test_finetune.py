@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from napari_unet.checkpoint import load_model
+from napari_unet.zoo.loading import load_model
 
 from .conftest import blobs, click, wait_idle
 
@@ -144,7 +144,7 @@ def test_pairs_list(make_napari_viewer, qtbot, registry):
 def test_training_in_the_worker_thread_preview_updated_in_place(make_napari_viewer, qtbot,
                                                                 registry, model_2d_path):
     from napari_unet._widgets._finetune import PREVIEW_LAYER
-    from napari_unet.training import Trainer
+    from napari_unet.training.trainer import Trainer
 
     viewer = make_napari_viewer()
     image, labels = blobs((32, 32))
@@ -221,7 +221,7 @@ def test_labels_are_a_snapshot_of_the_corrected_slices(make_napari_viewer, regis
 
 
 def test_precision_choice_and_resolved_label(make_napari_viewer, qtbot, registry, model_2d_path):
-    from napari_unet.precision import PRECISIONS, resolve_precision
+    from napari_unet.model.precision import PRECISIONS, resolve_precision
 
     viewer = make_napari_viewer()
     image, labels = blobs((32, 32))
@@ -254,6 +254,7 @@ def test_new_model_for_ct_organs_as_classes(make_napari_viewer, qtbot, registry)
     from napari_unet._widgets._io import read_layers
     from napari_unet._widgets._new_model import NewModelDialog, spec_for_layer
     from napari_unet._widgets._state import corrected_slices, set_corrected_slices
+
     from .test_plugin import SAMPLES
 
     viewer = make_napari_viewer()

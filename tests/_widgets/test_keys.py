@@ -9,7 +9,12 @@ NAPARI_ANIMATION = {"Alt+F", "Alt+R", "Alt+D", "Alt+A", "Alt+B"}
 
 
 def _docks():
-    from napari_unet._widgets import EditWidget, ExportWidget, FineTuneWidget, SegmentWidget
+    from napari_unet._widgets import (
+        EditWidget,
+        ExportWidget,
+        FineTuneWidget,
+        SegmentWidget,
+    )
 
     return (SegmentWidget, EditWidget, FineTuneWidget, ExportWidget)
 

@@ -9,10 +9,10 @@ from .conftest import blobs, click, wait_idle
 
 def test_segment_paint_finetune_segment_undo_keeps_every_painted_voxel(
         make_napari_viewer, qtbot, registry, model_2d_path, monkeypatch):
-    from napari_unet import training
     from napari_unet._widgets._edit import EditWidget
     from napari_unet._widgets._finetune import FineTuneWidget
     from napari_unet._widgets._segment import SegmentWidget
+    from napari_unet.training import trainer
 
     viewer = make_napari_viewer()
     image, _ = blobs((8, 48, 48), seed=5)
@@ -42,14 +42,14 @@ def test_segment_paint_finetune_segment_undo_keeps_every_painted_voxel(
 
     # 3. fine-tune ~1 s on a snapshot: painting meanwhile does not reach the running job
     seen = {}
-    real_trainer = training.Trainer
+    real_trainer = trainer.Trainer
 
     class Recording(real_trainer):
         def __init__(self, model, pairs, config=None):
             seen["labels"] = pairs[0].labels
             super().__init__(model, pairs, config)
 
-    monkeypatch.setattr(training, "Trainer", Recording)
+    monkeypatch.setattr(trainer, "Trainer", Recording)
     finetune.time_spin.setValue(1)
     finetune.config_overrides = {"batch_size": 2}
     at_start = layer.data[[2, 6]].copy()

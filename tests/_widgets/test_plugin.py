@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_unet.io import read_image
+from napari_unet.io.readers import read_image
 
 SAMPLES = Path(str(resources.files("napari_unet.sample_data")))
 
@@ -47,13 +47,13 @@ def test_reader_opens_big_files_and_zarr_lazily(tmp_path, monkeypatch):
     import dask.array as da
     import zarr
 
-    from napari_unet import io
     from napari_unet._widgets._io import get_reader
+    from napari_unet.io import lazy as io_lazy
 
     path = str(SAMPLES / "nuclei_3d.tif")
     (eager, _, _), = get_reader(path)(path)
     assert isinstance(eager, np.ndarray)
-    monkeypatch.setattr(io, "LAZY_SIZE_THRESHOLD", 1000)  # "big" = anything above 1 kB here
+    monkeypatch.setattr(io_lazy, "LAZY_SIZE_THRESHOLD", 1000)  # "big" = anything above 1 kB here
     (lazy, kwargs, _), = get_reader(path)(path)
     assert isinstance(lazy, da.Array)
     np.testing.assert_array_equal(lazy[50].compute(), eager[50])
@@ -87,7 +87,7 @@ def test_gui_command_opens_docks_and_sample(make_napari_viewer, registry):
 
 
 def test_gui_subcommand_is_registered():
-    from napari_unet.cli import build_parser, main
+    from napari_unet.cli.main import build_parser, main
 
     args = build_parser().parse_args(["gui", "some.tif"])
     assert args.file == "some.tif"

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from napari_unet.checkpoint import load_model, save_checkpoint
-from napari_unet.inference import segment
+from napari_unet.engine.predict import segment
+from napari_unet.model.checkpoint import save_checkpoint
 from napari_unet.progress import drain
+from napari_unet.zoo.loading import load_model
 
 from .conftest import blobs, click, make_tiny_model, wait_idle
 
@@ -50,15 +51,15 @@ def test_segment_2d_instances_match_core(make_napari_viewer, qtbot, registry, mo
 
 def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer, qtbot, registry,
                                                               model_2d_path, monkeypatch):
-    from napari_unet import inference
+    from napari_unet.engine import predict, runner
 
-    original = inference.TileRunner._run_batch
+    original = runner.TileRunner._run_batch
 
     def slow_run(self, tiles, write):  # a slow model, so Cancel lands mid-way
         time.sleep(0.05)
         return original(self, tiles, write)
 
-    monkeypatch.setattr(inference.TileRunner, "_run_batch", slow_run)
+    monkeypatch.setattr(runner.TileRunner, "_run_batch", slow_run)
     viewer = make_napari_viewer()
     image, _ = blobs((20, 48, 48))
     viewer.add_image(image, name="stack")
@@ -83,8 +84,8 @@ def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer
     assert "Cancelled" in widget.status.text()
     assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
     # the finished slices hold the core's thresholded prediction, the rest is untouched
-    probabilities = drain(inference.predict_probabilities(image, load_model(model_2d_path)))
-    from napari_unet.postprocess import to_semantic
+    probabilities = drain(predict.predict_probabilities(image, load_model(model_2d_path)))
+    from napari_unet.labels.instances import to_semantic
 
     expected = to_semantic(probabilities.astype(np.float32), "foreground", threshold=0.5)
     np.testing.assert_array_equal(layer.data[:done], expected[:done])
@@ -149,9 +150,14 @@ def test_no_image_and_no_model(make_napari_viewer, qtbot, registry, notification
 
 
 def test_every_control_has_a_tooltip(make_napari_viewer, qtbot, registry):
-    from qtpy.QtWidgets import QAbstractButton, QComboBox, QAbstractSpinBox, QLineEdit
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit
 
-    from napari_unet._widgets import EditWidget, ExportWidget, FineTuneWidget, SegmentWidget
+    from napari_unet._widgets import (
+        EditWidget,
+        ExportWidget,
+        FineTuneWidget,
+        SegmentWidget,
+    )
 
     viewer = make_napari_viewer()
     for cls in (SegmentWidget, EditWidget, FineTuneWidget, ExportWidget):
@@ -272,16 +278,16 @@ def test_keep_mode_asks_when_everything_is_corrected(make_napari_viewer, qtbot, 
 
 def test_undo_is_refused_while_segmenting(make_napari_viewer, qtbot, registry, model_2d_path,
                                           monkeypatch):
-    from napari_unet import inference
     from napari_unet._widgets._history import HistoryBusy, history_for
+    from napari_unet.engine import runner
 
-    original = inference.TileRunner._run_batch
+    original = runner.TileRunner._run_batch
 
     def slow_run(self, tiles, write):
         time.sleep(0.05)
         return original(self, tiles, write)
 
-    monkeypatch.setattr(inference.TileRunner, "_run_batch", slow_run)
+    monkeypatch.setattr(runner.TileRunner, "_run_batch", slow_run)
     viewer = make_napari_viewer()
     image, layer, before = _stack_with_corrections(viewer)
     widget = _dock(viewer, qtbot)
@@ -338,7 +344,7 @@ def test_lazy_layer_is_streamed_in_the_worker(make_napari_viewer, qtbot, registr
 
 def test_more_objects_than_the_layer_holds_widen_it(make_napari_viewer, qtbot, registry,
                                                      model_2d_path, monkeypatch):
-    from napari_unet import postprocess
+    from napari_unet.labels import instances
 
     viewer = make_napari_viewer()
     image, _ = blobs((64, 80))
@@ -346,7 +352,7 @@ def test_more_objects_than_the_layer_holds_widen_it(make_napari_viewer, qtbot, r
     widget = _dock(viewer, qtbot)
     widget.load_model_file(model_2d_path)
     widget.output_combo.setCurrentText("instances")
-    real = postprocess.to_instances
+    real = instances.to_instances
 
     def many(*args, **kwargs):  # ids beyond uint16
         out = real(*args, **kwargs).astype(np.uint32)
@@ -354,7 +360,7 @@ def test_more_objects_than_the_layer_holds_widen_it(make_napari_viewer, qtbot, r
         out[:4, :4] = 99_999
         return out
 
-    monkeypatch.setattr(postprocess, "to_instances", many)
+    monkeypatch.setattr(instances, "to_instances", many)
     click(qtbot, widget, "Segment")
     wait_idle(qtbot, widget)
     layer = viewer.layers["cells labels"]
@@ -366,11 +372,11 @@ def test_more_objects_than_the_layer_holds_widen_it(make_napari_viewer, qtbot, r
 
 def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, model_2d_path,
                                          monkeypatch):
-    from napari_unet import inference
-    from napari_unet.precision import resolve_precision
+    from napari_unet.engine import predict
+    from napari_unet.model.precision import resolve_precision
 
     calls, regions = [], []
-    original = inference.segment
+    original = predict.segment
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
@@ -388,7 +394,7 @@ def test_start_at_the_view_and_precision(make_napari_viewer, qtbot, registry, mo
 
         return record_regions()
 
-    monkeypatch.setattr(inference, "segment", recording)
+    monkeypatch.setattr(predict, "segment", recording)
     viewer = make_napari_viewer()
     image, _ = blobs((10, 40, 60))
     viewer.add_image(image, name="stack")
@@ -434,7 +440,7 @@ def test_tuned_post_processing_is_the_default_and_the_user_can_override(
 
 def test_uncertainty_layer_and_suggested_slices_after_segment(make_napari_viewer, qtbot, registry,
                                                               model_2d_path):
-    from napari_unet.uncertainty import rank_slices, uncertainty_map
+    from napari_unet.engine.uncertainty import rank_slices, uncertainty_map
 
     viewer = make_napari_viewer()
     image, _ = blobs((10, 40, 48))

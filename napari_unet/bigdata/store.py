@@ -1,0 +1,239 @@
+"""The Zarr store of a streamed prediction: its settings, fingerprint and resumable state."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from napari_unet.engine.tiling import TilePlan
+from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.model.normalization import Normalizer, fit_normalizer
+
+STORE_FORMAT = "napari-unet-stream/1"
+ATTRS_KEY = "napari_unet"
+#: Working-set budget of one tile (the engine's estimate), so peak memory stays below 2 GB
+#: whatever the volume; a larger budget computes fewer halo voxels (``--max-tile-gb``).
+DEFAULT_MAX_TILE_BYTES = 2**30
+PROBABILITY_DTYPES = ("float32", "float16", "uint8")
+
+
+# --- settings and store --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What is written for every tile (everything a worker needs besides the model and input)."""
+
+    output: str = "labels"
+    task: str = "foreground"
+    probabilities: bool = False
+    probability_dtype: str = "float32"
+    threshold: float = 0.5
+    method: str = "watershed"
+    voxel_size: tuple[float, ...] | None = None
+    min_size: int = DEFAULT_MIN_SIZE
+    seed_threshold: float | None = None
+    #: test-time augmentation (:func:`napari_unet.inference.tta_transforms`) for every tile
+    tta: bool = False
+
+    def arrays(self) -> list[str]:
+        names = []
+        if self.output == "labels" or (self.output == "instances" and self.task == "semantic"):
+            names.append("labels")  # instances of semantic models merge only within a class
+        if self.output == "instances":
+            names.append("_local")
+        if self.probabilities or self.output == "probabilities":
+            names.append("probabilities")
+        return names
+
+
+@dataclass
+class StreamResult:
+    """What :func:`predict_to_zarr` returns."""
+
+    path: Path
+    output: str
+    arrays: dict[str, Any]
+    tiles_total: int
+    tiles_skipped: int = 0
+    n_objects: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def data(self) -> Any:
+        """The requested output (a zarr array)."""
+        return self.arrays[self.output]
+
+
+def model_fingerprint(model: SegmentationModel) -> str:
+    """A hash of what the model computes (config, task, normalisation, weights)."""
+    digest = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
+    digest.update(model.task.encode())
+    digest.update(repr(sorted(model.normalization.items())).encode())
+    for name, tensor in model.network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _label_dtype(settings: StreamSettings, out_channels: int) -> np.dtype:
+    if settings.task == "semantic":
+        return np.dtype(np.uint8 if out_channels <= 256 else np.uint16)
+    return np.dtype(np.uint8)
+
+
+def _fingerprint(settings: StreamSettings, model_hash: str) -> dict[str, Any]:
+    return {"settings": _jsonable(dataclasses.asdict(settings)), "model": model_hash}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def stream_info(path: str | Path) -> dict[str, Any] | None:
+    """The ``napari_unet`` attribute of a streamed output, or None if ``path`` is not one."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:  # noqa: BLE001 - missing or not a zarr group
+        return None
+    info = dict(group.attrs).get(ATTRS_KEY)
+    return info if isinstance(info, dict) and info.get("format") == STORE_FORMAT else None
+
+
+def stored_plan(group: Any) -> TilePlan:
+    """The tile plan a streamed output was created with (its chunks are the plan's cores)."""
+    return TilePlan.from_dict(dict(group.attrs[ATTRS_KEY])["plan"])
+
+
+def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
+                model: SegmentationModel, normalizer: Normalizer | None = None,
+                image: Any = None, overwrite: bool = False, input_path: str | Path | None = None,
+                voxel_size: Sequence[float] | None = None, unit: str | None = None
+                ) -> tuple[Any, Normalizer, bool, TilePlan]:
+    """Create the output group, or reopen a compatible one to resume.
+
+    Returns ``(group, normalizer, resumed, plan)``. The normaliser is fitted on ``image`` once,
+    when the store is created, and read back from the store when resuming. A resumed run
+    continues with the stored plan (``plan`` is only used for a new store), so it can resume on
+    another device or with less free memory.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists but is not a streamed output of the same model and settings
+        (pass ``overwrite=True`` to replace a napari-unet output).
+    ValueError
+        ``path`` is the input.
+    """
+    import zarr
+
+    path = Path(path)
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise ValueError("refusing to overwrite the input image; choose another output")
+    model_hash = model_fingerprint(model)
+    fingerprint = _fingerprint(settings, model_hash)
+    if path.exists():
+        info = stream_info(path)
+        if info is None:
+            if overwrite and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            else:
+                raise FileExistsError(f"{path} exists and is not a napari-unet output; choose another path")
+        elif info.get("fingerprint") == fingerprint and not overwrite:
+            group = zarr.open_group(str(path), mode="r+")
+            return (group, Normalizer(**_normalizer_from_json(info["normalizer"])), True,
+                    stored_plan(group))
+        elif overwrite:
+            shutil.rmtree(path)
+        else:
+            raise FileExistsError(f"{path} holds a prediction made with another model or other "
+                                  "settings; pass --overwrite (overwrite=True) or choose another path")
+    if normalizer is None:
+        if image is None:
+            raise ValueError("a normalizer or the image is needed to create the output")
+        with local_dask():
+            normalizer = fit_normalizer(image, model.normalization)
+    group = zarr.open_group(str(path), mode="w")
+    spatial_chunks = plan.core
+    channels = model.config.out_channels
+    for name in settings.arrays():
+        if name == "probabilities":
+            group.create_array(name, shape=(channels, *plan.spatial), chunks=(channels, *spatial_chunks),
+                               dtype=settings.probability_dtype, fill_value=0,
+                               dimension_names=["c", *_axis_names(len(plan.spatial))])
+        elif name == "labels":
+            group.create_array(name, shape=plan.spatial, chunks=spatial_chunks,
+                               dtype=_label_dtype(settings, channels), fill_value=0,
+                               dimension_names=_axis_names(len(plan.spatial)))
+        else:  # _local
+            group.create_array(name, shape=plan.spatial, chunks=spatial_chunks, dtype="uint32",
+                               fill_value=0)
+    group.create_array("_done", shape=plan.grid, chunks=(1,) * len(plan.grid), dtype="uint8",
+                       fill_value=0)
+    if settings.output == "instances":
+        group.create_array("_counts", shape=plan.grid, chunks=(1,) * len(plan.grid),
+                           dtype="uint32", fill_value=0)
+    info = {
+        "format": STORE_FORMAT, "fingerprint": fingerprint, "plan": plan.to_dict(),
+        "state": "predicting",
+        "run_id": uuid.uuid4().hex,
+        "output": settings.output, "model": model.label, "task": model.task,
+        "class_names": list(model.class_names), "axes": _axes_letters(len(plan.spatial)),
+        "normalizer": _normalizer_to_json(normalizer),
+        "input": None if input_path is None else str(input_path),
+    }
+    attrs: dict[str, Any] = {ATTRS_KEY: _jsonable(info)}
+    if voxel_size is not None and unit is not None:
+        attrs.update(voxel_size=[float(v) for v in voxel_size], unit=str(unit))
+    group.attrs.update(attrs)
+    return group, normalizer, False, plan
+
+
+def _axis_names(ndim: int) -> list[str]:
+    return list("zyx"[-ndim:])
+
+
+def _axes_letters(ndim: int) -> str:
+    return "ZYX"[-ndim:]
+
+
+def _normalizer_to_json(normalizer: Normalizer) -> dict[str, Any]:
+    return {"offset": float(normalizer.offset), "scale": float(normalizer.scale),
+            "clip": None if normalizer.clip is None else [float(c) for c in normalizer.clip]}
+
+
+def _normalizer_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    clip = data.get("clip")
+    return {"offset": data["offset"], "scale": data["scale"],
+            "clip": None if clip is None else tuple(clip)}
+
+
+def _set_state(group: Any, **changes: Any) -> None:
+    info = dict(group.attrs[ATTRS_KEY])
+    info.update(_jsonable(changes))
+    group.attrs[ATTRS_KEY] = info
+
+
+
+def local_dask() -> Any:
+    """Compute dask inputs here with threads, even when a distributed client is the default
+    (lazy TIFF stores cannot travel to a cluster; tiles are read where they are used)."""
+    import dask
+
+    return dask.config.set(scheduler="threads")

@@ -1,0 +1,1 @@
+"""The ``napari-unet`` command line, one module per subcommand; :mod:`.main` holds the parser."""

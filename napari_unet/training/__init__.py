@@ -1,0 +1,1 @@
+"""Training: targets from labels, patch sampling, augmentation, losses, and the training loop."""

@@ -1,0 +1,137 @@
+"""What a training run is given: image/label pairs and :class:`TrainingConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from napari_unet.progress import Progress
+from napari_unet.training.augment import AugmentSettings
+
+DEFAULT_TIME_LIMIT = 60.0
+LR_SCRATCH = 1e-3
+# bench_finetune (60 s): lr 1e-3 vs 3e-4 gave Dice gains +0.036 vs +0.029 (3D), +0.200 vs +0.190 (2D)
+LR_FINETUNE = 6e-4
+#: automatic validation split: this fraction of the parts (corrected slices or images), at least one
+AUTO_VALIDATION_FRACTION = 0.2
+#: validation and the live preview together take at most this share of a run's time (besides
+#: the validation and preview at its end): each runs at its interval, or later, when its time
+#: so far plus its last measured cost would exceed its part of the share
+EVALUATION_SHARE = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# public data classes
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingPair:
+    """One image with its (corrected) labels.
+
+    ``labels`` holds instance ids or semantic classes 1..K (0 = background). Only annotated
+    voxels are trained on: ``annotated`` (nonzero = annotated) or ``slices`` (indices along axis 0
+    of a stack); both None = everything.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    annotated: np.ndarray | None = None
+    slices: Sequence[int] | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """How to train; every ``None`` means an automatic, sensible choice."""
+
+    iterations: int | None = None
+    time_limit: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    patch_shape: tuple[int, ...] | None = None
+    augment: bool = True
+    #: part of the annotations held out to score the weights (the best-scoring ones are kept);
+    #: None = automatic: held out when there are two or more corrected slices or images
+    #: (see :meth:`Trainer._split_validation`); 0 = never (the last weights are kept)
+    validation_fraction: float | None = None
+    #: annotated slices within this many slices of a validation slice are not trained on
+    #: (adjacent slices have nearly the same labels, so training on them inflates the score)
+    validation_gap: int = 1
+    seed: int = 0
+    device: str = "auto"
+    #: ``auto`` (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32),
+    #: ``fp32``, ``bf16`` or ``fp16``; see :mod:`napari_unet.precision`
+    precision: str = "auto"
+    #: False: exact fp32 whatever ``precision`` says (the older switch for mixed precision)
+    amp: bool = True
+    preview_image: np.ndarray | None = None
+    preview_interval: float = 5.0
+    log_every: int = 1
+    #: batch-norm running statistics: frozen (eval mode) or updated; None = frozen when
+    #: fine-tuning a trained model (after re-estimating them on the new data, see
+    #: ``recalibrate_norm``), updated when training from scratch
+    freeze_norm: bool | None = None
+    #: with frozen batch norm: first re-estimate its statistics on patches of the new data
+    #: (forward passes only), which adapts the model to new intensities/contrast
+    recalibrate_norm: bool = True
+    #: seconds between validation runs (when a validation split exists)
+    validation_interval: float = 10.0
+    #: fraction of patches centred on an annotated foreground voxel
+    foreground_oversampling: float = 0.5
+    augment_settings: AugmentSettings | None = None
+    #: one of :data:`losses.LOSSES`: ``bce_dice``, ``focal_dice``, ``tversky`` or
+    #: ``boundary_bce`` (the U-Net weight map of the labels, computed once per image)
+    loss: str = "bce_dice"
+    #: micro-batches per optimizer step (effective batch ``batch_size * accumulate_steps``);
+    #: ``iterations`` count optimizer steps, so each takes this many batches
+    accumulate_steps: int = 1
+    #: recompute activations in the backward pass instead of storing them (less memory,
+    #: about a third more time; the same numbers)
+    gradient_checkpointing: bool = False
+
+
+@dataclass(init=False)
+class TrainingStats(Progress):
+    """The :class:`~napari_unet.progress.Progress` of a training run, yielded after an iteration.
+
+    ``done`` counts iterations (also :attr:`iteration`), ``total`` is the iteration budget
+    (:attr:`total_iterations`, None when only ``time_limit`` bounds the run).
+    """
+
+    loss: float
+    learning_rate: float
+    samples_per_second: float
+    #: validation score of these weights: Dice on the held-out part (mean over the outputs,
+    #: or classes), averaged with :attr:`validation_f1` when the labels are instances
+    validation_dice: float | None
+    best_score: float | None
+    preview: np.ndarray | None
+    #: True: a part is held out and the best-scoring weights are kept; False: the last ones
+    keeps_best: bool
+    #: object F1 (IoU 0.5) on the held-out part, slice by slice, when its labels are instances
+    validation_f1: float | None
+    #: validation score of the model before fine-tuning (compare with :attr:`best_score`)
+    start_score: float | None
+
+    def __init__(self, iteration: int, total_iterations: int | None, loss: float,
+                 learning_rate: float, elapsed: float, samples_per_second: float,
+                 time_limit: float | None, validation_dice: float | None = None,
+                 best_score: float | None = None, preview: np.ndarray | None = None,
+                 message: str = "", keeps_best: bool = False, validation_f1: float | None = None,
+                 start_score: float | None = None) -> None:
+        # ``message``: the first stats of a run say which weights are kept and why
+        super().__init__(done=iteration, total=total_iterations, elapsed=elapsed, message=message,
+                         stage="train", time_limit=time_limit)
+        self.loss, self.learning_rate = loss, learning_rate
+        self.samples_per_second = samples_per_second
+        self.validation_dice, self.best_score, self.preview = validation_dice, best_score, preview
+        self.keeps_best, self.validation_f1, self.start_score = keeps_best, validation_f1, start_score
+
+    @property
+    def iteration(self) -> int:
+        return self.done
+
+    @property
+    def total_iterations(self) -> int | None:
+        return self.total
