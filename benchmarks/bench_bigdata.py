@@ -2,7 +2,7 @@
 
 1. A synthetic uint16 volume of ``--volume-gb`` (default 4.0 GB) is written chunk by chunk to
    an uncompressed zarr in ``--cache-dir`` (reused while present, so reruns skip it).
-2. It is streamed through the tiled engine (:func:`napari_unet.streaming.predict_to_zarr`)
+2. It is streamed through the tiled engine (:func:`napari_unet.bigdata.streaming.predict_to_zarr`)
    into a zarr output (labels) with a very cheap 2-layer conv net, so the run measures the
    engine's memory and I/O, not network compute: a fixed 3x3x3 mean filter (``avg_pool3d``,
    i.e. a conv with uniform weights; PyTorch's CPU ``conv3d`` with one channel runs at only

@@ -14,7 +14,7 @@ cells3d    cells3d_membrane           z 0-31          z 34-43         z 44-63
 
 Scores: EM pixel Dice of the membrane mask; the others object F1 at IoU 0.5 (2D: objects
 pooled over the fields). Post-processing (threshold, seed threshold, minimum size) is tuned on
-the validation split for every method alike (:mod:`napari_unet.tuning`).
+the validation split for every method alike (:mod:`napari_unet.labels.tuning`).
 
 Budgets are CPU seconds of the training process (``--cpu-seconds``; robust to other jobs on the
 machine, unlike wall time): a short calibration (10 steps) measures each method's CPU cost per

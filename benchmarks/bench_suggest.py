@@ -2,7 +2,7 @@
 
 For each 3D data set with ground truth (held out from the shipped model's training, see
 ``train_shipped_models.sh``), the shipped model segments the stack and its uncertainty ranks the
-slices (:func:`napari_unet.uncertainty.rank_slices`, as the Segment dock and ``napari-unet
+slices (:func:`napari_unet.engine.uncertainty.rank_slices`, as the Segment dock and ``napari-unet
 suggest`` do). Three ways to pick 3 slices to correct:
 
 * **suggested**: the 3 slices ``rank_slices`` suggests (its default strategy, ``coverage``:

@@ -15,6 +15,7 @@ from napari_unet.io import lazy as io_lazy
 from napari_unet.io.formats import SUPPORTED_SUFFIXES, ImageReadError, LoadedImage
 from napari_unet.io.lazy import estimated_nbytes, is_zarr_path
 from napari_unet.io.readers import read_image
+from napari_unet.io.units import length_unit
 from napari_unet.io.writers import write_labels_tiff
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -163,11 +164,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     scale = attributes.get("scale")
     voxel_size = tuple(float(s) for s in scale[-data.ndim:]) if scale is not None else None
     metadata = attributes.get("metadata") or {}
-    unit = metadata.get(UNIT_KEY)
-    if not unit:
-        units = attributes.get("units")
-        unit = str(units[-1]) if units else "um"
-        unit = {"micrometer": "um", "millimeter": "mm", "nanometer": "nm", "pixel": "um"}.get(unit, unit)
+    unit = length_unit(metadata.get(UNIT_KEY), attributes.get("units"))
     written = write_labels_tiff(path, data, voxel_size=voxel_size, unit=unit,
                                 input_path=metadata.get(SOURCE_KEY))
     return [str(written)]

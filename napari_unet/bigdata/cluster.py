@@ -3,7 +3,7 @@
 * :func:`predict_dask` maps the engine over a dask array with :func:`dask.array.map_overlap`
   (depth = the network's halo, no padding at the borders, chunks = tile cores on the pooling
   grid): lazy, composable, equal to the in-memory result.
-* :func:`predict_to_zarr_distributed` is :func:`napari_unet.streaming.predict_to_zarr` with
+* :func:`predict_to_zarr_distributed` is :func:`napari_unet.bigdata.streaming.predict_to_zarr` with
   one task per tile on the cluster: every worker reads its tile (core + halo) from the input
   (reopened by path, or a scattered array), writes the core into its own chunks of the output
   zarr group and records the tile as done, so runs are resumable and memory per worker is one
@@ -191,7 +191,7 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
     """Lazy prediction of a dask array with :func:`dask.array.map_overlap`.
 
     The input is rechunked so chunks are tile cores (multiples of the network's divisor,
-    from :func:`napari_unet.streaming.make_plan`); each block is read with ``depth`` = the
+    from :func:`napari_unet.engine.planning.make_plan`); each block is read with ``depth`` = the
     receptive-field halo and no padding at the array border, exactly like the engine's tiles,
     so the result equals the in-memory prediction. The normalisation is fitted once on the
     whole (subsampled) array. With a ``client`` the weights are scattered to every worker
@@ -319,7 +319,7 @@ def predict_to_zarr_distributed(
     allow_channels: bool = False,
     tta: bool = False,
 ) -> Generator[Progress, None, StreamResult]:
-    """:func:`napari_unet.streaming.predict_to_zarr` on a dask cluster, one task per tile.
+    """:func:`napari_unet.bigdata.streaming.predict_to_zarr` on a dask cluster, one task per tile.
 
     ``image`` is a path (TIFF, zarr, OME-Zarr; every worker opens it lazily, once) or an array
     that pickles (numpy, zarr; scattered once). ``path`` must be on storage every worker can

@@ -41,7 +41,7 @@ class StreamSettings:
     voxel_size: tuple[float, ...] | None = None
     min_size: int = DEFAULT_MIN_SIZE
     seed_threshold: float | None = None
-    #: test-time augmentation (:func:`napari_unet.inference.tta_transforms`) for every tile
+    #: test-time augmentation (:func:`napari_unet.engine.tta.tta_transforms`) for every tile
     tta: bool = False
 
     def arrays(self) -> list[str]:

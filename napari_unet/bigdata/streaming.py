@@ -35,11 +35,11 @@ from napari_unet.progress import Progress
 
 
 class TileWriter:
-    """Predicts single tiles of a plan with the shared :class:`~napari_unet.inference.TileRunner`
+    """Predicts single tiles of a plan with the shared :class:`~napari_unet.engine.runner.TileRunner`
     and writes them into the output group.
 
     Used by :func:`predict_to_zarr` in this process and by the dask workers of
-    :mod:`napari_unet.cluster` (each opens the group by path and keeps one writer).
+    :mod:`napari_unet.bigdata.cluster` (each opens the group by path and keeps one writer).
     """
 
     def __init__(self, group: Any, image: Any, model: SegmentationModel, plan: TilePlan,
@@ -136,7 +136,7 @@ def predict_to_zarr(
     Parameters
     ----------
     image : array-like
-        numpy, dask, zarr or any sliceable array (e.g. :func:`napari_unet.io.open_lazy`'s
+        numpy, dask, zarr or any sliceable array (e.g. :func:`napari_unet.io.lazy.open_lazy`'s
         ``data``); only tiles (core + halo) are ever read.
     model : SegmentationModel
     path : str or Path
@@ -147,7 +147,7 @@ def predict_to_zarr(
     probabilities : bool
         Also store the probabilities ``(C, *spatial)`` (``probability_dtype``).
     threshold, method, voxel_size
-        As for :func:`napari_unet.postprocess.to_instances`.
+        As for :func:`napari_unet.labels.instances.to_instances`.
     min_size : int
         ``instances``: remove objects (after merging across chunks) with fewer voxels.
     min_overlap : float
@@ -156,14 +156,14 @@ def predict_to_zarr(
         any contact, which reproduces whole-image connected components exactly; the default
         keeps touching neighbours that a watershed separated apart).
     device, precision, tile_shape, halo, normalizer, fuse, start_at
-        As for :func:`napari_unet.inference.predict_probabilities`; the tile is chosen so the
+        As for :func:`napari_unet.engine.predict.predict_probabilities`; the tile is chosen so the
         working set fits ``max_tile_bytes``. A resumed run keeps the plan stored in the output.
     overwrite : bool
         Replace an existing napari-unet output made with other settings.
     max_tiles : int, optional
         Stop after this many tiles (the output is left resumable); for tests and time slicing.
     tta : bool
-        Test-time augmentation, as for :func:`napari_unet.inference.predict_probabilities`
+        Test-time augmentation, as for :func:`napari_unet.engine.predict.predict_probabilities`
         (8 times the work; the same result as in memory). Part of the stored settings: a
         resume with another ``tta`` is refused (or starts over with ``overwrite``).
 
@@ -239,7 +239,7 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
                  normalizer: Normalizer | None = None, overwrite: bool = False,
                  input_path: str | Path | None = None, tta: bool = False) -> StreamRun:
     """Check the options, plan the tiles and open (or reopen) the output: the start shared by
-    :func:`predict_to_zarr` and :func:`napari_unet.cluster.predict_to_zarr_distributed`."""
+    :func:`predict_to_zarr` and :func:`napari_unet.bigdata.cluster.predict_to_zarr_distributed`."""
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     if probability_dtype not in PROBABILITY_DTYPES:

@@ -80,7 +80,7 @@ def make_plan(image: Any, model: SegmentationModel, *, device: str | torch.devic
     """The tile plan for running ``model`` on ``image`` (anything with ``shape``/``ndim``).
 
     Without ``tile_shape`` the planner picks the tiles that compute the fewest voxels per voxel
-    written (:func:`napari_unet.tiling.choose_cores`) within the device's memory budget
+    written (:func:`napari_unet.engine.tiling.choose_cores`) within the device's memory budget
     (:func:`tile_budget`, at most ``max_bytes``). ``tile_shape`` is per spatial axis of the
     image; for a 2D model on a stack ``(y, x)`` or ``(slices, y, x)``.
     """

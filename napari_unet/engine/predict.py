@@ -74,7 +74,7 @@ def predict_probabilities(
         ``auto`` (CUDA > MPS > CPU), ``cpu``, ``cuda`` or ``mps``.
     precision : str
         ``auto`` (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32),
-        ``fp32`` (exact), ``bf16`` or ``fp16``; see :mod:`napari_unet.precision`.
+        ``fp32`` (exact), ``bf16`` or ``fp16``; see :mod:`napari_unet.model.precision`.
     tile_shape : sequence of int, optional
         Largest region (core + halo) run at once, per spatial axis of the image (for a 2D model
         on a stack: ``(y, x)``). Default: the planner's choice within the device's free memory.
@@ -100,7 +100,7 @@ def predict_probabilities(
     tta_spread : array-like, optional
         With ``tta``: preallocated ``spatial``-shaped output for the disagreement between the
         augmentations (per voxel, the standard deviation of the probabilities, the largest
-        over channels; 0..0.5), e.g. for :func:`napari_unet.uncertainty.uncertainty_map`.
+        over channels; 0..0.5), e.g. for :func:`napari_unet.engine.uncertainty.uncertainty_map`.
 
     Yields
     ------
@@ -165,7 +165,7 @@ def postprocess_settings(model: SegmentationModel, threshold: float | None = Non
                          ) -> tuple[float, int, float | None]:
     """``(threshold, min_size, seed_threshold)``: the values given, else the model's tuned
     ones (:attr:`SegmentationModel.postprocess`), else the built-in defaults (0.5,
-    :data:`~napari_unet.postprocess.DEFAULT_MIN_SIZE`, the threshold)."""
+    :data:`~napari_unet.labels.instances.DEFAULT_MIN_SIZE`, the threshold)."""
     if threshold is None:
         threshold = float(model.postprocess_default("threshold", 0.5))
     if min_size is None:

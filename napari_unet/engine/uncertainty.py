@@ -2,7 +2,7 @@
 
 The map comes from the prediction that is already there (no extra inference): the entropy of
 the probabilities, normalised to 0..1. With test-time augmentation it also takes the
-disagreement between the augmentations (:func:`napari_unet.inference.predict_probabilities`'s
+disagreement between the augmentations (:func:`napari_unet.engine.predict.predict_probabilities`'s
 ``tta_spread``). :func:`rank_slices` scores every slice of a stack by its doubtful voxels near
 objects and picks the slices where a correction reaches the most doubt (uncertainty and
 coverage together, the ends of the stack last for 3D models); :func:`suggest` does it all for
@@ -57,7 +57,7 @@ def entropy(probabilities: Any, task: str = "foreground", *, reduce: str = "max"
     Parameters
     ----------
     probabilities : array-like
-        ``(C, *spatial)``, as :func:`napari_unet.inference.predict_probabilities` returns them
+        ``(C, *spatial)``, as :func:`napari_unet.engine.predict.predict_probabilities` returns them
         (float, or uint8 0..255).
     task : str
         ``semantic``: the softmax entropy divided by ``log C``; every other task: the binary
@@ -93,7 +93,7 @@ def uncertainty_map(probabilities: Any, task: str = "foreground", spread: Any = 
     augmentations.
 
     ``spread`` is the standard deviation of the augmented probabilities (0..0.5, see
-    ``tta_spread`` of :func:`~napari_unet.inference.predict_probabilities`); it is doubled to
+    ``tta_spread`` of :func:`~napari_unet.engine.predict.predict_probabilities`); it is doubled to
     0..1 and the larger of the two measures is kept, so a voxel is uncertain when the averaged
     prediction is a coin flip or when the augmentations disagree.
     """
@@ -379,7 +379,7 @@ def suggest(image: Any, model: Any, n: int = 5, *, tta: bool = False, output: st
     min_gap, exclude, strategy
         As for :func:`rank_slices`.
     output, threshold, options
-        As for :func:`napari_unet.inference.segment` (``device``, ``precision``, ...).
+        As for :func:`napari_unet.engine.predict.segment` (``device``, ``precision``, ...).
 
     Returns
     -------

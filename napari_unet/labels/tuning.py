@@ -4,7 +4,7 @@ The network's probabilities become labels or instances through a few numbers: th
 ``threshold``, the ``seed_threshold`` below which a boundary (or membrane) probability seeds an
 object, and the ``min_size`` of an object. :func:`tune_postprocessing` picks them on held-out
 data with ground truth (object F1 at IoU 0.5 for instance labels, Dice for binary masks);
-:func:`napari_unet.inference.postprocess_settings` makes them the model's defaults.
+:func:`napari_unet.engine.predict.postprocess_settings` makes them the model's defaults.
 """
 
 from __future__ import annotations

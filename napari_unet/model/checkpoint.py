@@ -45,7 +45,7 @@ class SegmentationModel:
         ``{"mode": "percentile", "low": 1, "high": 99.8}``, ``{"mode": "window",
         "center": c, "width": w}`` (CT, Hounsfield units) or ``{"mode": "none"}``.
     postprocess : dict
-        Post-processing defaults tuned on a validation split (see :mod:`napari_unet.tuning`):
+        Post-processing defaults tuned on a validation split (see :mod:`napari_unet.labels.tuning`):
         ``threshold``, ``seed_threshold``, ``min_size``, plus how they were found. predict and
         Segment use them unless the user sets their own; empty = the built-in defaults.
     """

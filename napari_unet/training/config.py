@@ -61,7 +61,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     #: ``auto`` (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32),
-    #: ``fp32``, ``bf16`` or ``fp16``; see :mod:`napari_unet.precision`
+    #: ``fp32``, ``bf16`` or ``fp16``; see :mod:`napari_unet.model.precision`
     precision: str = "auto"
     #: False: exact fp32 whatever ``precision`` says (the older switch for mixed precision)
     amp: bool = True

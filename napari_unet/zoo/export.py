@@ -6,7 +6,7 @@ the checkpoint's config as ``UNet(**kwargs)``), TorchScript and ONNX weights, te
 tensors, a cover image, the model card as documentation, axes with the voxel size, the
 normalisation as preprocessing (percentiles -> ``scale_range``, a CT window -> ``clip`` +
 ``scale_linear``) and sigmoid / softmax as postprocessing. The checkpoint's own settings ride
-along in ``config.napari_unet``, so :func:`napari_unet.zoo.load_zoo_model` gets the same model
+along in ``config.napari_unet``, so :func:`napari_unet.zoo.loading.load_zoo_model` gets the same model
 back.
 
 Needs the optional packages of the ``bioimageio`` extra; nothing here imports Qt or napari.

@@ -32,7 +32,7 @@ from napari_unet.zoo.foreign import _foreign_model
 
 def load_model(name_or_path: str | os.PathLike) -> SegmentationModel:
     """A shipped model by name, a checkpoint file by path, or a bioimage.io package (``.zip``
-    or its ``rdf.yaml``, see :func:`napari_unet.zoo.load_zoo_model`)."""
+    or its ``rdf.yaml``, see :func:`napari_unet.zoo.loading.load_zoo_model`)."""
     shipped = list_pretrained()
     if str(name_or_path) in shipped:
         return load_checkpoint(shipped[str(name_or_path)])

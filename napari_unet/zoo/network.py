@@ -44,7 +44,7 @@ class ZooNetConfig:
 
     def activation_widths(self, low_memory: bool) -> float:
         """Working set per voxel in ``base_channels`` values: a plain forward's (see
-        :meth:`napari_unet.models.UNetConfig.activation_widths`), whatever ``low_memory``."""
+        :meth:`napari_unet.model.config.UNetConfig.activation_widths`), whatever ``low_memory``."""
         return 10.0
 
     def to_dict(self) -> dict[str, Any]:

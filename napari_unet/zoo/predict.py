@@ -41,11 +41,11 @@ def predict_foreign(image: Any, model: ForeignModel, *, device: str | torch.devi
                     **_ignored: Any) -> Generator[Any, None, np.ndarray]:
     """Probabilities of a Zoo model on ``image``, tile by tile with blended overlaps.
 
-    Tiles are planned and run by the engine (:func:`napari_unet.inference.make_plan`,
-    :class:`~napari_unet.inference.TileRunner`, with its memory back-off): each tile is read
+    Tiles are planned and run by the engine (:func:`napari_unet.engine.planning.make_plan`,
+    :class:`~napari_unet.engine.runner.TileRunner`, with its memory back-off): each tile is read
     with the rdf's halo plus the overlap around its core, the halo is cropped, and the core
     plus overlap is added with linear blending weights. ``precision="auto"`` is fp32 (how a
-    foreign model behaves in bf16 is unknown). Yields :class:`~napari_unet.inference.Progress`,
+    foreign model behaves in bf16 is unknown). Yields :class:`~napari_unet.progress.Progress`,
     returns float32 probabilities ``(channels, *spatial)``.
     """
     from napari_unet.engine.devices import select_device
@@ -111,7 +111,7 @@ def segment_foreign(image: Any, model: ForeignModel, *, output: str = "labels",
                     threshold: float | None = None, min_size: int | None = None,
                     voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
                     **predict_options: Any) -> Generator[Any, None, Any]:
-    """:func:`napari_unet.inference.segment` for a :class:`ForeignModel` (blended tiles)."""
+    """:func:`napari_unet.engine.predict.segment` for a :class:`ForeignModel` (blended tiles)."""
     from napari_unet.engine.predict import OUTPUTS, postprocessed
 
     if output not in OUTPUTS:
@@ -123,7 +123,7 @@ def segment_foreign(image: Any, model: ForeignModel, *, output: str = "labels",
 
 
 def segment_model(image: Any, model: SegmentationModel, **options: Any) -> Generator[Any, None, Any]:
-    """:func:`napari_unet.inference.segment`, or :func:`segment_foreign` for a Zoo model made
+    """:func:`napari_unet.engine.predict.segment`, or :func:`segment_foreign` for a Zoo model made
     elsewhere: the one entry point of the CLI and the Segment dock."""
     if isinstance(model, ForeignModel):
         return segment_foreign(image, model, **options)

@@ -24,7 +24,7 @@ from napari_unet.model.checkpoint import (
     save_checkpoint,
 )
 
-from .conftest import SAMPLE_DATA, tiny_model
+from ..conftest import SAMPLE_DATA, tiny_model
 
 TINY = ["--base-channels", "4", "--depth", "2", "--batch-size", "2", "--device", "cpu"]
 

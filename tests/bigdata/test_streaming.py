@@ -21,7 +21,7 @@ from napari_unet.model.normalization import Normalizer
 from napari_unet.model.unet import UNet
 from napari_unet.progress import drain
 
-from .conftest import tiny_model as conftest_tiny_model
+from ..conftest import tiny_model as conftest_tiny_model
 
 RNG = np.random.default_rng(0)
 

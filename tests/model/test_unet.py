@@ -5,7 +5,7 @@ import torch
 from napari_unet.model.config import UNetConfig
 from napari_unet.model.unet import UNet, build_model, fuse_for_inference
 
-from .conftest import randomize_batch_norm
+from ..conftest import randomize_batch_norm
 
 
 @pytest.mark.parametrize("dims,shape", [(2, (2, 1, 37, 53)), (3, (1, 1, 9, 21, 18))])

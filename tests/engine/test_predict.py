@@ -24,7 +24,7 @@ from napari_unet.model.precision import resolve_precision
 from napari_unet.model.unet import UNet
 from napari_unet.progress import Progress, drain
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 MODEL_2D = tiny_model(2, depth=3, base=4)
 MODEL_3D = tiny_model(3, depth=3, base=2, inplane_only_levels=(0,))
@@ -371,7 +371,7 @@ def test_shipped_models_bf16_labels_agree_with_fp32_on_sample_images(name, sampl
 
     from napari_unet.zoo.loading import load_model
 
-    from .conftest import SAMPLE_DATA
+    from ..conftest import SAMPLE_DATA
 
     image = tifffile.imread(SAMPLE_DATA / f"{sample}.tif")
     model = load_model(name)

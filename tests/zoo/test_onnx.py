@@ -8,7 +8,7 @@ import torch
 from napari_unet.cli.main import main
 from napari_unet.model.checkpoint import save_checkpoint
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

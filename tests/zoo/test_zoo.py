@@ -17,7 +17,7 @@ from napari_unet.model.checkpoint import CheckpointError, save_checkpoint
 from napari_unet.progress import drain
 from napari_unet.zoo.loading import load_model
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 spec = pytest.importorskip("bioimageio.spec")
 pytest.importorskip("onnxruntime")

@@ -1,4 +1,4 @@
-"""Uncertainty map and ranked slices (napari_unet.uncertainty)."""
+"""Uncertainty map and ranked slices (napari_unet.engine.uncertainty)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from napari_unet.model.config import UNetConfig
 from napari_unet.model.unet import UNet
 from napari_unet.progress import drain
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def threshold_model(gain: float = 12.0, level: float = 0.5) -> SegmentationModel:

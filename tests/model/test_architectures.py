@@ -18,7 +18,7 @@ from napari_unet.model.config import ARCHITECTURES, UNetConfig
 from napari_unet.model.unet import UNet, build_model, fuse_for_inference, init_weights
 from napari_unet.progress import drain
 
-from .conftest import randomize_batch_norm
+from ..conftest import randomize_batch_norm
 
 #: (spatial dims, extra config, odd input shape, forced tile)
 GEOMETRIES = {

@@ -11,7 +11,7 @@ from napari_unet.io.readers import read_image
 from napari_unet.model.checkpoint import save_checkpoint
 from napari_unet.progress import drain
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 @pytest.fixture

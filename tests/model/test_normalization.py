@@ -17,7 +17,7 @@ from napari_unet.model.normalization import (
 )
 from napari_unet.progress import drain
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 RNG = np.random.default_rng(0)
 

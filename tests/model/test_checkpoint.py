@@ -16,7 +16,7 @@ from napari_unet.model.checkpoint import (
 from napari_unet.progress import drain
 from napari_unet.zoo.loading import load_model
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def test_round_trip_keeps_weights_config_and_metadata(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for :mod:`napari_unet.losses`: only annotated voxels count."""
+"""Tests for :mod:`napari_unet.training.losses`: only annotated voxels count."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_io_imports_no_gui_and_no_heavy_optional_libs():
         "bad = [m for m in ('qtpy', 'napari', 'magicgui', 'nibabel', 'pydicom') if m in sys.modules]; "
         "print(','.join(bad))"
     )
-    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True
     )

@@ -1,4 +1,4 @@
-"""Tests for :mod:`napari_unet.augment`: shapes, label integrity, determinism, anisotropy."""
+"""Tests for :mod:`napari_unet.training.augment`: shapes, label integrity, determinism, anisotropy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`napari_unet.metrics` on hand-computed examples."""
+"""Tests for :mod:`napari_unet.labels.metrics` on hand-computed examples."""
 
 from __future__ import annotations
 
