@@ -194,7 +194,7 @@ class Bench:
         self.stalls[case], self.clicks[case] = stall, click_ms
         first = seg.first_tile_seconds
         print(f"{case}: {'finished' if finished else 'cancelled'} after "
-              f"{time.perf_counter() - t0:.1f} s, {seg._run['done']}/{seg._run['total']} tiles, "
+              f"{time.perf_counter() - t0:.1f} s, {seg._run.done}/{seg._run.total} tiles, "
               f"first labels {first if first is not None else float('nan'):.1f} s, "
               f"click handler {click_ms:.0f} ms, max stall {stall:.0f} ms, "
               f"p99 {self.beat.percentile(99):.0f} ms", flush=True)

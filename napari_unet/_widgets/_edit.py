@@ -1,7 +1,8 @@
 """Edit dock: proofreading operations on a labels layer, undo/redo, corrected-slice tracking.
 
 napari's brush, fill and eraser stay the main tools; this dock adds the object-level operations
-(from :mod:`napari_unet.postprocess`) and keeps track of which slices the user corrected.
+(from :mod:`napari_unet.labels.edits`, on the scope :mod:`napari_unet.labels.scope` works out)
+and keeps track of which slices the user corrected.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QGroupBox,
     QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -34,6 +33,7 @@ from napari_unet._widgets._common import (
     status_label,
 )
 from napari_unet._widgets._history import history_for
+from napari_unet._widgets._slice_lists import SliceLists
 from napari_unet._widgets._state import (
     corrected_slices,
     corrections_changed,
@@ -41,8 +41,6 @@ from napari_unet._widgets._state import (
     install_correction_tracking,
     notify_error,
     set_corrected_slices,
-    set_current_slice,
-    suggested_slices,
     suggestions_changed,
 )
 from napari_unet._widgets._workers import start_job
@@ -65,6 +63,7 @@ from napari_unet.labels.scope import (
     whole_scope,
     whole_stack_job,
 )
+from napari_unet.training.corrections import with_slice
 
 __all__ = ["EditWidget", "EditJob", "parse_ids", "KEYS", "SCOPES", "SEEDS_LAYER"]
 
@@ -155,34 +154,14 @@ class EditWidget(QWidget):
         grid.addWidget(self.redo_button, 5, 1)
         layout.addWidget(ops)
 
-        corrections = QGroupBox("Corrected slices (training data for Fine-tune)")
-        box = QVBoxLayout(corrections)
-        self.slice_list = QListWidget()
-        self.slice_list.setToolTip("Slices you corrected (painting marks them). Double-click to go "
-                                   "there")
-        self.slice_list.itemDoubleClicked.connect(self._jump_to_item)
-        box.addWidget(self.slice_list)
-        self.mark_button = button("Mark current", "Mark the slice on screen as corrected (Alt+O)",
-                                  self.mark_current)
-        self.unmark_button = button("Unmark", "Remove the selected slices from the list",
-                                    self.unmark_selected)
-        self.goto_button = button("Go to", "Show the selected slice", self.goto_selected)
-        box.addWidget(row(self.mark_button, self.unmark_button, self.goto_button))
-        layout.addWidget(corrections)
-
-        suggestions = QGroupBox("Suggested slices to correct")
-        box = QVBoxLayout(suggestions)
-        self.suggestion_list = QListWidget()
-        self.suggestion_list.setToolTip(
-            "After Segment: uncertain slices spread over the stack (score = uncertain area near "
-            "objects per pixel), corrected ones left out. Double-click to go there")
-        self.suggestion_list.itemDoubleClicked.connect(self._jump_to_item)
-        box.addWidget(self.suggestion_list)
-        self.goto_suggested_button = button("Go to slice", "Show the selected suggested slice "
-                                            "(the best one when none is selected)",
-                                            self.goto_suggested)
-        box.addWidget(row(self.goto_suggested_button))
-        layout.addWidget(suggestions)
+        #: the corrected and suggested slices (see :mod:`._slice_lists`)
+        self.lists = SliceLists(napari_viewer, layout, self.labels_combo.layer,
+                                lambda text: self.status.setText(text))
+        self.slice_list = self.lists.slice_list
+        self.suggestion_list = self.lists.suggestion_list
+        self.mark_button, self.unmark_button = self.lists.mark_button, self.lists.unmark_button
+        self.goto_button = self.lists.goto_button
+        self.goto_suggested_button = self.lists.goto_suggested_button
 
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1)
@@ -218,14 +197,12 @@ class EditWidget(QWidget):
         layer = self.labels_combo.layer()
         if layer is not None:
             history_for(layer)
-        self._fill_slices()
-        self._fill_suggestions()
+        self.lists.refresh()
 
     def _corrections_changed(self, layer: Any) -> None:
         try:
             if layer is self.labels_combo.layer():
-                self._fill_slices()
-                self._fill_suggestions()
+                self.lists.refresh()
         except RuntimeError:  # dock closed
             pass
 
@@ -281,7 +258,7 @@ class EditWidget(QWidget):
             self.status.setText(f"{description}: nothing changed.")
             return False
         if z is not None:
-            set_corrected_slices(layer, set(corrected_slices(layer)) | {z})
+            set_corrected_slices(layer, with_slice(corrected_slices(layer), z))
         self.status.setText(f"{description} ({scope.where(layer.ndim)}). Ctrl+Z undoes it.")
         return True
 
@@ -473,66 +450,17 @@ class EditWidget(QWidget):
         if points is not None and len(points.data):
             points.data = np.zeros((0, points.ndim))
 
-    # corrected slices -------------------------------------------------------------------------
-    def _fill_slices(self) -> None:
-        layer = self.labels_combo.layer()
-        self.slice_list.clear()
-        if layer is None:
-            return
-        if layer.ndim < 3:
-            self.slice_list.addItem(QListWidgetItem("2D image: the whole image is used"))
-            return
-        for z in corrected_slices(layer):
-            item = QListWidgetItem(f"slice {z}")
-            item.setData(256, z)
-            self.slice_list.addItem(item)
-
+    # slice lists ------------------------------------------------------------------------------
     def mark_current(self) -> None:
-        layer = self.labels_combo.layer()
-        if layer is None or layer.ndim < 3:
-            return
-        z = current_slice_index(self.viewer, layer)
-        set_corrected_slices(layer, set(corrected_slices(layer)) | {z})
-        self.status.setText(f"Slice {z} marked as corrected.")
+        """Mark the slice on screen as corrected."""
+        self.lists.mark_current()
 
     def unmark_selected(self) -> None:
-        layer = self.labels_combo.layer()
-        if layer is None:
-            return
-        chosen = {item.data(256) for item in self.slice_list.selectedItems()} - {None}
-        if chosen:
-            set_corrected_slices(layer, set(corrected_slices(layer)) - chosen)
-            self.status.setText(f"Unmarked {len(chosen)} slice(s).")
+        self.lists.unmark_selected()
 
     def goto_selected(self) -> None:
-        items = self.slice_list.selectedItems()
-        if items:
-            self._jump_to_item(items[0])
-
-    # suggested slices -------------------------------------------------------------------------
-    def _fill_suggestions(self) -> None:
-        layer = self.labels_combo.layer()
-        self.suggestion_list.clear()
-        if layer is None or layer.ndim < 3:
-            return
-        done = set(corrected_slices(layer))
-        for z, score in suggested_slices(layer):
-            text = f"slice {z} · score {score:.3f}" + ("  (corrected)" if z in done else "")
-            item = QListWidgetItem(text)
-            item.setData(256, z)
-            self.suggestion_list.addItem(item)
+        self.lists.goto_selected()
 
     def goto_suggested(self) -> None:
         """Show the selected suggested slice (the first one when none is selected)."""
-        items = self.suggestion_list.selectedItems()
-        if not items and self.suggestion_list.count():
-            items = [self.suggestion_list.item(0)]
-        if items:
-            self._jump_to_item(items[0])
-
-    def _jump_to_item(self, item: QListWidgetItem) -> None:
-        layer = self.labels_combo.layer()
-        z = item.data(256)
-        if layer is not None and z is not None:
-            set_current_slice(self.viewer, layer, int(z))
-
+        self.lists.goto_suggested()

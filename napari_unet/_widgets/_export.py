@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,84 +32,36 @@ from napari_unet._widgets._state import (
     notify_error,
 )
 from napari_unet._widgets._workers import start_job
-from napari_unet.io.writers import write_image_tiff, write_labels_tiff
-from napari_unet.labels import edits, statistics
+from napari_unet.io.export_paths import (
+    default_export_path,
+    export_path,
+    probability_path,
+)
+from napari_unet.io.label_export import (
+    COPY_CHUNK_BYTES,
+    MODES,
+    copy_steps,
+    export_labels,
+    labels_for_export,
+    summary_line,
+)
 
-#: ``as in the layer`` (default) writes the ids as they are: an instance layer as instances,
-#: classes as classes, a mask as 0/1. ``instances`` also splits a mask into objects;
-#: ``binary`` writes foreground = 1 (only when asked)
-MODES = ("as in the layer", "instances", "binary")
+__all__ = ["ExportWidget", "ExportCopy", "KEY", "MODES", "COPY_CHUNK_BYTES", "copy_steps",
+           "export_labels", "labels_for_export", "probability_path", "summary_line"]
+
 KEY = "Alt-E"
-#: bytes copied per event-loop pass when the layer is snapshot for writing
-COPY_CHUNK_BYTES = 512 * 2**10
+#: a layer painted while it is copied is copied again up to this many times
+COPY_TRIES = 3
 
 
-def copy_steps(data: Any, chunk_bytes: int | None = None) -> Any:
-    """A generator copying ``data`` along its first axis, a piece (``chunk_bytes``, default
-    :data:`COPY_CHUNK_BYTES`) per step; returns the copy."""
-    chunk_bytes = chunk_bytes or COPY_CHUNK_BYTES
-    out = np.empty(np.shape(data), dtype=data.dtype)
-    n = out.shape[0] if out.ndim else 0
-    if n == 0:
-        out[...] = data
-        return out
-    step = max(1, chunk_bytes // max(1, out.nbytes // n))
-    for lo in range(0, n, step):
-        out[lo:lo + step] = data[lo:lo + step]
-        yield
-    return out
+@dataclass
+class ExportCopy:
+    """The snapshot of the layer being copied before it is written."""
 
-
-def labels_for_export(data: np.ndarray, mode: str) -> np.ndarray:
-    """The array written for ``mode``: ``as in the layer`` = unchanged, ``binary`` = 0/1,
-    ``instances`` = one id per object (a binary mask is split into its connected objects)."""
-    data = np.asarray(data)
-    if mode == MODES[0]:
-        return data
-    if mode == "binary":
-        return edits.instances_to_binary(data).astype(np.uint8)
-    if mode == "instances":
-        if data.size and int(data.max()) <= 1:  # a binary mask: split it into objects
-            return edits.binary_to_instances(data > 0)
-        return data
-    raise ValueError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
-
-
-def summary_line(labels: np.ndarray, voxel_size: tuple[float, ...], unit: str) -> str:
-    """``"54 objects, 12 345 voxels, volume 1 234.5 um³"``."""
-    stats = statistics.label_statistics(labels, voxel_size)
-    power = "³" if labels.ndim == 3 else "²"
-    return (f"{stats['objects']} objects, {stats['voxels']} voxels, volume "
-            f"{stats['volume']:.4g} {unit}{power} (mean {stats['mean_volume']:.4g} {unit}{power})")
-
-
-def probability_path(path: Path) -> Path:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + "_probabilities.tif")
-    return path.with_name(name + "_probabilities.tif")
-
-
-def export_labels(path: str | Path, data: np.ndarray, *, mode: str, voxel_size: tuple[float, ...],
-                  unit: str, input_path: str | None = None,
-                  probabilities: np.ndarray | None = None) -> tuple[list[Path], str]:
-    """Write the labels (and optionally the probabilities) atomically; returns paths and summary."""
-    path = Path(path)
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"export to a .tif file, got {path.name!r}")
-    labels = labels_for_export(data, mode)
-    written = [write_labels_tiff(path, labels, voxel_size=voxel_size, unit=unit,
-                                 input_path=input_path)]
-    if probabilities is not None:
-        probs = np.asarray(probabilities, dtype=np.float32)
-        if probs.dtype == np.uint8:
-            probs = probs / 255
-        probs = probs[0] if probs.shape[0] == 1 else probs
-        axes = ("C" if probs.ndim > labels.ndim else "") + ("ZYX" if labels.ndim == 3 else "YX")
-        written.append(write_image_tiff(probability_path(path), probs, voxel_size=voxel_size,
-                                        unit=unit, input_path=input_path, axes=axes))
-    return written, summary_line(labels, voxel_size, unit)
+    #: napari paint steps seen when the copy started; more: the layer is copied again
+    paints: int
+    #: copies started again so far (at most :data:`COPY_TRIES`)
+    tries: int = 0
 
 
 class ExportWidget(QWidget):
@@ -121,6 +74,7 @@ class ExportWidget(QWidget):
         self.viewer = napari_viewer
         self.worker: Any = None
         self.last_written: list[Path] = []
+        self._copy: ExportCopy | None = None
         layout = QVBoxLayout(self)
         fields = QFormLayout()
         layout.addLayout(fields)
@@ -169,9 +123,8 @@ class ExportWidget(QWidget):
         if not has_probs:
             self.probability_check.setChecked(False)
         if not self.path_edit.text():
-            source = layer.metadata.get(SOURCE_KEY)
-            folder = Path(source).parent if source else Path.cwd()
-            self.path_edit.setText(str(folder / f"{layer.name.replace(' ', '_')}.tif"))
+            self.path_edit.setText(str(default_export_path(layer.name,
+                                                           layer.metadata.get(SOURCE_KEY))))
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
@@ -196,7 +149,7 @@ class ExportWidget(QWidget):
         if layer is None:
             notify_error(ValueError("no labels layer to export"), "Export")
             return
-        path = Path(path or self.path_edit.text().strip() or "labels.tif").expanduser()
+        path = export_path(path or self.path_edit.text())
         self.path_edit.setText(str(path))
         probabilities = (layer.metadata.get(PROBABILITIES_KEY)
                          if self.probability_check.isChecked() else None)
@@ -224,20 +177,21 @@ class ExportWidget(QWidget):
             self._on_finish()
 
         def copied(data: np.ndarray) -> None:
-            if history.paint_count != self._copy_paints and self._copy_tries < 3:
-                self._copy_tries += 1  # painted while copying: copy again
-                self._copy_paints = history.paint_count
-                self.worker = MainThreadSteps(copy_steps(layer.data), copied, parent=self,
-                                              on_error=failed).start()
+            copy = self._copy
+            if history.paint_count != copy.paints and copy.tries < COPY_TRIES:
+                copy.tries += 1  # painted while copying: copy again
+                copy.paints = history.paint_count
+                self.worker = MainThreadSteps(copy_steps(layer.data, COPY_CHUNK_BYTES), copied,
+                                              parent=self, on_error=failed).start()
                 return
             start(data)
 
         if hasattr(source_data, "dask"):  # lazy: cannot be painted, read in the worker
             start(source_data)
             return
-        self._copy_paints, self._copy_tries = history.paint_count, 0
-        self.worker = MainThreadSteps(copy_steps(source_data), copied, parent=self,
-                                      on_error=failed).start()
+        self._copy = ExportCopy(paints=history.paint_count)
+        self.worker = MainThreadSteps(copy_steps(source_data, COPY_CHUNK_BYTES), copied,
+                                      parent=self, on_error=failed).start()
 
     def _on_written(self, result: tuple[list[Path], str]) -> None:
         from napari.utils.notifications import show_info

@@ -3,42 +3,29 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QListWidget,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QVBoxLayout, QWidget
 
 from napari_unet._widgets._common import (
     DockKeys,
-    LayerCombo,
     ProgressBar,
     ask_model_file,
     button,
     connect_until_destroyed,
     fill_model_combo,
-    precision_combo,
-    remember,
-    resolved_precision,
     row,
     select_model_in_combo,
     status_label,
 )
+from napari_unet._widgets._finetune_form import TrainingData, TrainingSettings
+from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet._widgets._new_model import NewModelDialog, NewModelSpec
 from napari_unet._widgets._state import (
-    corrected_slices,
     current_slice_index,
     format_seconds,
     get_registry,
@@ -47,7 +34,20 @@ from napari_unet._widgets._state import (
     notify_error,
 )
 from napari_unet._widgets._workers import start_job
+from napari_unet.io.export_paths import checkpoint_file_name, checkpoint_path
 from napari_unet.model.checkpoint import CheckpointError, save_checkpoint
+from napari_unet.training import run_summary
+from napari_unet.training.corrections import snapshot_labels
+from napari_unet.training.finetune_setup import check_finetunable
+from napari_unet.training.new_models import build_new_model, new_model_text
+from napari_unet.training.preview import (
+    preview_foreground,
+    preview_slab,
+    preview_translate,
+)
+
+__all__ = ["FineTuneWidget", "FineTuneRun", "LossPlot", "snapshot_labels", "KEY", "PREVIEW_LAYER",
+           "PLOT_INTERVAL"]
 
 PREVIEW_LAYER = "fine-tune preview"
 #: key binding of Fine-tune (Alt+F is napari's File menu and napari-animation's key frame)
@@ -56,120 +56,37 @@ KEY = "Alt-U"
 PLOT_INTERVAL = 0.5
 
 
-class LossPlot:
-    """A small matplotlib figure in the dock: training loss and validation Dice.
+@dataclass
+class FineTuneRun:
+    """What the dock keeps of the run in progress (or the last one)."""
 
-    The axes are fixed for the run (x: the time limit or iteration count), so updates only
-    redraw the two lines (blitting, a few ms) instead of the whole figure.
-    """
+    model: Any
+    #: the image layer the preview belongs to
+    image: Any
+    #: first slice of the previewed part of ``image``
+    preview_z: int
+    #: ``time.perf_counter()`` at the start
+    start: float
+    #: what the training data is (for the status line)
+    notes: list[str]
+    #: the precision it trains in, resolved (``bf16``, …)
+    precision: str
+    preview_shape: tuple[int, ...] | None = None
+    #: the latest :class:`~napari_unet.training.config.TrainingStats`
+    stats: Any = None
+    #: whether the Trainer said it keeps the best-scoring weights (None: not said yet)
+    keeps_best: bool | None = None
+    #: new stats not yet shown
+    fresh: bool = False
+    #: view timer ticks so far
+    tick: int = 0
+    #: the job returned or failed
+    ended: bool = False
+    #: the worker finished (its last signal)
+    finished: bool = False
 
-    def __init__(self) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(3.6, 2.2), dpi=80, layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        # a fixed height: a status line that wraps differently must not resize the canvas
-        # (every resize is a full figure redraw, ~50 ms, on the main thread)
-        self.canvas.setFixedHeight(150)
-        self.canvas.setToolTip("Training loss relative to its first value (blue, left) and "
-                               "validation Dice (orange, right)")
-        self.ax = self.figure.add_subplot(111)
-        self.ax.set_ylabel("loss / first loss", fontsize=8)
-        self.ax.tick_params(labelsize=7)
-        self.dice_ax = self.ax.twinx()
-        self.dice_ax.set_ylim(0, 1)
-        self.dice_ax.set_ylabel("val. Dice", fontsize=8)
-        self.dice_ax.tick_params(labelsize=7)
-        (self.loss_line,) = self.ax.plot([], [], color="tab:blue", lw=1.2, animated=True)
-        (self.dice_line,) = self.dice_ax.plot([], [], color="tab:orange", marker="o", ms=3, lw=1,
-                                              animated=True)
-        self._background = None
-        self.canvas.mpl_connect("draw_event", self._on_full_draw)
-        self.by_time = True
-        self.x_max = 60.0
-        self.y_max = 1.0
-        self._drawn_axes: tuple[Any, ...] | None = None
-        self.clear()
-        # the layout is computed once; constrained layout on every full redraw costs ~0.3 s
-        self.figure.set_layout_engine("none")
-
-    def clear(self, time_limit: float | None = None, iterations: int | None = None) -> None:
-        """Empty the plot; x is seconds when there is a time limit, else iterations."""
-        self.x: list[float] = []
-        self.losses: list[float] = []
-        self.dice_x: list[float] = []
-        self.dice: list[float] = []
-        self.by_time = iterations is None or bool(time_limit)
-        # a little room past the plan: the last iteration may end after the time limit
-        self.x_max = 1.15 * (float(time_limit or 60.0) if self.by_time else float(iterations or 100))
-        self.y_max = 1.25
-        self.first_loss: float | None = None
-        axes = (self.by_time, self.x_max, self.y_max)
-        self.dirty = False
-        if axes == self._drawn_axes and self._background is not None:
-            self._blit()  # same axes as the last run: only the lines go (no full redraw)
-            return
-        self._drawn_axes = axes
-        self.ax.set_xlabel("seconds" if self.by_time else "iteration", fontsize=8)
-        self.ax.set_xlim(0, self.x_max)
-        self.ax.set_ylim(0, self.y_max)
-        self._full_redraw()
-
-    def _full_redraw(self) -> None:
-        self.loss_line.set_data(self.x, self.losses)
-        self.dice_line.set_data(self.dice_x, self.dice)
-        self.canvas.draw()  # triggers _on_full_draw (background + lines)
-
-    def _on_full_draw(self, _event: Any = None) -> None:
-        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
-        self._draw_lines()
-
-    def _draw_lines(self) -> None:
-        self.ax.draw_artist(self.loss_line)
-        self.dice_ax.draw_artist(self.dice_line)
-
-    def add(self, stats: Any) -> None:
-        x = stats.elapsed if self.by_time else stats.iteration
-        if np.isfinite(stats.loss) and stats.loss > 0:
-            if self.first_loss is None:
-                self.first_loss = float(stats.loss)
-            # relative to the first loss: the axes stay fixed, so updates are cheap blits
-            self.x.append(x)
-            self.losses.append(stats.loss / self.first_loss)
-        if stats.validation_dice is not None:
-            self.dice_x.append(x)
-            self.dice.append(stats.validation_dice)
-        self.dirty = True
-
-    def draw(self) -> None:
-        """Show new points (called by a timer, at most every PLOT_INTERVAL)."""
-        if not self.dirty:
-            return
-        self.dirty = False
-        rescale = False
-        if self.losses and max(self.losses) > self.y_max:
-            self.y_max = max(self.losses) * 1.2
-            self.ax.set_ylim(0, self.y_max)
-            rescale = True
-        if self.x and self.x[-1] > self.x_max:  # ran past the plan (e.g. no limit given)
-            self.x_max = self.x[-1] * 2
-            self.ax.set_xlim(0, self.x_max)
-            rescale = True
-        if rescale or self._background is None:
-            self._drawn_axes = (self.by_time, self.x_max, self.y_max)
-            self._full_redraw()
-            return
-        self._blit()
-
-    def _blit(self) -> None:
-        self.loss_line.set_data(self.x, self.losses)
-        self.dice_line.set_data(self.dice_x, self.dice)
-        self.canvas.restore_region(self._background)
-        self._draw_lines()
-        # update(), not blit(): blit repaints at once, i.e. one more flush of the whole window
-        # (a GL composition in napari); update() joins the dock's other changes in one repaint
-        self.canvas.update()
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class FineTuneWidget(QWidget):
@@ -177,10 +94,6 @@ class FineTuneWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
-        from napari.layers import Image, Labels
-
-        from napari_unet.engine.devices import available_devices
-
         self.viewer = napari_viewer
         self.registry = get_registry()
         install_correction_tracking(napari_viewer)
@@ -190,7 +103,7 @@ class FineTuneWidget(QWidget):
         self.training_job: Any = None
         self._stop_early = False
         self._pbar: Any = None
-        self._run: dict[str, Any] = {}
+        self._run: FineTuneRun | None = None
         self.base_key: str | None = None
         self.result_key: str | None = None
         self.last_stats: Any = None
@@ -213,76 +126,17 @@ class FineTuneWidget(QWidget):
             self._choose_model_file)
         fields.addRow("", row(self.new_model_button, self.load_button))
 
-        pairs = QGroupBox("Training data")
-        pairs_layout = QVBoxLayout(pairs)
-        self.image_combo = LayerCombo(napari_viewer, (Image,), "Image the labels belong to")
-        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Corrected labels for the image")
-        pair_form = QFormLayout()
-        pair_form.addRow("Image", self.image_combo)
-        pair_form.addRow("Labels", self.labels_combo)
-        pairs_layout.addLayout(pair_form)
-        self.pair_list = QListWidget()
-        self.pair_list.setToolTip("Image + labels pairs to train on. Empty: the pair chosen above")
-        self.pair_list.setMaximumHeight(70)
-        pairs_layout.addWidget(row(
-            button("Add pair", "Add the image + labels above to the list (several pairs allowed)",
-                   self.add_pair),
-            button("Remove pair", "Remove the selected pair from the list", self.remove_pair)))
-        pairs_layout.addWidget(self.pair_list)
-        self.corrected_only = QCheckBox("Only corrected slices (stacks)")
-        self.corrected_only.setChecked(True)
-        self.corrected_only.setToolTip("Train on the slices you corrected (Edit dock list); if none "
-                                       "are marked, on the whole stack. 2D images: whole image")
-        pairs_layout.addWidget(self.corrected_only)
-        layout.addWidget(pairs)
-
-        settings = QFormLayout()
-        self.time_spin = QSpinBox()
-        self.time_spin.setRange(0, 24 * 3600)
-        self.time_spin.setValue(60)
-        self.time_spin.setSuffix(" s")
-        self.time_spin.setToolTip("Stop after this long (0 = no time limit; then set iterations)")
-        settings.addRow("Time limit", self.time_spin)
-        remember(self.time_spin, "time_limit")
-        self.iterations_spin = QSpinBox()
-        self.iterations_spin.setRange(0, 1_000_000)
-        self.iterations_spin.setValue(0)
-        self.iterations_spin.setSpecialValueText("auto")
-        self.iterations_spin.setToolTip("Stop after this many iterations (auto = by time limit)")
-        settings.addRow("Iterations", self.iterations_spin)
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(5)
-        self.lr_spin.setRange(0.0, 0.1)
-        self.lr_spin.setSingleStep(0.0001)
-        self.lr_spin.setValue(0.0)
-        self.lr_spin.setSpecialValueText("auto")
-        self.lr_spin.setToolTip("Learning rate (auto = 3e-4 for fine-tuning)")
-        settings.addRow("Learning rate", self.lr_spin)
-        self.validation_check = QCheckBox("Hold out a part, keep the best weights")
-        self.validation_check.setChecked(True)
-        self.validation_check.setToolTip("With 2 or more corrected slices or images, one part is "
-                                         "kept aside to score the weights, and Stop and the end "
-                                         "keep the best-scoring ones; with fewer, or unchecked, "
-                                         "the last weights are kept")
-        settings.addRow("", self.validation_check)
-        self.device_combo = QComboBox()
-        found = available_devices()
-        self.device_combo.addItem(f"auto ({found[0]})", "auto")
-        for name in found:
-            self.device_combo.addItem(name, name)
-        self.device_combo.setToolTip(f"Where training runs. Found here: {', '.join(found)}")
-        settings.addRow("Device", self.device_combo)
-        remember(self.device_combo, "device")
-        self.precision_combo = precision_combo(
-            "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on GPUs, "
-            "fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact")
-        settings.addRow("Precision", self.precision_combo)
-        self.preview_check = QCheckBox("Live preview of the current slice")
-        self.preview_check.setChecked(True)
-        self.preview_check.setToolTip("Every few seconds re-predict the slice on screen into the "
-                                      f"'{PREVIEW_LAYER}' layer")
-        settings.addRow("", self.preview_check)
-        layout.addLayout(settings)
+        #: the image + labels pairs (see :mod:`._finetune_form`)
+        self.data = TrainingData(napari_viewer, layout)
+        self.image_combo, self.labels_combo = self.data.image_combo, self.data.labels_combo
+        self.pair_list, self.corrected_only = self.data.pair_list, self.data.corrected_only
+        #: the run's settings
+        self.settings = TrainingSettings(layout, PREVIEW_LAYER)
+        form = self.settings
+        self.time_spin, self.iterations_spin, self.lr_spin = (
+            form.time_spin, form.iterations_spin, form.lr_spin)
+        self.validation_check, self.device_combo = form.validation_check, form.device_combo
+        self.precision_combo, self.preview_check = form.precision_combo, form.preview_check
 
         self.finetune_button = button("Fine-tune", f"Start fine-tuning in the background "
                                       f"({KEY.replace('-', '+')})", self.fine_tune)
@@ -355,41 +209,18 @@ class FineTuneWidget(QWidget):
             notify_error(err, "Load model")
             return None
         model = self.registry.get(key)
-        if getattr(model, "foreign", False):
-            self.status.setText(f"Loaded {key}: a Zoo model made elsewhere segments (Segment "
-                                "dock) but cannot be fine-tuned here.")
-        else:
-            self.status.setText(f"Loaded {key}; Fine-tune makes a new version of it.")
+        self.status.setText(run_summary.loaded_model_text(key, getattr(model, "foreign", False)))
         return key
 
     # pairs ------------------------------------------------------------------------------------
     def add_pair(self) -> None:
-        image, labels = self.image_combo.layer(), self.labels_combo.layer()
-        if image is None or labels is None:
-            notify_error(ValueError("choose an image and a labels layer"), "Add pair")
-            return
-        text = f"{image.name}  ↔  {labels.name}"
-        if not self.pair_list.findItems(text, Qt.MatchExactly):
-            self.pair_list.addItem(text)
+        self.data.add_pair()
 
     def remove_pair(self) -> None:
-        for item in self.pair_list.selectedItems():
-            self.pair_list.takeItem(self.pair_list.row(item))
+        self.data.remove_pair()
 
     def _pairs(self) -> list[tuple[Any, Any]]:
-        names = [self.pair_list.item(i).text() for i in range(self.pair_list.count())]
-        pairs = []
-        for text in names:
-            image_name, labels_name = text.split("  ↔  ")
-            if image_name in self.viewer.layers and labels_name in self.viewer.layers:
-                pairs.append((self.viewer.layers[image_name], self.viewer.layers[labels_name]))
-        if not names:
-            image, labels = self.image_combo.layer(), self.labels_combo.layer()
-            if image is not None and labels is not None:
-                pairs.append((image, labels))
-        if not pairs:
-            raise ValueError("no training data: choose an image and its labels layer")
-        return pairs
+        return self.data.layers()
 
     def training_pairs(self) -> tuple[list[Any], list[str]]:
         """TrainingPairs from the chosen layers, and notes for the status line.
@@ -398,29 +229,11 @@ class FineTuneWidget(QWidget):
         marked): painting while training changes nothing in this run. The images stay as they
         are (a lazy, dask-backed image is read in the worker, not here).
         """
-        from napari_unet.training.config import TrainingPair
-
-        result, notes = [], []
-        for image, labels in self._pairs():
-            image_data = image.data[0] if image.multiscale else image.data
-            slices = None
-            if labels.data.ndim >= 3 and self.corrected_only.isChecked():
-                slices = corrected_slices(labels) or None
-                if slices is None:
-                    notes.append(f"no corrected slices in {labels.name!r}: using the whole stack")
-                else:
-                    notes.append(f"{labels.name}: {len(slices)} corrected slice(s)")
-            result.append(TrainingPair(image=image_data, labels=snapshot_labels(labels.data, slices),
-                                       slices=slices))
-        return result, notes
+        return self.data.training_pairs()
 
     def validation_expected(self, pairs: list[Any]) -> bool:
         """Whether a part can be held out (2 or more corrected slices or images)."""
-        if not self.validation_check.isChecked():
-            return False
-        parts = sum(len(p.slices) if p.slices is not None else
-                    (np.shape(p.labels)[0] if len(np.shape(p.labels)) >= 3 else 1) for p in pairs)
-        return parts >= 2
+        return self.settings.validation_expected(pairs)
 
     # new models -------------------------------------------------------------------------------
     def choose_new_model(self) -> str | None:
@@ -436,27 +249,16 @@ class FineTuneWidget(QWidget):
         return self.create_model(spec)
 
     def create_model(self, spec: NewModelSpec) -> str | None:
-        """Build an untrained model from ``spec`` (:func:`napari_unet.training.new_model`), add it
-        to the model list and select it; returns its key."""
-        from napari_unet.training.trainer import new_model
-
+        """Build an untrained model from ``spec``
+        (:func:`~napari_unet.training.new_models.build_new_model`), add it to the model list and
+        select it; returns its key."""
         try:
-            model = new_model(spec.spatial_dims, spec.task, spec.class_names,
-                              base_channels=spec.base_channels, depth=spec.depth,
-                              inplane_only_levels=spec.inplane_only_levels, name=spec.name,
-                              normalization=spec.normalization, voxel_size=spec.voxel_size,
-                              architecture=spec.architecture,
-                              description=f"new {spec.spatial_dims}D {spec.task} model "
-                                          "made in napari")
+            model = build_new_model(spec)
         except ValueError as err:
             notify_error(err, "New model")
             return None
         key = self.registry.add_model(model, select=True, source="new")
-        aniso = (f", in-plane-only pooling at level(s) {list(spec.inplane_only_levels)}"
-                 if spec.inplane_only_levels else "")
-        classes = f", {len(spec.class_names) - 1} classes" if spec.class_names else ""
-        self.status.setText(f"New model {key}: {spec.spatial_dims}D {spec.task}{classes}{aniso}. "
-                            "Fine-tune trains it on your corrected slices.")
+        self.status.setText(new_model_text(key, spec))
         return key
 
     # run --------------------------------------------------------------------------------------
@@ -468,19 +270,14 @@ class FineTuneWidget(QWidget):
             return None, 0
         if np.ndim(data) == 2:
             return data, 0
-        z = current_slice_index(self.viewer, image)
-        if model.spatial_dims == 2:
-            return data[z], z
-        depth = max(8, model.config.divisor()[0] * 2)
-        start = int(np.clip(z - depth // 2, 0, max(0, data.shape[0] - depth)))
-        return data[start:start + depth], start
+        return preview_slab(data, current_slice_index(self.viewer, image), model.spatial_dims,
+                            model.config.divisor()[0])
 
     def fine_tune(self) -> None:
         """Start fine-tuning in a worker; the new version is added to the model list."""
         from napari.utils import progress
         from napari.utils.notifications import show_info
 
-        from napari_unet.training.config import TrainingConfig
         from napari_unet.training.trainer import Trainer
 
         if self.worker is not None:
@@ -489,11 +286,8 @@ class FineTuneWidget(QWidget):
         try:
             key = self.registry.current
             model = self.registry.get(key)
-            if getattr(model, "foreign", False):
-                raise CheckpointError(f"{key} is a Zoo model made elsewhere: napari-unet "
-                                      "fine-tunes its own UNets only (it can still segment)")
-            precision_label = resolved_precision(self.precision_combo.currentData(),
-                                                 self.device_combo.currentData())
+            check_finetunable(model, key)
+            precision_label = self.settings.precision_label()
             pairs, notes = self.training_pairs()
         except (ValueError, CheckpointError) as err:
             notify_error(err, "Fine-tune")
@@ -503,25 +297,14 @@ class FineTuneWidget(QWidget):
         import_heavy_modules_on_main_thread()
         image_layer = self._pairs()[0][0]
         preview_image, preview_z = self._preview_input(image_layer, model)
-        lr = self.lr_spin.value() or None
-        config = TrainingConfig(
-            iterations=self.iterations_spin.value() or None,
-            time_limit=float(self.time_spin.value()) or None,
-            learning_rate=lr,
-            validation_fraction=None if self.validation_check.isChecked() else 0.0,
-            device=self.device_combo.currentData(),
-            precision=self.precision_combo.currentData(),
-            preview_image=None, preview_interval=3.0)
-        for name, value in self.config_overrides.items():
-            setattr(config, name, value)
-        if config.iterations is None and config.time_limit is None:
-            config.time_limit = 60.0
+        config = self.settings.config(self.config_overrides)
 
         self.base_key = key
         self.training_job = None
         self._stop_early = False
-        self._run = {"model": model, "image": image_layer, "preview_z": preview_z,
-                     "start": time.perf_counter(), "notes": notes, "precision": precision_label}
+        self._run = run = FineTuneRun(model=model, image=image_layer, preview_z=preview_z,
+                                      start=time.perf_counter(), notes=notes,
+                                      precision=precision_label)
 
         def job():  # runs in the worker thread
             # lazy (dask) images and the preview slab are read here, not on the main thread
@@ -543,16 +326,10 @@ class FineTuneWidget(QWidget):
         self.finetune_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.revert_button.setEnabled(False)
-        self.status.setText(f"Preparing fine-tuning of {model.label} ({precision_label})… "
-                            + "; ".join(notes))
-        if self.validation_expected(pairs):
-            self.weights_label.setText("A part of the corrections will be held out to score the "
-                                       "weights; the best-scoring ones are kept.")
-        else:
-            self.weights_label.setText("Fewer than 2 corrected slices or images (or hold-out "
-                                       "off): nothing is held out, the last weights are kept.")
+        self.status.setText(run_summary.preparing_text(model.label, precision_label, notes))
+        self.weights_label.setText(run_summary.weights_plan_text(self.validation_expected(pairs)))
         if preview_image is not None:  # the preview layer exists from the start
-            self._run["preview_shape"] = preview_image.shape
+            run.preview_shape = tuple(preview_image.shape)
             self._show_preview(np.zeros((1, *preview_image.shape), np.float32))
         self._timer.start()
         self.worker = start_job(job(), on_yield=self._on_stats, on_return=self._on_result,
@@ -568,15 +345,15 @@ class FineTuneWidget(QWidget):
     def _on_stats(self, stats: Any) -> None:
         """Each iteration: keep the numbers; the view is redrawn by the timer (cheap here)."""
         run = self._run
-        if run.get("finished") or run.get("ended"):  # a late update
+        if run is None or run.finished or run.ended:  # a late update
             return
-        self.last_stats = run["stats"] = stats
-        if stats.message and "weights" not in run:
+        self.last_stats = run.stats = stats
+        if stats.message and run.keeps_best is None:
             # the Trainer says what it held out and which weights it keeps
-            run["weights"] = stats.keeps_best
-            self.weights_label.setText(stats.message[:1].upper() + stats.message[1:] + ".")
+            run.keeps_best = bool(stats.keeps_best)
+            self.weights_label.setText(run_summary.trainer_message_text(stats.message))
         self.plot.add(stats)
-        run["fresh"] = True
+        run.fresh = True
         if stats.preview is not None:
             self._show_preview(stats.preview)
 
@@ -585,36 +362,28 @@ class FineTuneWidget(QWidget):
         bar and loss curve, repainted together. Even ticks: napari's activity-panel bar, alone:
         it calls processEvents, i.e. repaints the window at once, so it gets its own tick."""
         run = self._run
-        stats = run.get("stats")  # this run's latest
-        run["tick"] = tick = run.get("tick", 0) + 1
-        if run.get("ended") or stats is None:
+        if run is None:
+            return
+        stats = run.stats  # this run's latest
+        run.tick += 1
+        if run.ended or stats is None:
             return
         fraction = stats.fraction
-        if tick % 2:
-            if run.get("fresh"):
-                run["fresh"] = False
+        if run.tick % 2:
+            if run.fresh:
+                run.fresh = False
                 self.progress_bar.setValue(int(1000 * fraction))
-                text = (f"iteration {stats.iteration}"
-                        + (f"/{stats.total_iterations}" if stats.total_iterations else "")
-                        + f" · loss {stats.loss:.4f} · {stats.samples_per_second:.1f} samples/s"
-                        + f" · {format_seconds(stats.elapsed)} · {run['precision']}")
-                if stats.best_score is not None:
-                    text += f" · best Dice {stats.best_score:.3f}"
-                self.status.setText(text)
+                self.status.setText(run_summary.progress_text(
+                    stats, run.precision, format_seconds(stats.elapsed)))
             self.plot.draw()
         elif self._pbar is not None and int(1000 * fraction) != self._pbar.n:
             self._pbar.update(int(1000 * fraction) - self._pbar.n)
 
     def _show_preview(self, probabilities: np.ndarray) -> None:
         run = self._run
-        model, image = run["model"], run["image"]
-        probs = np.asarray(probabilities, dtype=np.float32)
-        foreground = 1.0 - probs[0] if model.task == "semantic" else probs[0]
-        if image.ndim >= 3 and foreground.ndim == 2:
-            foreground = foreground[None]
-        translate = np.array(image.translate, dtype=float)
-        if image.ndim >= 3:
-            translate[-3] += run["preview_z"] * image.scale[-3]
+        image = run.image
+        foreground = preview_foreground(probabilities, run.model.task, image.ndim)
+        translate = preview_translate(image.translate, image.scale, image.ndim, run.preview_z)
         if PREVIEW_LAYER in self.viewer.layers:
             layer = self.viewer.layers[PREVIEW_LAYER]
             data = layer.data
@@ -633,27 +402,19 @@ class FineTuneWidget(QWidget):
                               blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0))
 
     def _on_result(self, model: Any) -> None:
-        self._run["ended"] = True
+        self._run.ended = True
         self.progress_bar.setValue(self.progress_bar.maximum())
         self.result_key = self.registry.add_model(model, parent_key=self.base_key)
         self.revert_button.setEnabled(True)
-        elapsed = time.perf_counter() - self._run["start"]
-        stats = self.last_stats
-        text = f"New version {self.result_key} (after {format_seconds(elapsed)}"
-        if stats is not None:
-            text += f", {stats.iteration} iterations, loss {stats.loss:.4f}"
-            if stats.keeps_best and stats.best_score is not None:
-                text += f", best-scoring weights: Dice {stats.best_score:.3f} on the held-out part"
-            elif not stats.keeps_best:
-                text += ", last weights"
-        self.status.setText(text + "). It is selected in the Segment dock.")
+        self.status.setText(run_summary.result_text(
+            self.result_key, format_seconds(self._run.elapsed()), self.last_stats))
 
     def _on_error(self, err: BaseException) -> None:
-        self._run["ended"] = True
+        self._run.ended = True
         self.status.setText(notify_error(err, "Fine-tune"))
 
     def _on_finish(self) -> None:
-        self._run["finished"] = True
+        self._run.finished = True
         self.worker = None
         self.training_job = None
         if self._pbar is not None:
@@ -681,7 +442,7 @@ class FineTuneWidget(QWidget):
 
     def _choose_save_path(self) -> None:
         key = self.result_key or self.registry.current
-        path, _ = QFileDialog.getSaveFileName(self, "Save model", f"{key or 'model'}.pt".replace(" ", "_"),
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", checkpoint_file_name(key),
                                               "napari-unet checkpoints (*.pt)")
         if path:
             self.save_model(path)
@@ -690,9 +451,7 @@ class FineTuneWidget(QWidget):
         """Write the new version (or the selected model) to ``path`` (``.pt``)."""
         from napari.utils.notifications import show_info
 
-        path = Path(path)
-        if path.suffix.lower() not in (".pt", ".pth"):
-            path = path.with_suffix(".pt")
+        path = checkpoint_path(path)
         try:
             model = self.registry.get(key or self.result_key or self.registry.current)
             written = save_checkpoint(model, path)
@@ -703,20 +462,3 @@ class FineTuneWidget(QWidget):
         self.status.setText(f"Saved {model.label} to {written}.")
         return written
 
-
-def snapshot_labels(data: Any, slices: list[int] | None) -> Any:
-    """A copy of a labels layer's array to train on, taken on the main thread.
-
-    With ``slices`` only those slices are copied, into an array that is zero elsewhere (never
-    trained on: the loss only sees annotated voxels), so the copy costs what was corrected. A
-    lazy (dask) array cannot be painted in napari and is returned as it is.
-    """
-    if hasattr(data, "compute") and hasattr(data, "dask"):
-        return data
-    if slices is None:
-        return np.array(data, copy=True)
-    snapshot = np.zeros(np.shape(data), dtype=data.dtype)
-    for z in slices:
-        if 0 <= z < snapshot.shape[0]:  # others: the Trainer says what is wrong
-            snapshot[z] = data[z]
-    return snapshot

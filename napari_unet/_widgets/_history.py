@@ -4,51 +4,23 @@ paint history."""
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-#: an entry standing for one of napari's own paint/fill/erase steps (undone by ``layer.undo``)
-NAPARI_STEP = "napari"
-MAX_STEPS = 50
-#: bytes of stored arrays (before/after values, replaced arrays) kept per layer; the oldest
-#: steps are forgotten beyond this
-MAX_BYTES = 2 * 2**30
+from napari_unet.labels.undo_steps import (
+    MAX_BYTES,
+    MAX_STEPS,
+    NAPARI_STEP,
+    Patch,
+    Step,
+    Swap,
+    is_user_edit,
+    trim_steps,
+)
 
-
-@dataclass
-class Patch:
-    """One operation: the region it changed, with the values before and after."""
-
-    region: tuple[slice, ...]
-    before: np.ndarray
-    after: np.ndarray
-    description: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.before.nbytes + self.after.nbytes)
-
-
-@dataclass
-class Swap:
-    """One operation stored as the other version of what it changed.
-
-    ``region`` None: the layer's whole array was replaced and ``values`` is the other array
-    (no copy is made). Otherwise ``values`` is the other content of ``region``. Undo and redo
-    both exchange ``values`` with what the layer holds.
-    """
-
-    region: tuple[slice, ...] | None
-    values: np.ndarray
-    description: str
-    #: the other list of corrected slices (None: the step does not change the list)
-    corrected: list[int] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return int(getattr(self.values, "nbytes", 0))
+__all__ = ["EditHistory", "HistoryBusy", "history_for", "Patch", "Swap", "NAPARI_STEP",
+           "MAX_STEPS", "MAX_BYTES"]
 
 
 class HistoryBusy(ValueError):
@@ -67,8 +39,8 @@ class EditHistory:
 
     def __init__(self, layer: Any):
         self.layer = layer
-        self.undo_stack: list[Patch | Swap | str] = []
-        self.redo_stack: list[Patch | Swap | str] = []
+        self.undo_stack: list[Step] = []
+        self.redo_stack: list[Step] = []
         #: napari paint steps seen so far (a job compares it before and after)
         self.paint_count = 0
         #: what is writing into the layer now (None: nothing)
@@ -79,16 +51,10 @@ class EditHistory:
         self.paint_count += 1
         self._push(NAPARI_STEP)
 
-    def _push(self, step: Patch | Swap | str) -> None:
+    def _push(self, step: Step) -> None:
         self.undo_stack.append(step)
         self.redo_stack.clear()
-        del self.undo_stack[:-MAX_STEPS]
-        total = 0
-        for index in range(len(self.undo_stack) - 1, -1, -1):
-            total += getattr(self.undo_stack[index], "nbytes", 0)
-            if total > MAX_BYTES and index < len(self.undo_stack) - 1:
-                del self.undo_stack[:index + 1]
-                break
+        trim_steps(self.undo_stack, MAX_STEPS, MAX_BYTES)
 
     def apply(self, region: tuple[slice, ...], after: np.ndarray, description: str) -> Patch | None:
         """Write ``after`` into ``region`` of the layer, recording the change; None if no change."""
@@ -199,9 +165,7 @@ class EditHistory:
     @property
     def edited(self) -> bool:
         """Whether the user changed the layer by hand (paint strokes or Edit operations)."""
-        return any(step == NAPARI_STEP or isinstance(step, Patch) or
-                   (isinstance(step, Swap) and not step.description.startswith("Segment"))
-                   for step in self.undo_stack)
+        return any(is_user_edit(step) for step in self.undo_stack)
 
 
 _HISTORIES: "weakref.WeakKeyDictionary[Any, EditHistory]" = weakref.WeakKeyDictionary()

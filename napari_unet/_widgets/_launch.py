@@ -23,7 +23,7 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     from qtpy.QtWidgets import QApplication
 
     from napari_unet._widgets._io import read_layers
-    from napari_unet._widgets._state import get_registry
+    from napari_unet.zoo.registry import get_registry
 
     layers = read_layers(str(path)) if path is not None else None  # errors before any window
     if viewer is None:

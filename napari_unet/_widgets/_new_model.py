@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from qtpy.QtWidgets import (
@@ -18,94 +16,52 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_unet.model.config import inplane_only_levels_for
+from napari_unet.training.new_models import (
+    CT_WINDOW_NORMALIZATION,
+    NAME_COLUMNS,
+    PERCENTILE_NORMALIZATION,
+    NewModelSpec,
+    class_list,
+    class_names_from_columns,
+    inplane_levels,
+    model_name,
+    parse_class_names,
+    spec_for_labels,
+)
+
+__all__ = ["NewModelDialog", "NewModelSpec", "spec_for_layer", "layer_class_names", "class_list",
+           "parse_class_names", "model_name", "TASK_CHOICES", "NORMALIZATIONS",
+           "ARCHITECTURE_CHOICES", "NAME_COLUMNS"]
+
 #: task shown in the dialog -> checkpoint task
 TASK_CHOICES = {"foreground": "foreground", "foreground + boundary": "foreground_boundary",
                 "membranes": "membranes", "classes": "semantic"}
 #: normalisation shown in the dialog -> model normalisation settings
-NORMALIZATIONS = {"percentile (1-99.8 %)": {"mode": "percentile", "low": 1.0, "high": 99.8},
-                  "CT window (HU 40 ± 200)": {"mode": "window", "center": 40.0, "width": 400.0}}
+NORMALIZATIONS = {"percentile (1-99.8 %)": PERCENTILE_NORMALIZATION,
+                  "CT window (HU 40 ± 200)": CT_WINDOW_NORMALIZATION}
 #: architecture shown in the dialog -> ``UNetConfig.architecture``
 ARCHITECTURE_CHOICES = {"UNet": "unet", "Residual UNet": "resunet", "Attention UNet": "attention",
                         "UNet++": "unetpp"}
-#: columns of a labels layer's features that may hold class names, in order of preference
-NAME_COLUMNS = ("name", "names", "class", "class_name", "label_name", "organ", "structure")
-
-
-@dataclass
-class NewModelSpec:
-    """What the dialog asks for; :meth:`FineTuneWidget.create_model` builds the model."""
-
-    spatial_dims: int
-    task: str
-    class_names: list[str] | None = None
-    name: str = "model"
-    inplane_only_levels: tuple[int, ...] = ()
-    base_channels: int = 16
-    depth: int = 4
-    normalization: dict[str, Any] = field(default_factory=lambda: dict(
-        NORMALIZATIONS["percentile (1-99.8 %)"]))
-    voxel_size: tuple[float, ...] | None = None
-    architecture: str = "unet"
 
 
 def layer_class_names(layer: Any) -> dict[int, str]:
-    """Class names of a labels layer by id, from its ``features`` (or ``properties``) table:
-    an ``index`` column (else the row number) and a name column (see :data:`NAME_COLUMNS`, else
-    the first text column). Empty when the layer has none."""
+    """Class names of a labels layer by id, from its ``features`` (or ``properties``) table
+    (see :func:`~napari_unet.training.new_models.class_names_from_columns`). Empty when the
+    layer has none."""
     table = getattr(layer, "features", None)
-    columns: dict[str, Any] = {}
     if table is not None and len(getattr(table, "columns", [])):
         columns = {str(c): list(table[c]) for c in table.columns}
     else:
         properties = getattr(layer, "properties", None) or {}
         columns = {str(k): list(v) for k, v in properties.items()}
-    if not columns:
-        return {}
-    lower = {c.lower(): c for c in columns}
-    name_column = next((lower[c] for c in NAME_COLUMNS if c in lower), None)
-    if name_column is None:
-        name_column = next((c for c, v in columns.items()
-                            if c.lower() != "index" and v and isinstance(v[0], str)), None)
-    if name_column is None:
-        return {}
-    names = columns[name_column]
-    index = columns.get(lower.get("index", ""), list(range(len(names))))
-    found = {}
-    for i, name in zip(index, names):
-        try:
-            key = int(i)
-        except (TypeError, ValueError):
-            continue
-        if key > 0 and isinstance(name, str) and name.strip():
-            found[key] = name.strip()
-    return found
-
-
-def class_list(names: dict[int, str] | list[str]) -> list[str]:
-    """``["background", name of 1, name of 2, …]``; ids without a name get ``class_<id>``."""
-    if isinstance(names, list):
-        return ["background", *names]
-    largest = max(names, default=0)
-    return ["background", *(names.get(i, f"class_{i}") for i in range(1, largest + 1))]
-
-
-def parse_class_names(text: str) -> list[str]:
-    """``"liver, spleen"`` → ``["liver", "spleen"]`` (names for ids 1, 2, …)."""
-    return [part.strip() for part in re.split(r"[,;\n]+", text) if part.strip()]
-
-
-def model_name(text: str) -> str:
-    """A model name from a layer name: letters, digits, ``-`` and ``_`` only."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text.strip()).strip("-")
-    return name or "model"
+    return class_names_from_columns(columns)
 
 
 class NewModelDialog(QDialog):
     """Ask for dimensions, task, class names, anisotropy and name of a new model."""
 
     def __init__(self, labels_layer: Any | None, parent: QWidget | None = None):
-        from napari_unet.model.config import inplane_only_levels_for
-
         super().__init__(parent)
         self.setWindowTitle("New model")
         self.labels_layer = labels_layer
@@ -215,7 +171,7 @@ class NewModelDialog(QDialog):
                                  "separated by commas")
             class_names = class_list(names)
         depth = self.depth_spin.value()
-        levels = tuple(range(min(self.aniso_spin.value(), depth - 1))) if dims == 3 else ()
+        levels = inplane_levels(dims, self.aniso_spin.value(), depth)
         voxel = self.voxel_size if self.voxel_size and len(self.voxel_size) == dims else None
         return NewModelSpec(spatial_dims=dims, task=task, class_names=class_names,
                             name=model_name(self.name_edit.text()), inplane_only_levels=levels,
@@ -228,20 +184,7 @@ def spec_for_layer(labels_layer: Any, spatial_dims: int, task: str,
                    class_names: list[str] | None = None, **options: Any) -> NewModelSpec:
     """The dialog's defaults for ``labels_layer`` without showing it (scripts and tests):
     class names from the layer when ``task`` is ``semantic`` and none are given, in-plane-only
-    levels from the layer's scale."""
-    from napari_unet.model.config import inplane_only_levels_for
-
-    depth = int(options.pop("depth", 4))
-    voxel = tuple(float(s) for s in labels_layer.scale[-spatial_dims:])
-    if task == "semantic" and class_names is None:
-        names = layer_class_names(labels_layer)
-        if not names:
-            raise ValueError(f"{labels_layer.name!r} has no class names; give them")
-        class_names = class_list(names)
-    elif class_names is not None and class_names[:1] != ["background"]:
-        class_names = class_list(list(class_names))
-    levels = inplane_only_levels_for(voxel, depth) if spatial_dims == 3 else ()
-    return NewModelSpec(spatial_dims=spatial_dims, task=task, class_names=class_names,
-                        name=model_name(options.pop("name", f"{labels_layer.name}-model")),
-                        inplane_only_levels=levels, depth=depth, voxel_size=voxel, **options)
-
+    levels from the layer's scale (see :func:`~napari_unet.training.new_models.spec_for_labels`)."""
+    names = layer_class_names(labels_layer) if task == "semantic" and class_names is None else None
+    return spec_for_labels(labels_layer.name, labels_layer.scale, spatial_dims, task,
+                           class_names, names, **options)

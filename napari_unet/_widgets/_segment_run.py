@@ -16,7 +16,12 @@ from napari_unet._widgets._state import (
     notify_error,
     set_suggested_slices,
 )
-from napari_unet.engine.live import RunExtras, SegmentOutcome, UncertaintyRequest, uncertainty_name
+from napari_unet.engine.live import (
+    RunExtras,
+    SegmentOutcome,
+    UncertaintyRequest,
+    uncertainty_name,
+)
 from napari_unet.engine.messages import format_seconds, found_text, short_list
 from napari_unet.engine.regions import PredictRegion, covers
 from napari_unet.labels.writeback import KEEP, fits_in_place, write_unprotected

@@ -53,7 +53,7 @@ class TrainingConfig:
     augment: bool = True
     #: part of the annotations held out to score the weights (the best-scoring ones are kept);
     #: None = automatic: held out when there are two or more corrected slices or images
-    #: (see :meth:`Trainer._split_validation`); 0 = never (the last weights are kept)
+    #: (see :meth:`napari_unet.training.holdout.split_validation`); 0 = never (the last weights are kept)
     validation_fraction: float | None = None
     #: annotated slices within this many slices of a validation slice are not trained on
     #: (adjacent slices have nearly the same labels, so training on them inflates the score)

@@ -1,4 +1,4 @@
-"""Patch shapes, batch sizes and the padding of sampled patches."""
+"""Training items, patch shapes, batch sizes, and the sampling of augmented patch batches."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import numpy as np
 import torch
 
 from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.training.augment import AugmentSettings, augment_patch
+
+#: at most this many voxel indices per item to draw patch centres from
+_MAX_INDEX_SAMPLES = 200_000
 
 
 @dataclass
@@ -67,3 +71,135 @@ def auto_batch_size(model: SegmentationModel, patch: Sequence[int], device: torc
     voxels = math.prod(patch)
     budget = (2**20 if device.type == "cuda" else 2**16) * 16 / max(8, model.config.base_channels)
     return int(np.clip(budget // voxels, 2, 32))
+
+
+def make_item(image: np.ndarray, target: np.ndarray, mask: np.ndarray | None, patch: Sequence[int],
+              task: str, seed: int, weight_map: np.ndarray | None = None) -> _Item:
+    """An indexed :class:`_Item`, padded to at least ``patch``.
+
+    Parameters
+    ----------
+    image, target, mask, weight_map
+        Normalised image, training targets, annotation mask (None: all annotated) and loss
+        weight map (or None).
+    patch
+        The training patch shape.
+    task, seed
+        Model task and the training seed (for :func:`index_item`).
+    """
+    lead = 0 if task == "semantic" else 1
+    padded = any(s < p for s, p in zip(image.shape, patch))
+    if padded and mask is None:
+        mask = np.ones(image.shape, dtype=bool)
+    image = _pad_to(image, patch, "reflect")
+    target = _pad_to(target, patch, "constant", lead)
+    if mask is not None:
+        mask = _pad_to(mask, patch, "constant")
+    item = _Item(image=np.ascontiguousarray(image, dtype=np.float32), target=target, mask=mask)
+    if weight_map is not None:
+        item.weight_map = np.ascontiguousarray(_pad_to(weight_map, patch, "constant"), dtype=np.float32)
+    index_item(item, task, seed)
+    return item
+
+
+def index_item(item: _Item, task: str, seed: int) -> None:
+    """Set ``item``'s sampling weight and its indices of annotated and foreground voxels
+    (at most ``_MAX_INDEX_SAMPLES`` of each, drawn with ``seed``)."""
+    rng = np.random.default_rng(seed + 7)
+    fg = item.target > 0 if task == "semantic" else item.target[0] > 0
+    if item.mask is not None:
+        fg = fg & item.mask
+        idx = np.flatnonzero(item.mask)
+        if idx.size > _MAX_INDEX_SAMPLES:
+            idx = rng.choice(idx, _MAX_INDEX_SAMPLES, replace=False)
+        item.annotated_index = idx
+        item.weight = float(item.mask.sum())
+    else:
+        item.annotated_index = None
+        item.weight = float(item.image.size)
+    fidx = np.flatnonzero(fg)
+    if fidx.size > _MAX_INDEX_SAMPLES:
+        fidx = rng.choice(fidx, _MAX_INDEX_SAMPLES, replace=False)
+    item.foreground_index = fidx
+
+
+def is_anisotropic(model: SegmentationModel) -> bool:
+    """Whether ``model`` is 3D with coarser Z (in-plane-only levels, or a Z voxel size over
+    1.5 times the in-plane one): augmentation then rotates in-plane only."""
+    if model.spatial_dims != 3:
+        return False
+    if model.config.inplane_only_levels:
+        return True
+    vs = model.voxel_size
+    return bool(vs and len(vs) == 3 and vs[0] > 1.5 * min(vs[1:]))
+
+
+def patch_start(item: _Item, rng: np.random.Generator, patch: Sequence[int],
+                foreground_oversampling: float) -> tuple[int, ...]:
+    """Corner of a patch around a drawn centre voxel (jittered by up to a quarter patch).
+
+    The centre is an annotated foreground voxel with probability
+    ``foreground_oversampling``, else an annotated voxel (any voxel without a mask).
+    """
+    shape = item.image.shape
+    use_fg = item.foreground_index.size and rng.random() < foreground_oversampling
+    if use_fg:
+        centre = np.unravel_index(int(item.foreground_index[rng.integers(item.foreground_index.size)]), shape)
+    elif item.annotated_index is not None:
+        centre = np.unravel_index(int(item.annotated_index[rng.integers(item.annotated_index.size)]), shape)
+    else:
+        centre = tuple(int(rng.integers(s)) for s in shape)
+    start = []
+    for c, s, p in zip(centre, shape, patch):
+        lo = int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1))
+        start.append(int(np.clip(lo, 0, s - p)))
+    return tuple(start)
+
+
+def sample_patches(items: Sequence[_Item], probabilities: np.ndarray, patch: Sequence[int], count: int,
+                   rng: np.random.Generator, *, augment: bool, settings: AugmentSettings | None,
+                   foreground_oversampling: float, anisotropic: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A batch of ``count`` training patches.
+
+    Items are drawn with ``probabilities``, patch centres by :func:`patch_start`. Only each
+    patch, with the margin of its elastic deformation, is read and augmented
+    (:func:`augment.augment_patch`), straight into the batch arrays: nothing of the images'
+    size is allocated. A weight map moves with the targets (nearest neighbour).
+
+    Returns
+    -------
+    images, targets, masks, maps
+        Images ``(B, 1, *patch)`` float32, targets ``(B, C, *patch)`` (semantic: ``(B,
+        *patch)``), annotation masks ``(B, *patch)`` bool, and loss weight maps ``(B,
+        *patch)`` float32 when the items have them (else None).
+    """
+    patch = tuple(patch)
+    lead = items[0].target.shape[:items[0].target.ndim - len(patch)]
+    images = np.empty((count, 1, *patch), dtype=np.float32)
+    targets = np.empty((count, *lead, *patch), dtype=items[0].target.dtype)
+    masks = np.empty((count, *patch), dtype=bool)
+    weighted = items[0].weight_map is not None
+    maps = np.empty((count, *patch), dtype=np.float32) if weighted else None
+    settings = settings or AugmentSettings()
+    for b in range(count):
+        item = items[int(rng.choice(len(items), p=probabilities))]
+        start = patch_start(item, rng, patch, foreground_oversampling)
+        if augment:
+            others = [item.target] if item.mask is None else [item.target, item.mask]
+            if weighted:
+                others.append(item.weight_map)
+            image, moved = augment_patch(item.image, others, start, patch, rng,
+                                         spatial_dims=len(patch), anisotropic=anisotropic,
+                                         settings=settings)
+            images[b, 0], targets[b] = image, moved[0]
+            masks[b] = True if item.mask is None else moved[1]
+            if weighted:
+                maps[b] = moved[-1]
+        else:
+            region = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            images[b, 0], targets[b] = item.image[region], item.target[(Ellipsis, *region)]
+            masks[b] = True if item.mask is None else item.mask[region]
+            if weighted:
+                maps[b] = item.weight_map[region]
+    return images, targets, masks, maps

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from napari_unet.engine.live import PredictOptions
 from napari_unet.engine.predict import segment
 from napari_unet.model.checkpoint import save_checkpoint
 from napari_unet.progress import drain
@@ -66,7 +67,7 @@ def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer
     widget = _dock(viewer, qtbot)
     widget.load_model_file(model_2d_path)
     widget.output_combo.setCurrentText("binary / classes")
-    widget.predict_options = {"batch_size": 1}
+    widget.predict_options = PredictOptions(batch_size=1)
     seen_partial = []
     click(qtbot, widget, "Segment")
     layer = viewer.layers["stack labels"]
@@ -79,7 +80,7 @@ def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer
 
     widget.worker.yielded.connect(on_tile)
     wait_idle(qtbot, widget)
-    done = widget._run["done"]
+    done = widget._run.done
     assert 3 <= done < 20, done
     assert "Cancelled" in widget.status.text()
     assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
@@ -91,23 +92,6 @@ def test_stack_fills_tile_by_tile_and_cancel_keeps_done_tiles(make_napari_viewer
     np.testing.assert_array_equal(layer.data[:done], expected[:done])
     assert not layer.data[done + 1:].any()
     assert seen_partial == sorted(seen_partial)  # it filled in progressively
-
-
-def test_current_slice_scope(make_napari_viewer, qtbot, registry, model_2d_path):
-    viewer = make_napari_viewer()
-    image, _ = blobs((8, 40, 40))
-    viewer.add_image(image, name="stack")
-    viewer.dims.set_point(0, 5)
-    widget = _dock(viewer, qtbot)
-    widget.load_model_file(model_2d_path)
-    widget.output_combo.setCurrentText("binary / classes")
-    widget.scope_combo.setCurrentText("current slice")
-    click(qtbot, widget, "Segment")
-    wait_idle(qtbot, widget)
-    layer = viewer.layers["stack labels"]
-    expected = drain(segment(image[5:6], load_model(model_2d_path), output="labels")).data
-    np.testing.assert_array_equal(layer.data[5:6], expected)
-    assert not np.delete(layer.data, 5, axis=0).any()
 
 
 def test_wrong_model_is_a_notification_not_a_crash(make_napari_viewer, qtbot, registry, tmp_path,
@@ -292,7 +276,7 @@ def test_undo_is_refused_while_segmenting(make_napari_viewer, qtbot, registry, m
     image, layer, before = _stack_with_corrections(viewer)
     widget = _dock(viewer, qtbot)
     widget.load_model_file(model_2d_path)
-    widget.predict_options = {"batch_size": 1}
+    widget.predict_options = PredictOptions(batch_size=1)
     click(qtbot, widget, "Segment")
     with pytest.raises(HistoryBusy):
         history_for(layer).undo()
