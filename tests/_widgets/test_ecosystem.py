@@ -69,7 +69,7 @@ def test_zoo_packages_in_segment_and_finetune(make_napari_viewer, qtbot, registr
     from napari_unet.zoo.export import export_bioimageio
     from napari_unet.zoo.foreign import ForeignModel
 
-    from ..test_zoo import foreign_package
+    from ..zoo.test_zoo import foreign_package
 
     image, labels = blobs((64, 64))
     ours = export_bioimageio(make_tiny_model(2, name="zooed"), tmp_path / "ours.zip",
