@@ -318,6 +318,7 @@ def predict_to_zarr_distributed(
     overwrite: bool = False,
     allow_channels: bool = False,
     tta: bool = False,
+    stitch_threshold: float = 0.25,
 ) -> Generator[Progress, None, StreamResult]:
     """:func:`napari_unet.bigdata.streaming.predict_to_zarr` on a dask cluster, one task per tile.
 
@@ -333,6 +334,7 @@ def predict_to_zarr_distributed(
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path,
+                       stitch_threshold=stitch_threshold,
                        tta=tta)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:

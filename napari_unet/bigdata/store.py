@@ -41,6 +41,13 @@ class StreamSettings:
     voxel_size: tuple[float, ...] | None = None
     min_size: int = DEFAULT_MIN_SIZE
     seed_threshold: float | None = None
+    #: membranes: cell radius (units of ``voxel_size``) and border merge threshold, fixed for
+    #: all chunks so that every chunk is post-processed alike
+    object_radius: float | None = None
+    merge_threshold: float | None = None
+    #: a 2D model on a stack: instances per slice, stitched through z by IoU (0: per slice)
+    per_slice: bool = False
+    stitch_threshold: float = 0.25
     #: test-time augmentation (:func:`napari_unet.engine.tta.tta_transforms`) for every tile
     tta: bool = False
 
