@@ -66,7 +66,9 @@ def stitch_slices(slices: np.ndarray, threshold: float = DEFAULT_STITCH_THRESHOL
             iou[iou < threshold] = 0
             # each earlier object continues into at most its best match, each new one into
             # its best remaining one
-            iou[iou < iou.max(axis=0, keepdims=True)] = 0
+            keep = np.zeros_like(iou, dtype=bool)
+            keep[iou.argmax(axis=0), np.arange(iou.shape[1])] = True  # ties: the first
+            iou[~keep] = 0
             best = iou.argmax(axis=1)
             linked = iou.max(axis=1) > 0
             ids[linked] = prev_ids[best[linked]]
