@@ -83,8 +83,8 @@ def test_face_pairs_by_iou_for_stitched_slices():
     high = np.zeros((10, 10), np.int64)
     low[0:4, 0:4] = 1       # 16 px, overlaps 2 by 12 px: IoU 12 / 20
     high[1:4, 0:4] = 2      # 12 px
-    low[6:10, 6:10] = 3     # 16 px, overlaps 4 by 4 px: IoU 4 / 28
-    high[6:8, 6:8] = 4
+    low[6:10, 6:10] = 3     # 16 px, overlaps 4 by 3 px: IoU 3 / 16
+    high[6, 6:9] = 4
     high[8:10, 0:4] = 5     # touches nothing
     pairs = _face_pairs(low, high, 0.5, min_iou=0.25)
     assert pairs.tolist() == [[1, 2]]
