@@ -65,6 +65,9 @@ def test_a_2d_model_on_a_stack_stitches_slices_in_memory_and_streamed(tmp_path):
     assert whole.max() == 3  # the drifting disk, and the jumping one before and after
     assert len({int(whole[z, 10, 8 + z]) for z in range(20)}) == 1
     assert whole[9, 30, 10] != whole[10, 30, 38]
+    for label in range(1, int(whole.max()) + 1):  # no object spans slices that don't overlap
+        zs = np.flatnonzero((whole == label).any(axis=(1, 2)))
+        assert all(np.any((whole[z] == label) & (whole[z + 1] == label)) for z in zs[:-1])
     per_slice = drain(segment(stack, model, output="instances", device="cpu", min_size=5,
                               stitch_threshold=0)).data
     assert per_slice.max() == 40
