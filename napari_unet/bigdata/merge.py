@@ -8,6 +8,7 @@ from typing import Any, Generator
 import numpy as np
 
 from napari_unet.bigdata.store import ATTRS_KEY, _axis_names, _set_state, stored_plan
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.progress import Progress
 
 # --- instances across chunks ---------------------------------------------------------------
@@ -64,7 +65,7 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
     local = group["_local"]
     classes = group["labels"] if info["task"] == "semantic" else None
     settings = dict(info.get("fingerprint", {}).get("settings", {}))
-    z_iou = float(settings.get("stitch_threshold", 0.25)) if settings.get("per_slice") else None
+    z_iou = float(settings.get("stitch_threshold", DEFAULT_STITCH_THRESHOLD)) if settings.get("per_slice") else None
     grid = plan.grid
     counts = np.asarray(group["_counts"][...], dtype=np.int64).ravel()
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])

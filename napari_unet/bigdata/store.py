@@ -14,6 +14,7 @@ import numpy as np
 
 from napari_unet.engine.tiling import TilePlan
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
 
@@ -47,7 +48,7 @@ class StreamSettings:
     merge_threshold: float | None = None
     #: a 2D model on a stack: instances per slice, stitched through z by IoU (0: per slice)
     per_slice: bool = False
-    stitch_threshold: float = 0.25
+    stitch_threshold: float = DEFAULT_STITCH_THRESHOLD
     #: test-time augmentation (:func:`napari_unet.engine.tta.tta_transforms`) for every tile
     tta: bool = False
 
