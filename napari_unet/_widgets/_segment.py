@@ -446,7 +446,8 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             self.show_model_postprocess(model)
         threshold = self.threshold_spin.value()
         job = segment(sub, model, output=output, device=device, precision=precision,
-                      threshold=threshold, min_size=self.min_size_spin.value(),
+                      threshold=threshold,  # the model's min size follows the voxel size
+                      min_size=self.min_size_spin.value() if self.postprocess_edited else None,
                       voxel_size=voxel_size, start_at=region.start_at(view_point(self.viewer, image)),
                       tta=tta, tta_spread=uncertain.spread if uncertain else None,
                       stitch_threshold=self.stitch_spin.value(), **self.predict_options.kwargs())
