@@ -407,7 +407,8 @@ class FineTuneWidget(QWidget):
         self.result_key = self.registry.add_model(model, parent_key=self.base_key)
         self.revert_button.setEnabled(True)
         self.status.setText(run_summary.result_text(
-            self.result_key, format_seconds(self._run.elapsed()), self.last_stats))
+            self.result_key, format_seconds(self._run.elapsed()), self.last_stats,
+            model.history[-1] if model.history else None))
 
     def _on_error(self, err: BaseException) -> None:
         self._run.ended = True

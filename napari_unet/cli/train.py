@@ -116,8 +116,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--description", default=None, help="one line shown by 'napari-unet models'")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the file size)")
     parser.add_argument("--no-tune", dest="tune", action="store_false",
-                        help="keep the post-processing defaults (by default threshold, seed threshold "
-                             "and minimum object size are tuned on the held-out part and stored)")
+                        help="keep the model's post-processing (by default threshold, seed threshold and "
+                             "minimum object size are re-tuned on the held-out part when it has enough "
+                             "objects, annotated in 3D for a 3D model)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True, help="new model (.pt)")
     parser.set_defaults(handler=_run_train)
 
@@ -244,7 +245,8 @@ def _run_train(args: argparse.Namespace) -> int:
                             validation_fraction=args.validation_fraction, seed=args.seed,
                             device=args.device, precision=args.precision, freeze_norm=freeze,
                             loss=args.loss, accumulate_steps=args.accumulate,
-                            gradient_checkpointing=args.gradient_checkpointing)
+                            gradient_checkpointing=args.gradient_checkpointing,
+                            tune_postprocessing=args.tune)
     trainer = Trainer(model, pairs, config)
     result, interrupted = _drain_training(trainer, model.label)
     if args.name:
@@ -253,12 +255,11 @@ def _run_train(args: argparse.Namespace) -> int:
         result.description = args.description
     if parent_path is not None and Path(parent_path).suffix:
         result.parent = f"{model.label} ({Path(parent_path).name})"
-    if args.tune and not interrupted:
-        tuned = trainer.tune_postprocessing(result)
-        if tuned is not None:
-            values = ", ".join(f"{k} {v}" for k, v in tuned.settings.items())
-            print(f"post-processing tuned on the held-out part: {values} ({tuned.metric} "
-                  f"{tuned.score:.3f}; defaults {tuned.default_score:.3f})")
+    if not interrupted:
+        for line in (f"kept {trainer.decision}" if trainer.decision else "", trainer.tuning_message,
+                     f"torch threads: {trainer.threads_message}" if trainer.threads_message else ""):
+            if line:
+                print(line)
     if args.half:
         result.network.half()
     written, failure = _save_trained(result, output_path)

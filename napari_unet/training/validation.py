@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from napari_unet.engine.predict import predict_probabilities, probabilities_to_output
+from napari_unet.engine.predict import postprocess_settings, predict_probabilities, probabilities_to_output
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.config import UNetConfig
 from napari_unet.model.normalization import Normalizer
@@ -100,7 +100,7 @@ def score(views: Sequence[_Item], model: SegmentationModel, task: str, device: t
                 per_channel.append(1.0 if denom == 0 else 2 * np.count_nonzero(p & g) / denom)
             scores.append(float(np.mean(per_channel)))
         if item.labels is not None:
-            counts += object_counts(item, probs, task)
+            counts += object_counts(item, probs, task, **_instance_options(model))
     result = float(np.mean(scores))
     f1 = None
     if counts[1] + counts[2] > 0:
@@ -109,7 +109,16 @@ def score(views: Sequence[_Item], model: SegmentationModel, task: str, device: t
     return result, f1
 
 
-def object_counts(item: _Item, probs: np.ndarray, task: str) -> np.ndarray:
+def _instance_options(model: SegmentationModel) -> dict:
+    """The post-processing ``model`` segments with (its stored values), as keywords of
+    :func:`probabilities_to_output`: validation scores the objects a user would get."""
+    threshold, min_size, seed_threshold = postprocess_settings(model)
+    voxel_size = model.voxel_size if model.spatial_dims == 3 else None
+    return dict(threshold=threshold, min_size=min_size, seed_threshold=seed_threshold,
+                voxel_size=voxel_size)
+
+
+def object_counts(item: _Item, probs: np.ndarray, task: str, **options) -> np.ndarray:
     """Objects matched at IoU 0.5 on the held-out part of ``item``, slice by slice.
 
     A held-out slice of a stack has its objects made from a few slices around it, as from
@@ -129,7 +138,7 @@ def object_counts(item: _Item, probs: np.ndarray, task: str) -> np.ndarray:
             views.append((probs[:, lo:hi], item.labels[z], item.valid[z], z - lo))
     for view in views:
         p, truth, valid = view[:3]
-        instances = probabilities_to_output(p, task, "instances")
+        instances = probabilities_to_output(p, task, "instances", **options)
         if len(view) == 4:
             instances = instances[view[3]]
         m = match_instances(np.where(valid, instances, 0), np.where(valid, truth, 0))
