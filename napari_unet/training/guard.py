@@ -69,6 +69,9 @@ def tuning_allowed(views: Sequence[_Item], spatial_dims: int, min_objects: int) 
     if spatial_dims == 3 and not in_3d:
         return False, (f"the held-out part has {count} objects on slices only: a 3D model's "
                        "post-processing is re-tuned only on objects annotated in 3D")
+    if spatial_dims == 2 and sum(item.labels is not None for item in views) < 2:
+        return False, (f"the held-out part is one image or slice ({count} objects): post-processing "
+                       "is never re-tuned from one slice")
     if count < min_objects:
         return False, f"only {count} held-out objects (at least {min_objects} needed)"
     return True, f"{count} held-out objects"

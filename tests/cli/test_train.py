@@ -112,12 +112,12 @@ def test_train_keeps_post_processing_of_too_few_held_out_objects(data, tmp_path,
     out_path = tmp_path / "kept.pt"
     code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
                        "--dims", "2", "--task", "foreground_boundary", *TINY, "-o", out_path)
-    assert code == 0 and "post-processing: the start model's values (only 2 held-out objects" in out
+    assert code == 0 and "post-processing: the start model's values (the held-out part is one image" in out
     assert load_checkpoint(out_path).postprocess == {}
 
 
 def test_train_tunes_and_stores_post_processing(tmp_path, capsys):
-    # 2D images with 36 objects each: the held-out image has enough objects to tune on
+    # 2D images with 36 objects each: two held-out images have enough objects to tune on
     rng = np.random.default_rng(1)
     labels = np.zeros((5, 96, 96), np.uint16)
     for i in range(6):
@@ -129,8 +129,9 @@ def test_train_tunes_and_stores_post_processing(tmp_path, capsys):
     tifffile.imwrite(data["stack_labels"], labels)
     out_path = tmp_path / "tuned.pt"
     code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
-                       "--dims", "2", "--task", "foreground_boundary", *TINY, "-o", out_path)
-    assert code == 0 and "post-processing re-tuned on 36 held-out objects" in out
+                       "--dims", "2", "--task", "foreground_boundary", *TINY, "--validation-fraction", "0.4",
+                       "-o", out_path)
+    assert code == 0 and "post-processing re-tuned on 72 held-out objects" in out
     tuned = load_checkpoint(out_path).postprocess
     assert {"threshold", "min_size", "tuned_on", "score"} <= set(tuned)
     plain = tmp_path / "plain.pt"

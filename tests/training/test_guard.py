@@ -109,5 +109,7 @@ def test_post_processing_is_never_tuned_from_slices_of_a_3d_model():
     block = np.ones(labels.shape, bool)
     assert tuning_allowed([_view(labels, block)], 3, 30)[0]
     assert not tuning_allowed([_view(labels, block)], 3, 50)[0]
-    # a 2D model: enough objects on held-out images
-    assert tuning_allowed([_view(labels[4], one_slice[4])], 2, 30)[0]
+    # a 2D model: enough objects on at least two held-out images, never on one
+    allowed, why = tuning_allowed([_view(labels[4], one_slice[4])], 2, 30)
+    assert not allowed and "never re-tuned from one slice" in why
+    assert tuning_allowed([_view(labels[4], one_slice[4]), _view(labels[5], one_slice[4])], 2, 30)[0]

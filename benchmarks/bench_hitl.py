@@ -1,0 +1,279 @@
+"""The human-in-the-loop cycle for every shipped model: segment, correct, fine-tune, segment.
+
+For each shipped model, on held-out data of its kind that it was never trained or tuned on
+(splits of ``train_shipped_models.sh``), as a new user meets it:
+
+1. segment the stack with the model's own settings (its stored post-processing; a 2D model
+   makes its objects slice by slice), as the Segment dock does;
+2. paste the ground truth of a few slices, with fresh ids, into that prediction, as a user's
+   corrections land in the labels layer;
+3. fine-tune for 60 s at the default settings (``Trainer`` with ``slices=`` as the Fine-tune
+   dock and ``train --slices`` run it: default threads, bf16 on this CPU);
+4. segment again with the result.
+
+Scored on the slices nobody corrected, before and after: pixel Dice of the mask (foreground,
+or membranes for membrane models), object F1 at IoU 0.5 (3D models: objects matched in 3D with
+the corrected slices left out of both; 2D models: slice by slice) and the object count against
+the true one. Each model runs 3 slice choices x 3 seeds.
+
+Cases (../shared/data, held out from the shipped models' training):
+
+* ``nuclei-2d``: BBBC039 test fields 80-99 (by sorted name) as a series of 20 images;
+* ``em``: ``em-membranes-2d`` on the ISBI EM test slices 24-29 (2 corrected slices);
+* ``nuclei-3d``: ``nuclei3d_1135`` z 70-99 with its voxel size;
+* ``cells-3d``: ``cells3d_membrane`` z 44-63.
+
+Extra rows: ``--cli`` runs one choice through ``napari-unet train``/``predict`` (subprocesses),
+``--planes`` runs cells-3d with corrections in mixed planes (z, y, x) beside z only.
+
+Run::
+
+    python benchmarks/bench_hitl.py [--seconds 60] [--models nuclei-2d,em,nuclei-3d,cells-3d]
+                                    [--choices 3] [--seeds 3] [--json results.jsonl]
+
+The last line is ``worst_dice_delta=... worst_f1_delta=... mean_f1_gain_below_0.9=... runs=N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from napari_unet.engine.predict import postprocess_settings, predict_probabilities, probabilities_to_output
+from napari_unet.io.readers import read_image
+from napari_unet.labels.metrics import dice, match_instances
+from napari_unet.model.checkpoint import SegmentationModel
+from napari_unet.progress import drain
+from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.targets import training_targets
+from napari_unet.training.trainer import Trainer
+from napari_unet.zoo.loading import load_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MODELS = {"nuclei-2d": "nuclei-2d", "em": "em-membranes-2d", "nuclei-3d": "nuclei-3d", "cells-3d": "cells-3d"}
+
+
+@dataclass
+class Case:
+    """A held-out stack of one model's kind."""
+
+    key: str
+    model: str
+    image: np.ndarray
+    truth: np.ndarray
+    voxel_size: tuple[float, ...] | None
+    corrected: int  # slices a user corrects
+
+
+def load_case(key: str, data: Path) -> Case:
+    """The held-out data of ``key`` (see the module docstring)."""
+    if key == "nuclei-2d":
+        names = sorted((data / "bbbc039_nuclei/images").glob("*.tif"))[80:100]
+        image = np.stack([tifffile.imread(f) for f in names])
+        truth = np.stack([tifffile.imread(data / "bbbc039_nuclei/labels" / f.name) for f in names])
+        return Case(key, MODELS[key], image, truth, None, 3)
+    if key == "em":
+        image = tifffile.imread(data / "isbi2012_em/image.tif")[24:]
+        membranes = tifffile.imread(data / "isbi2012_em/membranes.tif")[24:]
+        return Case(key, MODELS[key], image, membranes.astype(np.uint16), None, 2)
+    if key == "nuclei-3d":
+        loaded = read_image(data / "nuclei3d_1135/image.tif")
+        truth = tifffile.imread(data / "nuclei3d_1135/labels.tif")[70:]
+        return Case(key, MODELS[key], np.asarray(loaded.data)[70:], truth, tuple(loaded.voxel_size), 3)
+    if key == "cells-3d":
+        image = tifffile.imread(data / "cells3d_membrane/image.tif")[44:]
+        truth = tifffile.imread(data / "cells3d_membrane/labels.tif")[44:]
+        return Case(key, MODELS[key], image, truth, None, 3)
+    raise ValueError(f"unknown case {key!r}")
+
+
+def slice_choices(depth: int, count: int, choices: int) -> list[list[int]]:
+    """``choices`` sets of ``count`` slices: evenly spread first, then random ones (fixed
+    seeds) at least 2 apart and away from the stack's ends."""
+    sets = [sorted({int(round(depth * (i + 1) / (count + 1))) for i in range(count)})]
+    rng = np.random.default_rng(1234)
+    while len(sets) < choices:
+        pick = sorted(rng.choice(np.arange(1, depth - 1), count, replace=False).tolist())
+        if min(np.diff(pick), default=99) >= 2 and pick not in sets:
+            sets.append([int(z) for z in pick])
+    return sets
+
+
+def paste(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.ndarray:
+    """``truth`` on ``slices`` pasted into ``prediction`` with fresh ids (above its largest),
+    as painted corrections land in the labels layer."""
+    out = prediction.astype(np.uint32)
+    for z in slices:
+        ids, inverse = np.unique(truth[z], return_inverse=True)
+        fresh = np.where(ids == 0, 0, np.arange(len(ids)) + int(out.max()) + 1).astype(np.uint32)
+        out[z] = fresh[inverse].reshape(truth[z].shape)
+    return out
+
+
+def segment_like_the_dock(model: SegmentationModel, case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """Instances (a 2D model's slice by slice) and the binary mask, with the model's stored
+    post-processing."""
+    probs = drain(predict_probabilities(case.image, model, device="cpu", dtype=np.float32))
+    threshold, min_size, seed_threshold = postprocess_settings(model)
+    options = dict(threshold=threshold, min_size=min_size, seed_threshold=seed_threshold)
+    if model.spatial_dims == 2:
+        instances = np.stack([probabilities_to_output(probs[:, z], model.task, "instances", **options)
+                              for z in range(case.image.shape[0])])
+    else:
+        instances = probabilities_to_output(probs, model.task, "instances", voxel_size=case.voxel_size,
+                                            **options)
+    mask = probabilities_to_output(probs, model.task, "labels", threshold=threshold, min_size=0) > 0
+    return np.asarray(instances), mask
+
+
+@dataclass
+class Scores:
+    dice: float
+    f1: float
+    objects: int
+    true_objects: int
+
+
+def score(model: SegmentationModel, case: Case, instances: np.ndarray, mask: np.ndarray,
+          others: list[int]) -> Scores:
+    """Dice, object F1 and object count on the slices ``others``."""
+    per_slice = model.spatial_dims == 2
+    truth = case.truth
+    if model.task == "membranes" and case.key == "em":
+        reference = truth > 0  # the EM truth is a membrane mask already
+    elif model.task == "membranes":
+        reference = training_targets(truth, "membranes", axes=(1, 2) if per_slice else None)[0] > 0
+    else:
+        reference = truth > 0
+    pixel = dice(mask[others], reference[others])
+    if case.key == "em":  # membranes only: no objects to count
+        return Scores(pixel, float("nan"), 0, 0)
+    if per_slice:
+        tp = n_pred = n_gt = 0
+        for z in others:
+            m = match_instances(instances[z], truth[z])
+            tp, n_pred, n_gt = tp + m.true_positives, n_pred + m.n_pred, n_gt + m.n_gt
+    else:
+        keep = np.zeros(case.image.shape[0], bool)
+        keep[others] = True
+        m = match_instances(np.where(keep[:, None, None], instances, 0), np.where(keep[:, None, None], truth, 0))
+        tp, n_pred, n_gt = m.true_positives, m.n_pred, m.n_gt
+    f1 = 2 * tp / (n_pred + n_gt) if n_pred + n_gt else 1.0
+    return Scores(pixel, f1, n_pred, n_gt)
+
+
+def fine_tune(model: SegmentationModel, case: Case, corrected: np.ndarray, slices: list, seconds: float,
+              seed: int) -> tuple[SegmentationModel, Trainer, float]:
+    """60 s of the default fine-tuning on the corrected slices."""
+    trainer = Trainer(model, [TrainingPair(case.image, corrected, slices=slices)],
+                      TrainingConfig(time_limit=seconds, seed=seed, device="cpu"))
+    start = time.perf_counter()
+    tuned = drain(trainer.run())
+    return tuned, trainer, time.perf_counter() - start
+
+
+def run_model(case: Case, seconds: float, choices: int, seeds: int, rows: list[dict]) -> None:
+    """Every slice choice x seed of one case; appends a row per run and prints it."""
+    model = load_model(case.model)
+    instances, mask = segment_like_the_dock(model, case)
+    depth = case.image.shape[0]
+    for slices in slice_choices(depth, case.corrected, choices):
+        others = [z for z in range(depth) if z not in slices]
+        before = score(model, case, instances, mask, others)
+        corrected = paste(instances, case.truth, slices) if case.key != "em" else \
+            np.where(np.isin(np.arange(depth), slices)[:, None, None], case.truth, mask).astype(np.uint16)
+        for seed in range(seeds):
+            tuned, trainer, took = fine_tune(model, case, corrected, slices, seconds, seed)
+            after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+            entry = tuned.history[-1]
+            row = dict(model=case.model, case=case.key, slices=slices, seed=seed,
+                       before=asdict(before), after=asdict(after), iterations=entry["iterations"],
+                       seconds=round(took, 1), rate=round(entry["iterations"] / max(took, 1e-9), 2),
+                       kept=entry["kept"], decision=entry.get("decision", ""),
+                       threads=entry.get("threads", ""), postprocessing=entry.get("postprocessing", ""))
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+
+def format_row(row: dict) -> str:
+    b, a = row["before"], row["after"]
+    f1 = "" if np.isnan(b["f1"]) else (f" F1 {b['f1']:.3f}->{a['f1']:.3f} objects {b['objects']}->{a['objects']}"
+                                       f" (true {b['true_objects']})")
+    return (f"{row['model']} slices {row['slices']} seed {row['seed']}: Dice {b['dice']:.3f}->{a['dice']:.3f}{f1}; "
+            f"{row['iterations']} it in {row['seconds']} s ({row['rate']} it/s, {row['threads']}); kept {row['kept']}")
+
+
+def summary(rows: list[dict]) -> tuple[list[str], dict]:
+    """A markdown table per model (before, after: mean and worst), and the overall figures."""
+    lines = ["| model | runs | Dice before | Dice after (mean / min change) | object F1 before | "
+             "F1 after (mean / min change) | objects before → after (true) | kept start / fine-tuned | it/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    worst_dice = worst_f1 = float("inf")
+    gains = []
+    count_worse = 0
+    for name in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == name]
+        db = np.array([r["before"]["dice"] for r in group])
+        da = np.array([r["after"]["dice"] for r in group])
+        fb = np.array([r["before"]["f1"] for r in group])
+        fa = np.array([r["after"]["f1"] for r in group])
+        worst_dice = min(worst_dice, float((da - db).min()))
+        has_f1 = not np.isnan(fb).any()
+        f1_text = ("n/a", "n/a", "n/a")
+        if has_f1:
+            worst_f1 = min(worst_f1, float((fa - fb).min()))
+            if fb.mean() < 0.9:
+                gains.append(float((fa - fb).mean()))
+            f1_text = (f"{fb.mean():.3f}", f"{fa.mean():.3f} / {float((fa - fb).min()):+.3f}",
+                       f"{np.mean([r['before']['objects'] for r in group]):.0f} → "
+                       f"{np.mean([r['after']['objects'] for r in group]):.0f} ({group[0]['before']['true_objects']})")
+            for r in group:
+                truth = r["before"]["true_objects"]
+                if abs(r["after"]["objects"] - truth) > abs(r["before"]["objects"] - truth):
+                    count_worse += 1
+        kept = sum(r["kept"] == "start" for r in group)
+        lines.append(f"| {name} | {len(group)} | {db.mean():.3f} | {da.mean():.3f} / {float((da - db).min()):+.3f} | "
+                     f"{f1_text[0]} | {f1_text[1]} | {f1_text[2]} | {kept} / {len(group) - kept} | "
+                     f"{np.mean([r['rate'] for r in group]):.1f} |")
+    figures = dict(worst_dice_delta=worst_dice, worst_f1_delta=worst_f1,
+                   mean_f1_gain_below_0_9=min(gains) if gains else float("nan"),
+                   runs_with_count_further=count_worse, runs=len(rows))
+    return lines, figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument("--choices", type=int, default=3, help="slice choices per model")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per slice choice")
+    parser.add_argument("--json", type=Path, default=None, help="append each run as a JSON line")
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"no data at {args.data}; this benchmark needs ../shared/data", file=sys.stderr)
+        return 1
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    rows: list[dict] = []
+    for key in keys:
+        run_model(load_case(key, args.data), args.seconds, args.choices, args.seeds, rows)
+        if args.json:
+            with open(args.json, "a") as handle:
+                for row in rows:
+                    if row["case"] == key:
+                        handle.write(json.dumps(row) + "\n")
+    lines, figures = summary(rows)
+    print("\n".join(lines))
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
