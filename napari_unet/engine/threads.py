@@ -118,11 +118,12 @@ class ThreadTuner:
                 self._begin_probe(self._queue.pop(0))
         self._start = time.perf_counter()
 
-    def after_step(self) -> None:
-        """Record the step's time; end a probe when it has its steps or clearly loses."""
+    def after_step(self, work: float = 1.0) -> None:
+        """Record the step's time (per unit of ``work``, e.g. voxels, for steps of unequal
+        size); end a probe when it has its steps or clearly loses."""
         if not self.enabled:
             return
-        took = time.perf_counter() - self._start
+        took = (time.perf_counter() - self._start) / max(float(work), 1e-12)
         if self._probing is None:
             self._record(self.chosen, took)
             return

@@ -44,6 +44,14 @@ def choose_weights(start_score: float | None, best_score: float | None, keeps_be
                      f"{margin:.3f}")
 
 
+def keep_margin(base: float, objects: int) -> float:
+    """The margin trained weights must beat the start model by on the held-out part: ``base``,
+    and at least one held-out object's worth of the score (the score averages Dice and object
+    F1, and one object more or less moves F1 by about ``1 / objects``), so that a coin flip on
+    a few objects of one slice never replaces the start model."""
+    return max(float(base), 0.5 / objects) if objects > 0 else float(base)
+
+
 def held_out_objects(views: Sequence[_Item], spatial_dims: int) -> tuple[int, bool]:
     """Objects in the held-out part, and whether they are annotated in 3D (for a 3D model:
     a held-out region deeper than one slice along every axis)."""
