@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_unet.engine.tiling import TilePlan
-from napari_unet.io.omezarr import LABELS_GROUP, is_ome_zarr_name
+from napari_unet.io.omezarr import LABELS_GROUP, is_ome_zarr_name, require_ome_zarr
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
@@ -173,6 +173,8 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     # an OME-Zarr output (.ome.zarr) keeps its label images under labels/<name>/0 (NGFF)
     paths = ome_label_paths() if is_ome_zarr_name(path) else {}
+    if paths:
+        require_ome_zarr()
     spatial_chunks = plan.core
     channels = model.config.out_channels
     for name in settings.arrays():

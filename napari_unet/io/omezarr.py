@@ -35,6 +35,15 @@ CLASS_COLORS = ((31, 119, 180, 255), (255, 127, 14, 255), (44, 160, 44, 255), (2
                 (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255))
 
 
+def require_ome_zarr() -> None:
+    """Raise a one-line ImportError naming the extra when ``ome-zarr`` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ome_zarr") is None:
+        raise ImportError("OME-Zarr outputs need the optional package 'ome-zarr': "
+                          "pip install 'napari-unet[ome]'")
+
+
 def is_ome_zarr_name(path: PathLike) -> bool:
     """Whether ``path`` ends with ``.ome.zarr`` (an output written as OME-Zarr)."""
     return str(path).rstrip("/\\").lower().endswith(OME_ZARR_SUFFIX)
@@ -210,6 +219,7 @@ def write_ome_zarr(path: PathLike, image: Any, labels: dict[str, Any], *, axes: 
     existing output is replaced)."""
     import zarr
 
+    require_ome_zarr()
     path = Path(path)
     spatial_axes = "".join(a for a in axes.upper() if a != "C")
     spatial_shape = tuple(n for n, a in zip(image.shape, axes.upper()) if a != "C")
