@@ -35,6 +35,7 @@ from napari_unet._widgets._workers import start_job
 from napari_unet.io.export_paths import (
     default_export_path,
     export_path,
+    is_ome_zarr_export,
     probability_path,
 )
 from napari_unet.io.label_export import (
@@ -62,6 +63,20 @@ class ExportCopy:
     paints: int
     #: copies started again so far (at most :data:`COPY_TRIES`)
     tries: int = 0
+
+
+def image_for_labels(viewer: Any, shape: tuple[int, ...]) -> Any:
+    """The data of the image layer a labels layer of ``shape`` belongs to (the selected one
+    first, else the newest of that shape; its first level when multiscale), or None."""
+    from napari.layers import Image
+
+    candidates = [viewer.layers.selection.active, *reversed(list(viewer.layers))]
+    for layer in candidates:
+        if isinstance(layer, Image) and not layer.rgb:
+            data = layer.data[0] if layer.multiscale else layer.data
+            if tuple(data.shape) == tuple(shape):
+                return data
+    return None
 
 
 class ExportWidget(QWidget):
@@ -98,7 +113,9 @@ class ExportWidget(QWidget):
         fields.addRow("", self.probability_check)
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("labels.tif")
-        self.path_edit.setToolTip("Output file (.tif); written atomically, never over the input")
+        self.path_edit.setToolTip("Output file: .tif, or .ome.zarr (OME-Zarr: the image with the "
+                                  "labels under labels/, multiscale); written atomically, never "
+                                  "over the input")
         fields.addRow("File", row(self.path_edit, button("Browse…", "Choose the output file",
                                                           self._choose_path)))
         self.export_button = button("Export", f"Write the TIFF ({KEY.replace('-', '+')})",
@@ -128,7 +145,7 @@ class ExportWidget(QWidget):
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
-                                              "TIFF (*.tif *.tiff)")
+                                              "TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
         if path:
             self.path_edit.setText(path)
 
@@ -159,6 +176,7 @@ class ExportWidget(QWidget):
         mode = self.mode_combo.currentText()
         source = layer.metadata.get(SOURCE_KEY)
         history = history_for(layer)
+        image = image_for_labels(self.viewer, source_data.shape) if is_ome_zarr_export(path) else None
         self.export_button.setEnabled(False)
         self.status.setText(f"Copying {layer.name}…")
 
@@ -166,7 +184,8 @@ class ExportWidget(QWidget):
             def job():  # runs in the worker thread
                 yield "writing"
                 return export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
-                                     unit=unit, input_path=source, probabilities=probabilities)
+                                     unit=unit, input_path=source, probabilities=probabilities,
+                                     image=image, name=layer.name)
 
             self.status.setText(f"Writing {path.name}…")
             self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,

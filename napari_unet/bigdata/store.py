@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_unet.engine.tiling import TilePlan
+from napari_unet.io.omezarr import LABELS_GROUP, is_ome_zarr_name, require_ome_zarr
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
@@ -169,7 +170,11 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
             raise ValueError("a normalizer or the image is needed to create the output")
         with local_dask():
             normalizer = fit_normalizer(image, model.normalization)
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    # an OME-Zarr output (.ome.zarr) keeps its label images under labels/<name>/0 (NGFF)
+    paths = ome_label_paths() if is_ome_zarr_name(path) else {}
+    if paths:
+        require_ome_zarr()
     spatial_chunks = plan.core
     channels = model.config.out_channels
     for name in settings.arrays():
@@ -178,7 +183,7 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
                                dtype=settings.probability_dtype, fill_value=0,
                                dimension_names=["c", *_axis_names(len(plan.spatial))])
         elif name == "labels":
-            group.create_array(name, shape=plan.spatial, chunks=spatial_chunks,
+            group.create_array(paths.get(name, name), shape=plan.spatial, chunks=spatial_chunks,
                                dtype=_label_dtype(settings, channels), fill_value=0,
                                dimension_names=_axis_names(len(plan.spatial)))
         else:  # _local
@@ -198,11 +203,28 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
         "normalizer": _normalizer_to_json(normalizer),
         "input": None if input_path is None else str(input_path),
     }
+    if paths:
+        info.update(paths=paths, ome="pending")
     attrs: dict[str, Any] = {ATTRS_KEY: _jsonable(info)}
     if voxel_size is not None and unit is not None:
         attrs.update(voxel_size=[float(v) for v in voxel_size], unit=str(unit))
     group.attrs.update(attrs)
     return group, normalizer, False, plan
+
+
+def ome_label_paths() -> dict[str, str]:
+    """Where the label outputs of an OME-Zarr output are stored (full resolution: level 0)."""
+    return {name: f"{LABELS_GROUP}/{name}/0" for name in ("labels", "instances")}
+
+
+def array_path(group: Any, name: str) -> str:
+    """The path in ``group`` of the output array ``name`` (``labels/<name>/0`` in OME-Zarr)."""
+    return dict(group.attrs[ATTRS_KEY]).get("paths", {}).get(name, name)
+
+
+def stream_array(group: Any, name: str) -> Any:
+    """The output array ``name`` of a streamed output, wherever its layout keeps it."""
+    return group[array_path(group, name)]
 
 
 def _axis_names(ndim: int) -> list[str]:

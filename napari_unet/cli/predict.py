@@ -31,8 +31,10 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file, DICOM series folder, "
                                       "zarr / OME-Zarr folder, or a folder of images (batch run)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
-                        help="output file: .tif, or .zarr (streamed tile by tile with bounded "
-                             "memory, resumable); for a batch run an output folder")
+                        help="output file: .tif, .zarr (streamed tile by tile with bounded "
+                             "memory, resumable) or .ome.zarr (the same, written as OME-Zarr: "
+                             "the image with its labels under labels/, multiscale); for a batch "
+                             "run an output folder")
     parser.add_argument("--model", required=True,
                         help="shipped model name (see 'napari-unet models'), .pt file, or a "
                              "bioimage.io package (.zip or its rdf.yaml)")
@@ -227,6 +229,8 @@ def _run_predict_big(args: argparse.Namespace) -> int:
     check_output_path(target, folder=True, create_parent=True)
     if args.dask is not None:
         _require("distributed", "--dask", "dask")
+    if not batch and target.name.lower().endswith(".ome.zarr"):
+        _require("ome_zarr", "an .ome.zarr output", "ome")
     model = load_model(args.model)
     if getattr(model, "foreign", False):
         raise UsageError(f"{Path(args.model).name} is a Zoo model made elsewhere: it runs with a "
