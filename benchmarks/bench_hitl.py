@@ -23,8 +23,9 @@ Cases (../shared/data, held out from the shipped models' training):
 * ``nuclei-3d``: ``nuclei3d_1135`` z 70-99 with its voxel size;
 * ``cells-3d``: ``cells3d_membrane`` z 44-63.
 
-Extra rows: ``--cli`` runs one choice through ``napari-unet train``/``predict`` (subprocesses),
-``--planes`` runs cells-3d with corrections in mixed planes (z, y, x) beside z only.
+Extra rows: ``--interfaces cli,dock`` runs the first slice choice of the first model through
+``napari-unet train`` (a subprocess) and through the real Fine-tune dock (Xvfb: ``xvfb-run -a``),
+with napari redrawing beside it and the live preview on; both must agree with the core rows.
 
 Run::
 
@@ -117,6 +118,15 @@ def paste(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.nd
     return out
 
 
+def corrected_labels(case: Case, instances: np.ndarray, mask: np.ndarray, slices: list[int]) -> np.ndarray:
+    """The labels layer after the user's corrections: the truth pasted on ``slices`` into the
+    model's output (instances; for EM membranes, the membrane mask)."""
+    if case.key == "em":
+        corrected = np.isin(np.arange(case.image.shape[0]), slices)[:, None, None]
+        return np.where(corrected, case.truth, mask).astype(np.uint16)
+    return paste(instances, case.truth, slices)
+
+
 def segment_like_the_dock(model: SegmentationModel, case: Case) -> tuple[np.ndarray, np.ndarray]:
     """Instances (a 2D model's slice by slice) and the binary mask, with the model's stored
     post-processing."""
@@ -187,8 +197,7 @@ def run_model(case: Case, seconds: float, choices: int, seeds: int, rows: list[d
     for slices in slice_choices(depth, case.corrected, choices):
         others = [z for z in range(depth) if z not in slices]
         before = score(model, case, instances, mask, others)
-        corrected = paste(instances, case.truth, slices) if case.key != "em" else \
-            np.where(np.isin(np.arange(depth), slices)[:, None, None], case.truth, mask).astype(np.uint16)
+        corrected = corrected_labels(case, instances, mask, slices)
         for seed in range(seeds):
             tuned, trainer, took = fine_tune(model, case, corrected, slices, seconds, seed)
             after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
@@ -200,6 +209,95 @@ def run_model(case: Case, seconds: float, choices: int, seeds: int, rows: list[d
                        threads=entry.get("threads", ""), postprocessing=entry.get("postprocessing", ""))
             rows.append(row)
             print(format_row(row), flush=True)
+
+
+def cli_row(case: Case, slices: list[int], seconds: float, workdir: Path) -> dict:
+    """The same loop through ``napari-unet train`` (a subprocess, as a user types it)."""
+    import re
+    import subprocess
+
+    model = load_model(case.model)
+    instances, mask = segment_like_the_dock(model, case)
+    others = [z for z in range(case.image.shape[0]) if z not in slices]
+    before = score(model, case, instances, mask, others)
+    image_path, labels_path, out = workdir / "image.tif", workdir / "corrected.tif", workdir / "tuned.pt"
+    tifffile.imwrite(image_path, case.image)
+    tifffile.imwrite(labels_path, corrected_labels(case, instances, mask, slices))
+    command = ["napari-unet", "train", "--image", str(image_path), "--labels", str(labels_path),
+               "--slices", ",".join(map(str, slices)), "--from", case.model, "--time-limit", str(seconds),
+               "-o", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    took = time.perf_counter() - start
+    tuned = load_model(out)
+    after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+    entry = tuned.history[-1]
+    kept_line = next((line for line in done.stdout.splitlines() if line.startswith("kept ")), "")
+    return dict(model=f"{case.model} (CLI)", case=case.key, slices=slices, seed=0, before=asdict(before),
+                after=asdict(after), iterations=entry["iterations"], seconds=round(took, 1),
+                rate=round(entry["iterations"] / max(entry["seconds"], 1e-9), 2), kept=entry["kept"],
+                decision=re.sub(r"^kept ", "", kept_line), threads=entry.get("threads", ""),
+                postprocessing=entry.get("postprocessing", ""))
+
+
+def dock_row(case: Case, slices: list[int], seconds: float) -> dict:
+    """The same loop through the real Fine-tune dock in napari (needs a display: Xvfb), with
+    napari's own thread busy: the canvas is redrawn every 30 ms while the dock trains, and the
+    dock's live preview is on."""
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_unet._widgets._finetune import FineTuneWidget
+    from napari_unet._widgets._segment import SegmentWidget
+    from napari_unet._widgets._state import get_registry, set_corrected_slices
+
+    model = load_model(case.model)
+    instances, mask = segment_like_the_dock(model, case)
+    others = [z for z in range(case.image.shape[0]) if z not in slices]
+    before = score(model, case, instances, mask, others)
+    viewer = napari.Viewer(show=True)
+    scale = case.voxel_size or (1.0,) * case.image.ndim
+    viewer.add_image(case.image, name="stack", scale=scale)
+    layer = viewer.add_labels(corrected_labels(case, instances, mask, slices), name="stack labels", scale=scale)
+    set_corrected_slices(layer, slices)
+    segment, widget = SegmentWidget(viewer), FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment")
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    registry = get_registry()
+    registry.current = case.model
+    index = widget.model_combo.findData(case.model)
+    widget.model_combo.setCurrentIndex(index)
+    widget.time_spin.setValue(int(seconds))
+    widget.preview_check.setChecked(True)
+    zoom = [0]
+
+    def redraw() -> None:  # napari in use: the canvas draws beside the training
+        zoom[0] += 1
+        viewer.camera.zoom *= 1.001 if zoom[0] % 2 else 1 / 1.001
+
+    timer = QTimer()
+    timer.timeout.connect(redraw)
+    timer.start(30)
+    start = time.perf_counter()
+    widget.finetune_button.click()
+    app = QApplication.instance()
+    while widget.worker is not None or widget.result_key is None:
+        app.processEvents()
+        time.sleep(0.005)
+        if time.perf_counter() - start > 10 * seconds + 120:
+            raise TimeoutError("the Fine-tune dock did not finish")
+    took = time.perf_counter() - start
+    timer.stop()
+    tuned = registry.get(widget.result_key)
+    status = widget.status.text()
+    viewer.close()
+    after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+    entry = tuned.history[-1]
+    return dict(model=f"{case.model} (dock)", case=case.key, slices=slices, seed=0, before=asdict(before),
+                after=asdict(after), iterations=entry["iterations"], seconds=round(took, 1),
+                rate=round(entry["iterations"] / max(entry["seconds"], 1e-9), 2), kept=entry["kept"],
+                decision=status, threads=entry.get("threads", ""), postprocessing=entry.get("postprocessing", ""))
 
 
 def format_row(row: dict) -> str:
@@ -242,7 +340,7 @@ def summary(rows: list[dict]) -> tuple[list[str], dict]:
         lines.append(f"| {name} | {len(group)} | {db.mean():.3f} | {da.mean():.3f} / {float((da - db).min()):+.3f} | "
                      f"{f1_text[0]} | {f1_text[1]} | {f1_text[2]} | {kept} / {len(group) - kept} | "
                      f"{np.mean([r['rate'] for r in group]):.1f} |")
-    figures = dict(worst_dice_delta=worst_dice, worst_f1_delta=worst_f1,
+    figures = dict(worst_dice_delta=worst_dice, worst_f1_delta=worst_f1 if np.isfinite(worst_f1) else float("nan"),
                    mean_f1_gain_below_0_9=min(gains) if gains else float("nan"),
                    runs_with_count_further=count_worse, runs=len(rows))
     return lines, figures
@@ -256,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choices", type=int, default=3, help="slice choices per model")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per slice choice")
     parser.add_argument("--json", type=Path, default=None, help="append each run as a JSON line")
+    parser.add_argument("--interfaces", default="", help="cli,dock: the first slice choice of the first "
+                        "model also through `napari-unet train` and the Fine-tune dock (Xvfb)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"no data at {args.data}; this benchmark needs ../shared/data", file=sys.stderr)
@@ -269,6 +369,24 @@ def main(argv: list[str] | None = None) -> int:
                 for row in rows:
                     if row["case"] == key:
                         handle.write(json.dumps(row) + "\n")
+    interfaces = [k.strip() for k in args.interfaces.split(",") if k.strip()]
+    if interfaces:
+        import tempfile
+
+        case = load_case(keys[0], args.data)
+        slices = slice_choices(case.image.shape[0], case.corrected, 1)[0]
+        extra = []
+        if "cli" in interfaces:
+            with tempfile.TemporaryDirectory() as folder:
+                extra.append(cli_row(case, slices, args.seconds, Path(folder)))
+        if "dock" in interfaces:
+            extra.append(dock_row(case, slices, args.seconds))
+        for row in extra:
+            print(format_row(row), "|", row["decision"], flush=True)
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in extra)
+        rows += extra
     lines, figures = summary(rows)
     print("\n".join(lines))
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
