@@ -66,15 +66,8 @@ def plane_region(value: Plane, ndim: int = 3) -> tuple[Any, ...]:
     return (slice(None),) * (ndim - 3 + axis) + (index,)
 
 
-def plane_axes(value: Plane) -> tuple[int, int]:
-    """The two axes of a stack that lie in a plane (``(1, 2)`` for a z slice)."""
-    axis = plane_key(value)[0]
-    return tuple(a for a in range(3) if a != axis)  # type: ignore[return-value]
 
 
-def is_z(value: Plane) -> bool:
-    """Whether a plane is a slice along z."""
-    return plane_key(value)[0] == 0
 
 
 def z_slices(planes: Iterable[Any]) -> list[int]:
@@ -103,9 +96,6 @@ def slice_list(slices: Iterable[Any]) -> list[Plane]:
     return [index if axis == 0 else (axis, index) for axis, index in keys]
 
 
-def plane_in_view(value: Plane, view_axis: int) -> bool:
-    """Whether a plane is seen along ``view_axis`` (0 = z, as napari shows stacks by default)."""
-    return plane_key(value)[0] == view_axis
 
 
 def touched_slices(atoms: Any, ndim: int, axis: int = 0) -> set[int]:
