@@ -55,6 +55,7 @@ from napari_unet._widgets._state import (
     layer_unit,
     notify_error,
     set_corrected_slices,
+    view_axis,
     view_point,
 )
 from napari_unet._widgets._workers import start_job
@@ -404,6 +405,12 @@ class SegmentWidget(SegmentRunMixin, QWidget):
 
         data = image.data[0] if image.multiscale else image.data
         shape = spatial_shape(image)
+        if SCOPES[self.scope_combo.currentText()] == SLICE and len(shape) == 3 \
+                and view_axis(self.viewer, image):
+            notify_error(ValueError("'current slice' segments a z slice and the view shows a y or "
+                                    "x slice: view the stack along z (napari's transpose button)"),
+                         "Segment")
+            return
         region = self._region(image, model)
         voxel_size = tuple(float(s) for s in image.scale[-len(shape):])
         output = OUTPUTS[self.output_combo.currentText()]

@@ -140,3 +140,26 @@ def test_finetune_trains_on_a_corrected_y_plane(make_napari_viewer):
     kept[3] = kept[:, 2] = True
     np.testing.assert_array_equal(pairs[0].labels[kept], labels[kept])
     assert not pairs[0].labels[~kept].any()  # only the corrected planes are copied
+
+
+def test_segment_current_slice_is_refused_in_a_view_along_x(make_napari_viewer, qtbot, registry,
+                                                            model_2d_path, notifications):
+    from napari_unet._widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image, _ = blobs((6, 32, 32), seed=1)
+    viewer.add_image(image, name="stack")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    widget.load_model_file(model_2d_path)
+    widget.scope_combo.setCurrentText("current slice")
+    viewer.dims.order = (2, 0, 1)
+    click(qtbot, widget, "Segment")
+    assert widget.worker is None and len(viewer.layers) == 1  # nothing segmented
+    assert any(severity == "error" and "view the stack along z" in message
+               for severity, message in notifications)
+    # along z it segments the slice on screen
+    viewer.dims.order = (0, 1, 2)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    assert len([layer for layer in viewer.layers if layer.name != "stack"]) == 1
