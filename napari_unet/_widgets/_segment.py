@@ -55,6 +55,7 @@ from napari_unet._widgets._state import (
     layer_unit,
     notify_error,
     set_corrected_slices,
+    view_axis,
     view_point,
 )
 from napari_unet._widgets._workers import start_job
@@ -74,7 +75,7 @@ from napari_unet.engine.regions import (
     predict_region,
 )
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
-from napari_unet.labels.slices import marks_outside
+from napari_unet.labels.slices import marks_outside, plane_label, z_slices
 from napari_unet.labels.writeback import (
     KEEP,
     OVERWRITE,
@@ -349,7 +350,8 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             # overwritten slices are no longer corrected (Fine-tune must not train on them);
             # undo marks them again
             before = corrected_slices(layer)
-            remaining = marks_outside(before, region.z_range(len(shape))) if layer.ndim >= 3 else []
+            remaining = (marks_outside(before, region.z_range(len(shape)), region.layer_region)
+                         if layer.ndim >= 3 else [])
             if remaining != before:
                 marks = before
                 set_corrected_slices(layer, remaining)
@@ -403,6 +405,12 @@ class SegmentWidget(SegmentRunMixin, QWidget):
 
         data = image.data[0] if image.multiscale else image.data
         shape = spatial_shape(image)
+        if SCOPES[self.scope_combo.currentText()] == SLICE and len(shape) == 3 \
+                and view_axis(self.viewer, image):
+            notify_error(ValueError("'current slice' segments a z slice and the view shows a y or "
+                                    "x slice: view the stack along z (napari's transpose button)"),
+                         "Segment")
+            return
         region = self._region(image, model)
         voxel_size = tuple(float(s) for s in image.scale[-len(shape):])
         output = OUTPUTS[self.output_combo.currentText()]
@@ -462,13 +470,14 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self.cancel_button.setEnabled(True)
         kept = ""
         if mode == KEEP and layer.ndim >= 3 and corrected_slices(layer):
-            kept = f"; corrected slices {short_list(corrected_slices(layer))} are kept"
+            kept = (f"; corrected slices "
+                    f"{short_list([plane_label(p) for p in corrected_slices(layer)])} are kept")
         augmented = " · TTA x8" if tta else ""
         self.status.setText(f"Segmenting {image.name} with {model.label} · {precision_label}"
                             f"{augmented}{kept}…")
         if uncertain is not None:
             # corrected slices are done: never suggested again
-            uncertain.exclude = corrected_slices(layer) if layer.ndim >= 3 else []
+            uncertain.exclude = z_slices(corrected_slices(layer)) if layer.ndim >= 3 else []
         self.worker = start_job(with_previews(job, model.task, threshold, uncertain),
                                 on_yield=self._on_progress, on_return=self._on_result,
                                 on_error=self._on_error, on_finish=self._on_finish,

@@ -24,6 +24,7 @@ from napari_unet.engine.live import (
 )
 from napari_unet.engine.messages import format_seconds, found_text, short_list
 from napari_unet.engine.regions import PredictRegion, covers
+from napari_unet.labels.slices import plane_label
 from napari_unet.labels.writeback import KEEP, fits_in_place, write_unprotected
 
 #: the labels layer is redrawn at most this often while tiles arrive (seconds)
@@ -90,12 +91,13 @@ class SegmentRunMixin:
         return self._run.first_tile if self._run is not None else None
 
     # writing into the layer -------------------------------------------------------------------
-    def _protected(self) -> set[int]:
-        """Slices of the layer not to write (read now: a slice painted meanwhile is kept too)."""
+    def _protected(self) -> list:
+        """Slices of the layer not to write, along z, y or x (read now: a slice painted
+        meanwhile is kept too)."""
         run = self._run
         if run.mode != KEEP or run.layer.ndim < 3:
-            return set()
-        return set(corrected_slices(run.layer))
+            return []
+        return corrected_slices(run.layer)
 
     def _write_block(self, layer_region: tuple[slice, ...], values: np.ndarray) -> bool:
         """Write ``values`` into ``layer_region``, except the protected slices."""
@@ -177,9 +179,9 @@ class SegmentRunMixin:
         elapsed = time.perf_counter() - run.start
         text = (f"Done in {format_seconds(elapsed)}: {found_text(result.output, n_found)} "
                 f"({run.model.label}, {run.precision}).")
-        protected = sorted(self._protected())
+        protected = self._protected()
         if protected:
-            text += f" Corrected slices {short_list(protected)} were left as they were."
+            text += f" Corrected slices {short_list([plane_label(p) for p in protected])} were left as they were."
         text += " Ctrl+Z puts the layer back as it was."
         text += self._show_uncertainty(run.extras)
         for message in result.messages:

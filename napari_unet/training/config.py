@@ -38,14 +38,16 @@ class TrainingPair:
     """One image with its (corrected) labels.
 
     ``labels`` holds instance ids or semantic classes 1..K (0 = background). Only annotated
-    voxels are trained on: ``annotated`` (nonzero = annotated) or ``slices`` (indices along axis 0
-    of a stack); both None = everything.
+    voxels are trained on: ``annotated`` (nonzero = annotated) or ``slices`` (the corrected
+    slices of a stack: ints are z slices, indices along axis 0; ``(axis, index)`` pairs are
+    slices along any axis, ``axis`` 0-2 or ``"z"``/``"y"``/``"x"``, e.g. ``(1, 40)`` = y 40);
+    both None = everything. The targets of each slice are made within its plane.
     """
 
     image: np.ndarray
     labels: np.ndarray
     annotated: np.ndarray | None = None
-    slices: Sequence[int] | None = None
+    slices: Sequence[int | tuple[int | str, int]] | None = None
 
 
 @dataclass
