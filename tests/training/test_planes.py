@@ -160,3 +160,22 @@ def test_weight_maps_of_planes():
     # and off the planes (y 11 away from z 3) nothing is weighted
     assert np.all(np.delete(weights[:, 11], 3, axis=0) == 1)
     assert weights[3, 11].max() > 1.5
+
+
+def test_validation_counts_objects_within_a_held_out_y_plane():
+    from napari_unet.training.sampling import _Item
+    from napari_unet.training.validation import object_counts
+
+    labels = np.zeros((12, 20, 30), np.uint16)
+    labels[2:10, 4:16, 3:9] = 1
+    labels[2:10, 4:16, 12:20] = 2
+    labels[2:10, 4:16, 23:28] = 3
+    valid = np.zeros(labels.shape, bool)
+    valid[:, 10] = True  # the y plane 10 is held out
+    item = _Item(image=np.zeros(labels.shape, np.float32), target=np.zeros((1, *labels.shape), np.uint8),
+                 mask=None, valid=valid, labels=np.where(valid, labels, 0))
+    perfect = (labels > 0).astype(np.float32)[None]
+    assert list(object_counts(item, perfect, "foreground", min_size=1)) == [3, 3, 3]
+    merged = perfect.copy()
+    merged[0, 2:10, 4:16, 9:12] = 1  # objects 1 and 2 touch: one predicted object
+    assert list(object_counts(item, merged, "foreground", min_size=1)) == [1, 2, 3]
