@@ -107,15 +107,30 @@ def slice_choices(depth: int, count: int, choices: int) -> list[list[int]]:
     return sets
 
 
-def paste(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> np.ndarray:
-    """``truth`` on ``slices`` pasted into ``prediction`` with fresh ids (above its largest),
-    as painted corrections land in the labels layer."""
+def _plane(slice_: int | tuple[int, int]) -> tuple[int, int]:
+    """``(axis, index)`` of a corrected slice (a plain int is a z slice)."""
+    return (0, int(slice_)) if isinstance(slice_, (int, np.integer)) else (int(slice_[0]), int(slice_[1]))
+
+
+def paste(prediction: np.ndarray, truth: np.ndarray, slices: list) -> np.ndarray:
+    """``truth`` on ``slices`` (z indices or ``(axis, index)`` planes) pasted into
+    ``prediction`` with fresh ids (above its largest), as painted corrections land in the
+    labels layer."""
     out = prediction.astype(np.uint32)
-    for z in slices:
-        ids, inverse = np.unique(truth[z], return_inverse=True)
+    for axis, k in map(_plane, slices):
+        where = (slice(None),) * axis + (k,)
+        ids, inverse = np.unique(truth[where], return_inverse=True)
         fresh = np.where(ids == 0, 0, np.arange(len(ids)) + int(out.max()) + 1).astype(np.uint32)
-        out[z] = fresh[inverse].reshape(truth[z].shape)
+        out[where] = fresh[inverse].reshape(truth[where].shape)
     return out
+
+
+def scored_voxels(shape: tuple[int, ...], slices: list) -> np.ndarray:
+    """The voxels nobody corrected: all but the corrected planes."""
+    keep = np.ones(shape, bool)
+    for axis, k in map(_plane, slices):
+        keep[(slice(None),) * axis + (k,)] = False
+    return keep
 
 
 def corrected_labels(case: Case, instances: np.ndarray, mask: np.ndarray, slices: list[int]) -> np.ndarray:
@@ -152,8 +167,10 @@ class Scores:
 
 
 def score(model: SegmentationModel, case: Case, instances: np.ndarray, mask: np.ndarray,
-          others: list[int]) -> Scores:
-    """Dice, object F1 and object count on the slices ``others``."""
+          slices: list) -> Scores:
+    """Dice, object F1 and object count on the voxels outside the corrected ``slices``."""
+    others = [z for z in range(case.image.shape[0]) if z not in slices]
+    keep = scored_voxels(case.image.shape, slices)
     per_slice = model.spatial_dims == 2
     truth = case.truth
     if model.task == "membranes" and case.key == "em":
@@ -162,7 +179,7 @@ def score(model: SegmentationModel, case: Case, instances: np.ndarray, mask: np.
         reference = training_targets(truth, "membranes", axes=(1, 2) if per_slice else None)[0] > 0
     else:
         reference = truth > 0
-    pixel = dice(mask[others], reference[others])
+    pixel = dice(mask[keep], reference[keep])
     if case.key == "em":  # membranes only: no objects to count
         return Scores(pixel, float("nan"), 0, 0)
     if per_slice:
@@ -171,9 +188,7 @@ def score(model: SegmentationModel, case: Case, instances: np.ndarray, mask: np.
             m = match_instances(instances[z], truth[z])
             tp, n_pred, n_gt = tp + m.true_positives, n_pred + m.n_pred, n_gt + m.n_gt
     else:
-        keep = np.zeros(case.image.shape[0], bool)
-        keep[others] = True
-        m = match_instances(np.where(keep[:, None, None], instances, 0), np.where(keep[:, None, None], truth, 0))
+        m = match_instances(np.where(keep, instances, 0), np.where(keep, truth, 0))
         tp, n_pred, n_gt = m.true_positives, m.n_pred, m.n_gt
     f1 = 2 * tp / (n_pred + n_gt) if n_pred + n_gt else 1.0
     return Scores(pixel, f1, n_pred, n_gt)
@@ -189,20 +204,28 @@ def fine_tune(model: SegmentationModel, case: Case, corrected: np.ndarray, slice
     return tuned, trainer, time.perf_counter() - start
 
 
-def run_model(case: Case, seconds: float, choices: int, seeds: int, rows: list[dict]) -> None:
-    """Every slice choice x seed of one case; appends a row per run and prints it."""
+#: cells-3d corrected in mixed planes (one z, one y, one x slice each; y and x well inside)
+MIXED_PLANES = ([10, (1, 66), (2, 133)], [5, (1, 100), (2, 50)], [15, (1, 150), (2, 90)])
+
+
+def run_model(case: Case, seconds: float, choices: int, seeds: int, rows: list[dict],
+              planes: bool = False) -> None:
+    """Every slice choice x seed of one case (``planes``: the mixed-plane choices of
+    :data:`MIXED_PLANES` instead); appends a row per run and prints it."""
     model = load_model(case.model)
     instances, mask = segment_like_the_dock(model, case)
     depth = case.image.shape[0]
-    for slices in slice_choices(depth, case.corrected, choices):
-        others = [z for z in range(depth) if z not in slices]
-        before = score(model, case, instances, mask, others)
+    sets = [list(p) for p in MIXED_PLANES[:choices]] if planes else slice_choices(depth, case.corrected, choices)
+    for slices in sets:
+        before = score(model, case, instances, mask, slices)
         corrected = corrected_labels(case, instances, mask, slices)
         for seed in range(seeds):
             tuned, trainer, took = fine_tune(model, case, corrected, slices, seconds, seed)
-            after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+            after = score(tuned, case, *segment_like_the_dock(tuned, case), slices)
             entry = tuned.history[-1]
-            row = dict(model=case.model, case=case.key, slices=slices, seed=seed,
+            name = f"{case.model} (z, y, x planes)" if planes else case.model
+            row = dict(model=name, case=case.key, slices=[s if isinstance(s, int) else list(s) for s in slices],
+                       seed=seed,
                        before=asdict(before), after=asdict(after), iterations=entry["iterations"],
                        seconds=round(took, 1), rate=round(entry["iterations"] / max(took, 1e-9), 2),
                        kept=entry["kept"], decision=entry.get("decision", ""),
@@ -218,8 +241,7 @@ def cli_row(case: Case, slices: list[int], seconds: float, workdir: Path) -> dic
 
     model = load_model(case.model)
     instances, mask = segment_like_the_dock(model, case)
-    others = [z for z in range(case.image.shape[0]) if z not in slices]
-    before = score(model, case, instances, mask, others)
+    before = score(model, case, instances, mask, slices)
     image_path, labels_path, out = workdir / "image.tif", workdir / "corrected.tif", workdir / "tuned.pt"
     tifffile.imwrite(image_path, case.image)
     tifffile.imwrite(labels_path, corrected_labels(case, instances, mask, slices))
@@ -230,7 +252,7 @@ def cli_row(case: Case, slices: list[int], seconds: float, workdir: Path) -> dic
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     took = time.perf_counter() - start
     tuned = load_model(out)
-    after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+    after = score(tuned, case, *segment_like_the_dock(tuned, case), slices)
     entry = tuned.history[-1]
     kept_line = next((line for line in done.stdout.splitlines() if line.startswith("kept ")), "")
     return dict(model=f"{case.model} (CLI)", case=case.key, slices=slices, seed=0, before=asdict(before),
@@ -254,8 +276,7 @@ def dock_row(case: Case, slices: list[int], seconds: float) -> dict:
 
     model = load_model(case.model)
     instances, mask = segment_like_the_dock(model, case)
-    others = [z for z in range(case.image.shape[0]) if z not in slices]
-    before = score(model, case, instances, mask, others)
+    before = score(model, case, instances, mask, slices)
     viewer = napari.Viewer(show=True)
     scale = case.voxel_size or (1.0,) * case.image.ndim
     viewer.add_image(case.image, name="stack", scale=scale)
@@ -292,7 +313,7 @@ def dock_row(case: Case, slices: list[int], seconds: float) -> dict:
     tuned = registry.get(widget.result_key)
     status = widget.status.text()
     viewer.close()
-    after = score(tuned, case, *segment_like_the_dock(tuned, case), others)
+    after = score(tuned, case, *segment_like_the_dock(tuned, case), slices)
     entry = tuned.history[-1]
     return dict(model=f"{case.model} (dock)", case=case.key, slices=slices, seed=0, before=asdict(before),
                 after=asdict(after), iterations=entry["iterations"], seconds=round(took, 1),
@@ -354,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choices", type=int, default=3, help="slice choices per model")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per slice choice")
     parser.add_argument("--json", type=Path, default=None, help="append each run as a JSON line")
+    parser.add_argument("--planes", action="store_true", help="also cells-3d corrected in mixed planes")
     parser.add_argument("--interfaces", default="", help="cli,dock: the first slice choice of the first "
                         "model also through `napari-unet train` and the Fine-tune dock (Xvfb)")
     args = parser.parse_args(argv)
@@ -369,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                 for row in rows:
                     if row["case"] == key:
                         handle.write(json.dumps(row) + "\n")
+    if args.planes:
+        before = len(rows)
+        run_model(load_case("cells-3d", args.data), args.seconds, args.choices, args.seeds, rows, planes=True)
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows[before:])
     interfaces = [k.strip() for k in args.interfaces.split(",") if k.strip()]
     if interfaces:
         import tempfile

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
     from napari_unet.labels.tuning import TuningResult
 
 #: objects of a held-out slice of a stack are made from the probabilities of this many slices
-#: on each side of it (not the whole stack: cheaper, and nearly the same objects)
-_OBJECT_Z_CONTEXT = 3
+#: on each side of it (not the whole stack: cheaper). Three slices were too few for cells that
+#: span 15 slices: their objects (and the minimum size) differed from the whole stack's, and
+#: the held-out score approved weights that merged cells elsewhere (bench_hitl, cells-3d)
+_OBJECT_Z_CONTEXT = 12
 
 
 def validation_views(val_items: Sequence[_Item], config: UNetConfig) -> list[_Item]:
