@@ -1,4 +1,4 @@
-"""Open napari with the four docks and an image (``napari-unet gui``)."""
+"""Open napari with the docks and an image (``napari-unet gui``)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 PLUGIN = "napari-unet"
-DOCKS = ("Segment", "Edit", "Fine-tune", "Export")
+DOCKS = ("Segment", "Edit", "Fine-tune", "Export", "Measurements")
 DEFAULT_SAMPLE = "nuclei_3d"
 
 
 def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = DEFAULT_SAMPLE,
            show: bool = True) -> Any:
-    """A viewer with the Segment, Edit, Fine-tune and Export docks and ``path`` (or a sample) open.
+    """A viewer with the Segment, Edit, Fine-tune, Export and Measurements docks and ``path`` (or a sample) open.
 
     Raises
     ------

@@ -66,3 +66,15 @@ def read_csv(path: str | Path) -> dict[str, list[str]]:
     if not rows:
         return {}
     return {name: [r[i] for r in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+def export_measurements(labels_path: str | Path, labels: np.ndarray, *,
+                        voxel_size: tuple[float, ...] | None, unit: str,
+                        image: np.ndarray | None = None) -> Path:
+    """Measure ``labels`` (as written to ``labels_path``) and write the table next to it
+    (:func:`measurements_path`); returns the CSV's path."""
+    from napari_unet.labels.measure import column_units, measure
+
+    table = measure(labels, image, voxel_size)
+    return write_csv(measurements_path(labels_path), table,
+                     column_units(np.ndim(labels), unit, intensity=image is not None))

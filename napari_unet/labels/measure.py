@@ -24,7 +24,7 @@ import numpy as np
 from napari_unet.progress import Progress
 
 __all__ = ["AXES", "measure_labels", "measure", "update_table", "touched_labels", "column_units",
-           "sort_rows", "row_of", "centroid_index"]
+           "sort_rows", "row_of", "centroid_index", "labels_in_atoms"]
 
 #: axis names of the centroid and bounding-box columns, last axes first
 AXES = ("z", "y", "x")
@@ -254,3 +254,22 @@ def sort_rows(table: dict[str, Any], column: str, descending: bool = False) -> n
     values = np.asarray(table[column], dtype=np.float64)
     key = np.where(np.isnan(values), np.inf, -values if descending else values)
     return np.argsort(key, kind="stable")
+
+
+def labels_in_atoms(atoms: Any) -> np.ndarray:
+    """The labels (> 0) a napari paint step touched: the old values under its atoms and the
+    painted values. An atom has ``old_values`` and ``new_value`` attributes (napari's masked
+    atoms) or is ``(indices, old_values, new_values)``."""
+    found: list[np.ndarray] = []
+    for atom in atoms or []:
+        if hasattr(atom, "old_values"):
+            old, new = atom.old_values, atom.new_value
+        elif isinstance(atom, tuple) and len(atom) == 3:
+            _, old, new = atom
+        else:
+            continue
+        found += [np.unique(np.asarray(old)).ravel(), np.unique(np.asarray(new)).ravel()]
+    if not found:
+        return np.zeros(0, dtype=np.int64)
+    ids = np.unique(np.concatenate(found)).astype(np.int64)
+    return ids[ids > 0]

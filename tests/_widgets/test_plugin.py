@@ -20,7 +20,7 @@ def test_manifest_is_valid_and_complete():
     pm.discover()
     manifest = pm.get_manifest("napari-unet")
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Segment", "Edit", "Fine-tune", "Export"}
+        "Segment", "Edit", "Fine-tune", "Export", "Measurements"}
     assert {s.key for s in manifest.contributions.sample_data} == {
         "em_2d", "nuclei_2d", "nuclei_3d", "cells_3d", "ct_small"}
     assert manifest.contributions.readers and manifest.contributions.writers
@@ -80,7 +80,7 @@ def test_gui_command_opens_docks_and_sample(make_napari_viewer, registry):
 
     viewer = launch(None, viewer=make_napari_viewer(), sample="em_2d")
     assert {"Segment (napari-unet)", "Edit (napari-unet)", "Fine-tune (napari-unet)",
-            "Export (napari-unet)"} <= set(viewer.window.dock_widgets)
+            "Export (napari-unet)", "Measurements (napari-unet)"} <= set(viewer.window.dock_widgets)
     assert viewer.layers[-1].name == "em_2d"
     viewer2 = launch(SAMPLES / "nuclei_2d.tif", viewer=make_napari_viewer())
     assert viewer2.layers[-1].data.shape == (520, 696)
