@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PLUGIN = "napari-unet"
+#: the plugin's name for napari: the distribution's name (napari.yaml `name`), not the import name
+PLUGIN = "napari-unet-loop"
 DOCKS = ("Segment", "Edit", "Fine-tune", "Export", "Measurements")
 DEFAULT_SAMPLE = "nuclei_3d"
 
@@ -32,7 +33,7 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     docks = []
     for name in DOCKS:
         dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=name != DOCKS[0])
-        dock.setWindowTitle(name)  # the tab reads "Segment", not "Segment (napari-unet)"
+        dock.setWindowTitle(name)  # the tab reads "Segment", not "Segment (napari-unet-loop)"
         docks.append(dock)
     before = len(viewer.layers)
     if layers is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_unet._widgets._launch import PLUGIN
 from napari_unet.io.readers import read_image
 from napari_unet.labels.metrics import evaluate
 
@@ -26,7 +27,7 @@ TARGETS = {
 
 
 def _segment_dock(viewer):
-    return viewer.window.dock_widgets["Segment (napari-unet)"]
+    return viewer.window.dock_widgets[f"Segment ({PLUGIN})"]
 
 
 @pytest.mark.slow
@@ -72,7 +73,7 @@ def test_the_model_used_last_comes_back_for_similar_data(make_napari_viewer, qtb
     from napari_unet._widgets._segment import SegmentWidget
 
     viewer = make_napari_viewer()
-    viewer.open_sample("napari-unet", "nuclei_2d")
+    viewer.open_sample(PLUGIN, "nuclei_2d")
     dock = SegmentWidget(viewer)
     qtbot.addWidget(dock)
     assert registry.current == "nuclei-2d"
@@ -81,7 +82,7 @@ def test_the_model_used_last_comes_back_for_similar_data(make_napari_viewer, qtb
     click(qtbot, dock, "Segment")
     wait_idle(qtbot, dock)
     registry.current = "cells-3d"
-    viewer.open_sample("napari-unet", "nuclei_2d")  # the same kind of data again
+    viewer.open_sample(PLUGIN, "nuclei_2d")  # the same kind of data again
     dock.image_combo.setCurrentIndex(dock.image_combo.count() - 1)
     assert registry.current == "em-membranes-2d"
 
