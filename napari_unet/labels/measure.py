@@ -89,6 +89,25 @@ def _contour_length(mask: np.ndarray, spacing: tuple[float, ...]) -> float:
     return total
 
 
+#: the 8 corners of a voxel, as offsets from its index
+_CORNERS = np.array([[z, y, x] for z in (0, 1) for y in (0, 1) for x in (0, 1)], dtype=np.int64)
+
+
+def _solidity_3d(mask: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Volume of a 3D object / volume of the convex hull of its voxels (their corners, so a box
+    is 1 and the hull holds the whole object), from the surface voxels' corners with qhull."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    surface = mask & ~ndimage.binary_erosion(mask)
+    corners = np.unique((np.argwhere(surface)[:, None, :] + _CORNERS[None]).reshape(-1, 3), axis=0)
+    try:
+        hull = ConvexHull(corners * np.asarray(spacing))
+    except QhullError:
+        return float("nan")
+    return float(mask.sum() * np.prod(spacing) / hull.volume) if hull.volume > 0 else float("nan")
+
+
 def _measure_some(labels: np.ndarray, image: np.ndarray | None, spacing: tuple[float, ...],
                   origin: tuple[float, ...]) -> dict[str, np.ndarray]:
     """The rows of every label > 0 in ``labels`` (already restricted to the wanted ones)."""
@@ -98,19 +117,24 @@ def _measure_some(labels: np.ndarray, image: np.ndarray | None, spacing: tuple[f
         return regionprops_table(crop, properties=["perimeter"])
 
     ndim = labels.ndim
-    props = ["label", "num_pixels", "area", "centroid", "bbox", "equivalent_diameter_area",
-             "solidity", "slice"]
+    props = ["label", "num_pixels", "area", "centroid", "bbox", "equivalent_diameter_area", "slice"]
+    if ndim == 2:
+        props.append("solidity")
     if image is not None:
         props += ["intensity_mean", "intensity_min", "intensity_max"]
     if ndim == 2:
         props.append("eccentricity")
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        # a flat object (one slice, one row) has no convex hull: qhull warns, solidity is NaN
+        # a flat 2D object (one row) has no convex hull: qhull warns, solidity is NaN
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         raw = regionprops_table(labels, intensity_image=image, properties=props, spacing=spacing)
-    solidity = raw["solidity"].astype(np.float64)
-    solidity[~np.isfinite(solidity) | (solidity > 1 + 1e-9)] = np.nan
+    if ndim == 2:
+        solidity = raw["solidity"].astype(np.float64)
+        solidity[~np.isfinite(solidity) | (solidity > 1 + 1e-9)] = np.nan
+    else:  # scikit-image rasterises the 3D hull: minutes for a few large cells
+        solidity = np.array([_solidity_3d(labels[where] == label, spacing)
+                             for label, where in zip(raw["label"], raw["slice"])])
     axes = _axes(ndim)
     table: dict[str, np.ndarray] = {"label": raw["label"].astype(np.int64),
                                     "voxels" if ndim == 3 else "pixels": raw["num_pixels"].astype(np.int64),

@@ -108,3 +108,23 @@ def test_docks_leave_the_canvas_most_of_a_narrow_window(make_napari_viewer, qtbo
     # before: docks 760 px, canvas 314 px; now the canvas gets the most of any part
     assert canvas > max(columns.values()) and canvas >= 0.4 * 1100
     assert sum(columns.values()) <= 0.56 * 1100, columns
+
+
+def test_sample_segment_measurements_csv(make_napari_viewer, qtbot, registry, tmp_path):
+    """A new user's path: sample -> Segment -> the Measurements tab fills in -> CSV."""
+    from napari_unet._widgets._launch import launch
+    from napari_unet.io.table import read_csv
+
+    viewer = launch(None, viewer=make_napari_viewer(), sample="nuclei_2d", show=False)
+    click(qtbot, _segment_dock(viewer), "Segment")
+    wait_idle(qtbot, _segment_dock(viewer), timeout=180_000)
+    layer = viewer.layers["nuclei_2d labels"]
+    qtbot.waitUntil(lambda: "label" in layer.features and len(layer.features) > 50, timeout=60_000)
+    measurements = viewer.window.dock_widgets[f"Measurements ({PLUGIN})"]
+    wait_idle(qtbot, measurements)
+    assert measurements.labels_combo.currentText() == "nuclei_2d labels"
+    assert measurements.image_combo.currentText() == "nuclei_2d"
+    ids = set(np.unique(np.asarray(layer.data))) - {0}
+    assert set(layer.features["label"].tolist()) == ids
+    table = read_csv(measurements.save_csv(tmp_path / "nuclei.csv"))
+    assert len(table["label"]) == len(ids) and "mean_intensity" in table

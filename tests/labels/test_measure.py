@@ -70,12 +70,20 @@ def test_anisotropic_2d_perimeter_is_calibrated():
     assert table["perimeter"][0] == pytest.approx(2 * (40 + 20), rel=0.05)
 
 
-def test_flat_object_gets_nan_solidity_not_a_crash():
+def test_solidity_of_flat_boxes_and_concave_objects():
     labels = np.zeros((5, 20, 20), dtype=np.uint8)
-    labels[2, 5:9, 5] = 3  # one line of voxels: no convex hull
-    labels[1:4, 10:15, 10:15] = 4
-    table = measure(labels)
-    assert np.isnan(table["solidity"][0]) and table["solidity"][1] == pytest.approx(1.0)
+    labels[2, 5:9, 5] = 3  # one line of voxels: convex
+    labels[1:4, 10:15, 10:15] = 4  # a box
+    labels[0:2, 0:4, 12:20] = 5
+    labels[0:2, 0:8, 12:14] = 5  # an L: its hull holds the corner it misses
+    table = measure(labels, spacing=(3.0, 1.0, 1.0))
+    assert table["solidity"][:2] == pytest.approx([1.0, 1.0])
+    # per slice: 40 pixels; the hull of the corners (0,0) (0,8) (4,8) (8,2) (8,0) has 52
+    assert table["solidity"][2] == pytest.approx(40 / 52)
+    flat = np.zeros((1, 10, 10), dtype=np.uint8)
+    flat[0, 2, 2:7] = 1  # one row in 2D: no hull area for qhull; not a crash, not above 1
+    solidity = measure(flat[0])["solidity"][0]
+    assert np.isnan(solidity) or 0 < solidity <= 1
 
 
 def test_empty_labels_give_an_empty_table_with_all_columns():
