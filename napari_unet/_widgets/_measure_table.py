@@ -59,8 +59,6 @@ class MeasurementModel(QAbstractTableModel):
             if isinstance(value, (float, np.floating)):
                 return "" if np.isnan(value) else f"{float(value):.4g}"
             return str(int(value)) if isinstance(value, (int, np.integer)) else str(value)
-        if role == Qt.TextAlignmentRole:
-            return int(Qt.AlignRight | Qt.AlignVCenter)
         return None
 
     def headerData(self, section: int, orientation: Any, role: int = Qt.DisplayRole) -> Any:  # noqa: N802

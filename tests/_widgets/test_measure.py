@@ -37,6 +37,8 @@ def dock(make_napari_viewer, qtbot):
 
 
 def test_table_is_the_layers_features_in_calibrated_units(dock):
+    from qtpy.QtCore import Qt
+
     viewer, layer, widget = dock
     features = layer.features
     assert features["label"].tolist() == [3, 7, 9]
@@ -45,7 +47,8 @@ def test_table_is_the_layers_features_in_calibrated_units(dock):
     assert features["mean_intensity"].tolist() == pytest.approx([30.0, 70.0, 90.0])
     assert widget.image_combo.currentText() == "cells"  # the image Segment named them after
     assert widget.model.rowCount() == 3
-    headers = [widget.model.headerData(c, 1) for c in range(widget.model.columnCount())]
+    headers = [widget.model.headerData(c, Qt.Horizontal)
+               for c in range(widget.model.columnCount())]
     assert "volume [um^3]" in headers and "index" not in headers
     # napari's own lookup (status bar) finds the row of a label through the index column
     assert layer._label_index[7] == 1
