@@ -16,7 +16,8 @@ def _voxel_size(text: str) -> tuple[float, ...]:
     except ValueError:
         values = ()
     if not values or not all(v > 0 and v != float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers like 0.28,0.127,0.127, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected positive numbers like 0.28,0.127,0.127, got {text!r}")
     return values
 
 
@@ -28,11 +29,13 @@ def _add_measure(commands: argparse._SubParsersAction) -> None:
                     "perimeter and eccentricity), and with --image the mean/min/max intensity. "
                     "The voxel size comes from the labels file (or --voxel-size).")
     parser.add_argument("labels", help="labels file (TIFF/OME-TIFF, NIfTI, ...)")
-    parser.add_argument("--image", default=None, help="image of the same shape for the intensity columns")
+    parser.add_argument("--image", default=None,
+                        help="image of the same shape for the intensity columns")
     parser.add_argument("-o", "--output", required=True, help="CSV file to write")
     parser.add_argument("--voxel-size", type=_voxel_size, default=None,
                         help="voxel size z,y,x (y,x in 2D), overrides the file's")
-    parser.add_argument("--unit", default=None, help="length unit of the voxel size (default: the file's, else um)")
+    parser.add_argument("--unit", default=None,
+                        help="length unit of the voxel size (default: the file's, else um)")
     parser.set_defaults(handler=_run_measure)
 
 
