@@ -25,6 +25,7 @@ from napari_unet._widgets._common import (
     row,
     status_label,
 )
+from napari_unet._widgets._measure import intensity_data
 from napari_unet._widgets._state import (
     PROBABILITIES_KEY,
     SOURCE_KEY,
@@ -46,6 +47,7 @@ from napari_unet.io.label_export import (
     labels_for_export,
     summary_line,
 )
+from napari_unet.io.table import export_measurements
 
 __all__ = ["ExportWidget", "ExportCopy", "KEY", "MODES", "COPY_CHUNK_BYTES", "copy_steps",
            "export_labels", "labels_for_export", "probability_path", "summary_line"]
@@ -111,6 +113,10 @@ class ExportWidget(QWidget):
         self.probability_check.setToolTip("Writes <name>_probabilities.tif (float32) next to the "
                                           "labels; available after Segment on the whole image")
         fields.addRow("", self.probability_check)
+        self.measure_check = QCheckBox("Also write measurements (CSV)")
+        self.measure_check.setToolTip("Writes <name>_measurements.csv next to the labels: one row "
+                                      "per object, in calibrated units (see the Measurements dock)")
+        fields.addRow("", self.measure_check)
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("labels.tif")
         self.path_edit.setToolTip("Output file: .tif, or .ome.zarr (OME-Zarr: the image with the "
@@ -177,15 +183,22 @@ class ExportWidget(QWidget):
         source = layer.metadata.get(SOURCE_KEY)
         history = history_for(layer)
         image = image_for_labels(self.viewer, source_data.shape) if is_ome_zarr_export(path) else None
+        with_table = self.measure_check.isChecked()  # and the intensities of the labels' image
+        intensities = intensity_data(self.viewer, layer) if with_table else None
         self.export_button.setEnabled(False)
         self.status.setText(f"Copying {layer.name}…")
 
         def start(data: np.ndarray) -> None:
             def job():  # runs in the worker thread
                 yield "writing"
-                return export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
-                                     unit=unit, input_path=source, probabilities=probabilities,
-                                     image=image, name=layer.name)
+                written, summary = export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
+                                                 unit=unit, input_path=source, probabilities=probabilities,
+                                                 image=image, name=layer.name)
+                if with_table:
+                    written.append(export_measurements(
+                        path, labels_for_export(np.asarray(data), mode), voxel_size=voxel_size,
+                        unit=unit, image=None if intensities is None else np.asarray(intensities)))
+                return written, summary
 
             self.status.setText(f"Writing {path.name}…")
             self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,

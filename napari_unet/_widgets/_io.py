@@ -206,6 +206,10 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
 # sample data
 # ----------------------------------------------------------------------------------------------
 
+#: on a sample's image layer: the sample's key (``nuclei_3d``, ...)
+SAMPLE_KEY = "napari_unet_sample"
+
+
 def _sample(filename: str, name: str, **extra: Any) -> list[LayerData]:
     path = resources.files("napari_unet.sample_data") / filename
     try:
@@ -213,6 +217,7 @@ def _sample(filename: str, name: str, **extra: Any) -> list[LayerData]:
     except ImageReadError as err:  # a broken install: say so in napari, in one line
         raise ImageReadError(f"sample {filename} is missing or unreadable: {err}") from err
     data, kwargs, kind = layer_data(image, name)
+    kwargs["metadata"][SAMPLE_KEY] = name  # which sample: the Segment dock picks its model
     kwargs.update(extra)
     return [(data, kwargs, kind)]
 

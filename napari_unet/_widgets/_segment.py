@@ -42,6 +42,7 @@ from napari_unet._widgets._common import (
     status_label,
 )
 from napari_unet._widgets._history import history_for
+from napari_unet._widgets._model_choice import note_model_used, pick_model_for
 from napari_unet._widgets._segment_run import SegmentRun, SegmentRunMixin, spatial_shape
 from napari_unet._widgets._state import (
     MODEL_KEY,
@@ -232,6 +233,10 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
+        #: the image the model was picked for (picked again when another image is chosen)
+        self._picked_for: Any = None
+        self.image_combo.currentIndexChanged.connect(self.pick_model)
+        self.pick_model()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.segment})
         #: writes tiles and the result into the layer, a piece per event-loop pass
         self._writer: ChunkedWriter | None = None
@@ -250,6 +255,16 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         if key:
             self.registry.current = key
             self._describe(key)
+
+    def pick_model(self, *_: Any) -> None:
+        """Select the model that fits the chosen image, once per image (:mod:`._model_choice`)."""
+        image = self.image_combo.layer()
+        if image is not None and image is not self._picked_for:
+            self._picked_for = image
+            choice = pick_model_for(image, self.registry, self.model_combo, self.model_info)
+            if choice.key is not None:
+                self._describe(choice.key)
+            self.status.setText(f"{image.name}: {choice.reason}")
 
     def _postprocess_edited(self, *_: Any) -> None:
         self.postprocess_edited = True
@@ -401,6 +416,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         except CheckpointError as err:
             notify_error(err, "Segment")
             return
+        note_model_used(self.registry, image)
         import_heavy_modules_on_main_thread()
 
         data = image.data[0] if image.multiscale else image.data

@@ -18,6 +18,7 @@ from napari_unet.cli.common import (
 from napari_unet.cli.evaluate import _add_eval
 from napari_unet.cli.export import _add_export
 from napari_unet.cli.gui import _add_gui
+from napari_unet.cli.measure import _add_measure
 from napari_unet.cli.models import _add_models
 from napari_unet.cli.predict import _add_predict
 from napari_unet.cli.suggest import _add_suggest
@@ -29,6 +30,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _a
 COMMANDS += [_add_train, _add_eval, _add_export]
 COMMANDS += [_add_gui]
 COMMANDS += [_add_suggest]
+COMMANDS += [_add_measure]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ def _require_spec() -> Any:
         import bioimageio.spec as spec
     except ImportError:
         raise ZooError("bioimage.io packages need the optional package 'bioimageio.spec': "
-                       "pip install 'napari-unet[bioimageio]'") from None
+                       "pip install 'napari-unet-loop[bioimageio]'") from None
     return spec
 
 
