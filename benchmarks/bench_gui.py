@@ -93,6 +93,46 @@ class Heartbeat:
         return float(np.percentile(self.gaps, q) * 1000) if self.gaps else 0.0
 
 
+class StallStacks:
+    """Where the main thread is while the event loop is blocked (``--stall-stacks``): a thread
+    samples the main thread's stack every 4 ms once the heartbeat is ``after_ms`` late; the
+    most frequent stacks (their napari / vispy / Qt / napari-unet frames) are printed."""
+
+    def __init__(self, beat: Heartbeat, after_ms: float = 35.0):
+        import collections
+        import threading
+
+        self.beat, self.after = beat, after_ms / 1000
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._main = threading.main_thread().ident
+        self._stop = False
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        import sys
+        import traceback
+
+        while not self._stop:
+            time.sleep(0.004)
+            last = self.beat._last
+            if last is None or not self.beat.timer.isActive() or \
+                    time.perf_counter() - last < self.after:
+                continue
+            frame = sys._current_frames().get(self._main)
+            if frame is None:
+                continue
+            names = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack(frame)
+                     if any(k in f.filename for k in ("napari", "vispy", "qt", "matplotlib"))]
+            self.counts[" > ".join(names[-6:])] += 1
+
+    def report(self, top: int = 15) -> None:
+        self._stop = True
+        print(f"main-thread stacks while the event loop was blocked > {self.after * 1000:.0f} ms "
+              "(samples of 4 ms):")
+        for stack, n in self.counts.most_common(top):
+            print(f"{n:5d}  {stack}")
+
+
 def wait(app, condition, timeout: float) -> bool:
     end = time.perf_counter() + timeout
     while not condition() and time.perf_counter() < end:
@@ -301,6 +341,9 @@ def main() -> None:
                         help="comma-separated cases to skip: 3d, 2d, lazy, finetune, edit")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--stall-stacks", action="store_true",
+                        help="sample the main thread's stack during stalls and print the most "
+                             "frequent ones at the end (napari's share vs the dock's)")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
@@ -313,8 +356,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
     samples = bench.samples
-    print(f"load {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}", flush=True)
+    print(f"load {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}", flush=True)
     bench.idle()
+    stacks = StallStacks(bench.beat) if args.stall_stacks else None
 
     # 1. a 3D model on a 100x512x512 stack, the first run in this process (cold)
     if "3d" not in skip:
@@ -366,6 +411,8 @@ def main() -> None:
         bench.run_edit("split", layer)
 
     bench.viewer.close()
+    if stacks is not None:
+        stacks.report()
     worst = max(bench.stalls.values(), default=float("nan"))
     case, click = max(bench.clicks.items(), key=lambda kv: kv[1], default=("-", float("nan")))
     print(f"longest click handler {click:.0f} ms ({case}); load {os.getloadavg()[0]:.2f}")
