@@ -60,6 +60,8 @@ class Heartbeat:
         self.busy: list[float] = []
         self._last = None
         self._last_cpu = 0.0
+        #: True between start() and stop() (read by StallStacks' thread: no Qt call there)
+        self.running = False
         #: seconds from start() to the first tick (e.g. a click's first paint)
         self.first: float | None = None
         self._started = 0.0
@@ -79,12 +81,14 @@ class Heartbeat:
         self.first = None
         self._started = self._last = time.perf_counter()
         self._last_cpu = time.thread_time()
+        self.running = True
         self.timer.start()
 
     def max_busy(self) -> float:
         return max(self.busy, default=0.0) * 1000
 
     def stop(self) -> float:
+        self.running = False
         self.timer.stop()
         self._tick()
         return max(self.gaps, default=0.0) * 1000
@@ -115,15 +119,14 @@ class StallStacks:
         while not self._stop:
             time.sleep(0.004)
             last = self.beat._last
-            if last is None or not self.beat.timer.isActive() or \
-                    time.perf_counter() - last < self.after:
+            if last is None or not self.beat.running or time.perf_counter() - last < self.after:
                 continue
             frame = sys._current_frames().get(self._main)
             if frame is None:
                 continue
             names = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack(frame)
                      if any(k in f.filename for k in ("napari", "vispy", "qt", "matplotlib"))]
-            self.counts[" > ".join(names[-6:])] += 1
+            self.counts[" > ".join(names[-6:]) or "(in Qt, no Python frame: painting, X)"] += 1
 
     def report(self, top: int = 15) -> None:
         self._stop = True
