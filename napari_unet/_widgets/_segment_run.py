@@ -58,6 +58,7 @@ class SegmentRun:
     #: the description of napari's activity-panel bar (made with the first tile count: making
     #: it repaints the window, which the click handler does not wait for)
     activity: str = ""
+    activity_made: bool = False
     start: float = field(default_factory=time.perf_counter)
     last_refresh: float = 0.0
     #: a tile on the slice on screen was written since the last redraw
@@ -143,13 +144,26 @@ class SegmentRunMixin:
             show_warning(update.message)
         # last: napari's activity-panel bar calls processEvents, which may run later callbacks
         if update.stage not in ("postprocess", "plan") and update.total:
-            if self._pbar is None:
-                from napari.utils import progress
+            self._show_activity(run)
 
-                self._pbar = progress(total=update.total, desc=run.activity)
-            if self._pbar.total != update.total:
-                self._pbar.total = update.total
-            self._pbar.update(update.done - self._pbar.n)
+    def _show_activity(self, run: SegmentRun) -> None:
+        """napari's activity-panel bar, made with the first tile count (not at the click: making
+        it repaints the window). Making and updating it call processEvents: later callbacks,
+        even the end of the run, may run inside."""
+        if self._pbar is None:
+            if run.activity_made:  # being made: this is a later callback run inside
+                return
+            run.activity_made = True
+            from napari.utils import progress
+
+            bar = progress(total=run.total, desc=run.activity)
+            if run.finished:  # the run ended inside: nothing else will close it
+                bar.close()
+                return
+            self._pbar = bar
+        if self._pbar.total != run.total:
+            self._pbar.total = run.total
+        self._pbar.update(run.done - self._pbar.n)
 
     def _tile_written(self, on_screen: bool = True) -> None:
         """A tile's preview is in the layer: redraw the layer, at most every REFRESH_INTERVAL,

@@ -28,6 +28,7 @@ def _dock(viewer):
 def test_click_returns_with_the_layer_before_the_model_has_run(make_napari_viewer, qtbot,
                                                                registry, model_2d_path,
                                                                monkeypatch):
+    import napari.utils
     from napari.utils import progress
 
     from napari_unet.engine import runner
@@ -40,6 +41,13 @@ def test_click_returns_with_the_layer_before_the_model_has_run(make_napari_viewe
         return original(self, tiles, write)
 
     monkeypatch.setattr(runner.TileRunner, "_run_batch", held_back)
+    made = []
+
+    def make_bar(*args, **kwargs):
+        made.append(progress(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(napari.utils, "progress", make_bar)
     viewer = make_napari_viewer()
     image, _ = blobs((8, 48, 48))
     viewer.add_image(image, name="stack")
@@ -56,14 +64,13 @@ def test_click_returns_with_the_layer_before_the_model_has_run(make_napari_viewe
         assert layer.data.shape == (8, 48, 48) and not layer.data.any()
         # napari's activity-panel bar (which repaints the whole window when made) is not made
         # by the click, but with the first tiles
-        assert widget._pbar is None and len(progress._all_instances) == bars_before
-        bars = []
-        widget.worker.yielded.connect(lambda _item: bars.append(widget._pbar is not None))
+        assert not made and len(progress._all_instances) == bars_before
     finally:
-        release.set()
+        release.set()  # the tiles come at once: callbacks run inside the bar's processEvents
     wait_idle(qtbot, widget)
-    assert any(bars)
-    assert widget._pbar is None  # closed at the end
+    # one bar, made with the tiles, and closed at the end
+    assert len(made) == 1 and made[0].total >= 1
+    assert widget._pbar is None and len(progress._all_instances) == bars_before
     assert "Done" in widget.status.text()
 
 
