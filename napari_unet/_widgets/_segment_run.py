@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 
 from napari_unet._widgets._common import ChunkedWriter
-from napari_unet._widgets._view import region_on_screen
 from napari_unet._widgets._state import (
     PROBABILITIES_KEY,
     corrected_slices,
     notify_error,
     set_suggested_slices,
 )
+from napari_unet._widgets._view import region_on_screen
 from napari_unet.engine.live import (
     RunExtras,
     SegmentOutcome,
