@@ -59,6 +59,7 @@ from napari_unet._widgets._state import (
     view_axis,
     view_point,
 )
+from napari_unet._widgets._view import warm_up_labels_visuals
 from napari_unet._widgets._workers import start_job
 from napari_unet.engine.live import (
     PredictOptions,
@@ -122,6 +123,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         install_correction_tracking(napari_viewer)
         # heavy imports now (while the dock opens), never in a worker thread
         import_heavy_modules_on_main_thread()
+        warm_up_labels_visuals()
 
         layout = QVBoxLayout(self)
         fields = QFormLayout()
@@ -393,7 +395,6 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         slices as they are (default), or into a new layer; one Ctrl+Z puts the layer back as
         it was.
         """
-        from napari.utils import progress
         from napari.utils.notifications import show_info, show_warning
 
         from napari_unet.zoo.predict import (
@@ -479,8 +480,9 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self._run = SegmentRun(image=image, model=model, layer=layer, created=created,
                                region=region, output=output, threshold=threshold,
                                precision=precision_label, mode=mode, history=history,
-                               uncertain=uncertain)
-        self._pbar = progress(total=0, desc=f"Segment {image.name} ({model.label})")
+                               uncertain=uncertain,
+                               activity=f"Segment {image.name} ({model.label})")
+        self._pbar = None  # napari's activity bar: made with the first tile count, not here
         self.progress_bar.setRange(0, 0)  # busy until the tile count is known
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)

@@ -16,6 +16,7 @@ from napari_unet._widgets._state import (
     notify_error,
     set_suggested_slices,
 )
+from napari_unet._widgets._view import region_on_screen
 from napari_unet.engine.live import (
     RunExtras,
     SegmentOutcome,
@@ -54,8 +55,14 @@ class SegmentRun:
     mode: str
     history: Any
     uncertain: UncertaintyRequest | None = None
+    #: the description of napari's activity-panel bar (made with the first tile count: making
+    #: it repaints the window, which the click handler does not wait for)
+    activity: str = ""
+    activity_made: bool = False
     start: float = field(default_factory=time.perf_counter)
     last_refresh: float = 0.0
+    #: a tile on the slice on screen was written since the last redraw
+    stale: bool = False
     #: seconds from the click to the first tile on screen
     first_tile: float | None = None
     done: int = 0
@@ -116,7 +123,9 @@ class SegmentRunMixin:
                 local = tuple(slice(o.start - r.start, o.stop - r.start)
                               for o, r in zip(out_region, update.region))
                 run.wrote = True
-                self._writer.push(layer_region, preview[local], then=self._tile_written,
+                on_screen = region_on_screen(self.viewer, run.layer, layer_region)
+                self._writer.push(layer_region, preview[local],
+                                  then=lambda: self._tile_written(on_screen),
                                   itemsize=run.layer.data.dtype.itemsize)
         if update.stage == "postprocess":
             self.status.setText("Post-processing (objects, small-object removal)…")
@@ -134,19 +143,40 @@ class SegmentRunMixin:
 
             show_warning(update.message)
         # last: napari's activity-panel bar calls processEvents, which may run later callbacks
-        if self._pbar is not None and update.stage not in ("postprocess", "plan"):
-            if self._pbar.total != update.total:
-                self._pbar.total = update.total
-            self._pbar.update(update.done - self._pbar.n)
+        if update.stage not in ("postprocess", "plan") and update.total:
+            self._show_activity(run)
 
-    def _tile_written(self) -> None:
-        """A tile's preview is in the layer: show it (at most every REFRESH_INTERVAL)."""
+    def _show_activity(self, run: SegmentRun) -> None:
+        """napari's activity-panel bar, made with the first tile count (not at the click: making
+        it repaints the window). Making and updating it call processEvents: later callbacks,
+        even the end of the run, may run inside."""
+        if self._pbar is None:
+            if run.activity_made:  # being made: this is a later callback run inside
+                return
+            run.activity_made = True
+            from napari.utils import progress
+
+            bar = progress(total=run.total, desc=run.activity)
+            if run.finished:  # the run ended inside: nothing else will close it
+                bar.close()
+                return
+            self._pbar = bar
+        if self._pbar.total != run.total:
+            self._pbar.total = run.total
+        self._pbar.update(run.done - self._pbar.n)
+
+    def _tile_written(self, on_screen: bool = True) -> None:
+        """A tile's preview is in the layer: redraw the layer, at most every REFRESH_INTERVAL,
+        when this tile or one before it is on the slice on screen (a tile elsewhere in the
+        stack changes nothing the user sees: it shows when they move there)."""
         run = self._run
         now = time.perf_counter()
-        if run.first_tile is None:
+        if run.first_tile is None and on_screen:
             run.first_tile = now - run.start
-        if now - run.last_refresh >= REFRESH_INTERVAL or not self._writer.pending:
+        run.stale = run.stale or on_screen
+        if run.stale and (now - run.last_refresh >= REFRESH_INTERVAL or not self._writer.pending):
             run.last_refresh = now
+            run.stale = False
             run.layer.refresh()
 
     def _on_result(self, outcome: SegmentOutcome) -> None:
