@@ -194,7 +194,10 @@ def test_dock_says_which_weights_it_keeps(make_napari_viewer, qtbot, registry, m
     text = widget.weights_label.text().lower()  # now the Trainer's own account
     if keeps_best:
         assert "held out" in text and "best-scoring" in text
-        assert "best-scoring weights" in widget.status.text()
+        # which weights were kept and why, with the held-out scores of both candidates
+        status = widget.status.text()
+        assert ("start model's weights" in status or "fine-tuned weights" in status), status
+        assert "held-out" in status and "start model's" in status
     else:
         assert "last weights" in text and "held out for validation:" not in text
         assert "last weights" in widget.status.text()
