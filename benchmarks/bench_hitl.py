@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from napari_unet.engine.predict import postprocess_settings, predict_probabilities, probabilities_to_output
+from napari_unet.engine.predict import postprocess_settings, probabilities_to_output, segment
 from napari_unet.io.readers import read_image
 from napari_unet.labels.metrics import dice, match_instances
 from napari_unet.model.checkpoint import SegmentationModel
@@ -143,19 +143,14 @@ def corrected_labels(case: Case, instances: np.ndarray, mask: np.ndarray, slices
 
 
 def segment_like_the_dock(model: SegmentationModel, case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """Instances (a 2D model's slice by slice) and the binary mask, with the model's stored
-    post-processing."""
-    probs = drain(predict_probabilities(case.image, model, device="cpu", dtype=np.float32))
-    threshold, min_size, seed_threshold = postprocess_settings(model)
-    options = dict(threshold=threshold, min_size=min_size, seed_threshold=seed_threshold)
-    if model.spatial_dims == 2:
-        instances = np.stack([probabilities_to_output(probs[:, z], model.task, "instances", **options)
-                              for z in range(case.image.shape[0])])
-    else:
-        instances = probabilities_to_output(probs, model.task, "instances", voxel_size=case.voxel_size,
-                                            **options)
-    mask = probabilities_to_output(probs, model.task, "labels", threshold=threshold, min_size=0) > 0
-    return np.asarray(instances), mask
+    """Instances as the Segment dock makes them (``segment``: the model's stored
+    post-processing; a 2D model's objects slice by slice, stitched through z) and the binary
+    mask at the model's threshold."""
+    result = drain(segment(case.image, model, output="instances", voxel_size=case.voxel_size, device="cpu"))
+    threshold = postprocess_settings(model)[0]
+    mask = probabilities_to_output(result.probabilities, model.task, "labels", threshold=threshold,
+                                   min_size=0) > 0
+    return np.asarray(result.data), mask
 
 
 @dataclass

@@ -150,7 +150,8 @@ def score(key: str, probabilities: list[np.ndarray], split: Split, settings: dic
     for p, truth in zip(probabilities, split.truths):
         pred = to_instances(p, spec.task, threshold=settings.get("threshold", 0.5),
                             min_size=settings.get("min_size", 30),
-                            seed_threshold=settings.get("seed_threshold"))
+                            seed_threshold=settings.get("seed_threshold"),
+                            merge_threshold=settings.get("merge_threshold"))
         m = match_instances(pred, truth)
         counts += (m.true_positives, m.n_pred, m.n_gt)
     return float(2 * counts[0] / max(counts[1] + counts[2], 1))

@@ -78,6 +78,7 @@ from napari_unet.engine.regions import (
 )
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.labels.slices import marks_outside, plane_label, z_slices
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.labels.writeback import (
     KEEP,
     OVERWRITE,
@@ -203,6 +204,15 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         for spin in (self.threshold_spin, self.min_size_spin):
             spin.valueChanged.connect(self._postprocess_edited)
 
+        self.stitch_spin = QDoubleSpinBox()  # a 2D model on a stack: link objects through z
+        self.stitch_spin.setRange(0.0, 0.95)
+        self.stitch_spin.setSingleStep(0.05)
+        self.stitch_spin.setValue(DEFAULT_STITCH_THRESHOLD)
+        self.stitch_spin.setSpecialValueText("per slice")
+        self.stitch_spin.setToolTip("Instances of a 2D model on a stack: objects of neighbouring "
+                                    "slices overlapping with at least this IoU are one object "
+                                    "(0 = per slice). 3D models ignore it")
+        fields.addRow("Stitch z", self.stitch_spin)
         self.tta_check = QCheckBox("Test-time augmentation")
         self.tta_check.setToolTip("Average the model over 8 flips and rotations of the image: "
                                   "smoother, often slightly better results, 8x slower")
@@ -464,7 +474,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
                       threshold=threshold, min_size=self.min_size_spin.value(),
                       voxel_size=voxel_size, start_at=region.start_at(view_point(self.viewer, image)),
                       tta=tta, tta_spread=uncertain.spread if uncertain else None,
-                      **self.predict_options.kwargs())
+                      stitch_threshold=self.stitch_spin.value(), **self.predict_options.kwargs())
 
         created = layer is None
         dtype = labels_dtype(output, len(model.class_names))

@@ -52,6 +52,7 @@ from napari_unet.engine.planning import make_plan
 from napari_unet.engine.predict import postprocess_settings
 from napari_unet.engine.runner import TileRunner, _to_output_dtype, prepare_network
 from napari_unet.engine.tiling import Tile, TilePlan
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.model.checkpoint import (
     SegmentationModel,
     model_from_bytes,
@@ -318,6 +319,7 @@ def predict_to_zarr_distributed(
     overwrite: bool = False,
     allow_channels: bool = False,
     tta: bool = False,
+    stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
 ) -> Generator[Progress, None, StreamResult]:
     """:func:`napari_unet.bigdata.streaming.predict_to_zarr` on a dask cluster, one task per tile.
 
@@ -333,6 +335,7 @@ def predict_to_zarr_distributed(
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path,
+                       stitch_threshold=stitch_threshold,
                        tta=tta)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:

@@ -15,14 +15,19 @@ from napari_unet.bigdata.store import (
     stored_plan,
     stream_array,
 )
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.progress import Progress
 
 # --- instances across chunks ---------------------------------------------------------------
 
 
 def _face_pairs(low_side: np.ndarray, high_side: np.ndarray, min_overlap: float,
-                same_class: np.ndarray | None = None) -> np.ndarray:
-    """Pairs ``(a, b)`` of global ids that touch across a face and overlap enough."""
+                same_class: np.ndarray | None = None, min_iou: float | None = None) -> np.ndarray:
+    """Pairs ``(a, b)`` of global ids that touch across a face and overlap enough: contact
+    at least ``min_overlap`` of the smaller area, or (``min_iou``, for 2D objects stitched
+    through z) an IoU of the two face areas at least ``min_iou`` (``<= 0``: no pairs)."""
+    if min_iou is not None and min_iou <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
     touching = (low_side > 0) & (high_side > 0)
     if same_class is not None:
         touching &= same_class
@@ -30,13 +35,15 @@ def _face_pairs(low_side: np.ndarray, high_side: np.ndarray, min_overlap: float,
         return np.zeros((0, 2), dtype=np.int64)
     pairs, contacts = np.unique(np.stack([low_side[touching], high_side[touching]], axis=1),
                                 axis=0, return_counts=True)
-    if min_overlap <= 0:
+    if min_overlap <= 0 and min_iou is None:
         return pairs
     ids_a, area_a = np.unique(low_side[low_side > 0], return_counts=True)
     ids_b, area_b = np.unique(high_side[high_side > 0], return_counts=True)
-    smaller = np.minimum(area_a[np.searchsorted(ids_a, pairs[:, 0])],
-                         area_b[np.searchsorted(ids_b, pairs[:, 1])])
-    return pairs[contacts >= min_overlap * smaller]
+    areas_a = area_a[np.searchsorted(ids_a, pairs[:, 0])]
+    areas_b = area_b[np.searchsorted(ids_b, pairs[:, 1])]
+    if min_iou is not None:
+        return pairs[contacts >= min_iou * (areas_a + areas_b - contacts)]
+    return pairs[contacts >= min_overlap * np.minimum(areas_a, areas_b)]
 
 
 def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float = 0.5
@@ -49,6 +56,10 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
     ``min_size`` voxels are removed, and the rest are numbered ``1..N`` in order of first
     appearance. Memory: one chunk, one cross-section of faces, and a few numbers per object.
 
+    The instances of a 2D model on a stack (settings ``per_slice``) are joined across
+    z faces only where their areas overlap with IoU at least the run's ``stitch_threshold``,
+    as slices are stitched within a chunk.
+
     Returns the number of objects ``N``.
     """
     from scipy.sparse import coo_matrix
@@ -60,6 +71,8 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
     plan = stored_plan(group)
     local = group["_local"]
     classes = stream_array(group, "labels") if info["task"] == "semantic" else None
+    settings = dict(info.get("fingerprint", {}).get("settings", {}))
+    z_iou = float(settings.get("stitch_threshold", DEFAULT_STITCH_THRESHOLD)) if settings.get("per_slice") else None
     grid = plan.grid
     counts = np.asarray(group["_counts"][...], dtype=np.int64).ravel()
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -90,7 +103,8 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
                     below = tuple(p - (a == axis) for a, p in enumerate(position))
                     low_side, low_cls = high_faces.pop((below, axis))
                     same = None if cls is None else low_cls == cls[first]
-                    edges.append(_face_pairs(low_side, block[first], min_overlap, same))
+                    edges.append(_face_pairs(low_side, block[first], min_overlap, same,
+                                             z_iou if axis == 0 else None))
                 if position[axis] < grid[axis] - 1:
                     high_faces[(position, axis)] = (
                         block[last].copy(), None if cls is None else cls[last].copy())

@@ -15,6 +15,7 @@ import numpy as np
 from napari_unet.engine.tiling import TilePlan
 from napari_unet.io.omezarr import LABELS_GROUP, is_ome_zarr_name, require_ome_zarr
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
 
@@ -42,6 +43,13 @@ class StreamSettings:
     voxel_size: tuple[float, ...] | None = None
     min_size: int = DEFAULT_MIN_SIZE
     seed_threshold: float | None = None
+    #: membranes: cell radius (units of ``voxel_size``) and border merge threshold, fixed for
+    #: all chunks so that every chunk is post-processed alike
+    object_radius: float | None = None
+    merge_threshold: float | None = None
+    #: a 2D model on a stack: instances per slice, stitched through z by IoU (0: per slice)
+    per_slice: bool = False
+    stitch_threshold: float = DEFAULT_STITCH_THRESHOLD
     #: test-time augmentation (:func:`napari_unet.engine.tta.tta_transforms`) for every tile
     tta: bool = False
 

@@ -25,15 +25,20 @@ from napari_unet.bigdata.store import (
 )
 from napari_unet.engine.devices import select_device
 from napari_unet.engine.planning import make_plan
-from napari_unet.engine.predict import OUTPUTS, postprocess_settings
+from napari_unet.engine.predict import OUTPUTS, postprocess_settings, shape_settings
 from napari_unet.engine.runner import TileRunner, _to_output_dtype, prepare_network
 from napari_unet.engine.tiling import Tile, TilePlan
 from napari_unet.engine.tta import tta_transforms
 from napari_unet.labels import instances
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD, stitch_slices
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer
 from napari_unet.model.precision import resolve_precision
 from napari_unet.progress import Progress
+
+
+#: membranes: cell radius (voxels) of a streamed run whose model does not store its object size
+FALLBACK_RADIUS = 8.0
 
 
 class TileWriter:
@@ -77,10 +82,7 @@ class TileWriter:
             labels = instances.to_semantic(probabilities, settings.task, threshold=settings.threshold)
             self.arrays["labels"][region] = labels.astype(self.arrays["labels"].dtype, copy=False)
         if "_local" in self.arrays:
-            local = instances.to_instances(
-                probabilities, settings.task, threshold=settings.threshold, min_size=0,
-                min_seed_size=max(1, settings.min_size // 4), seed_threshold=settings.seed_threshold,
-                sampling=settings.voxel_size, method=settings.method)
+            local = chunk_instances(probabilities, settings)
             self.arrays["_local"][region] = local.astype(np.uint32, copy=False)
             self.counts[np.unravel_index(index, self.plan.grid)] = int(local.max(initial=0))
         # recorded last: a tile interrupted half-written is simply done again on resume
@@ -91,6 +93,24 @@ class TileWriter:
         probabilities = self.predict(tile)
         self.write(index, tile, probabilities)
         return probabilities
+
+
+def chunk_instances(probabilities: np.ndarray, settings: StreamSettings) -> np.ndarray:
+    """Instances of one chunk's core, before merging across chunks: as in memory, with the
+    run's fixed settings (so every chunk is post-processed alike) and ``min_size`` applied only
+    after merging. A 2D model's chunk of a stack is done per slice and stitched through z."""
+    options = dict(threshold=settings.threshold, min_size=0,
+                   min_seed_size=max(1, settings.min_size // 4),
+                   seed_threshold=settings.seed_threshold, method=settings.method,
+                   object_radius=settings.object_radius, merge_threshold=settings.merge_threshold)
+    if settings.per_slice and probabilities.ndim == 4:
+        plane = None if settings.voxel_size is None else tuple(settings.voxel_size)[-2:]
+        slices = [instances.to_instances(probabilities[:, z], settings.task, sampling=plane,
+                                         **options).astype(np.int64)
+                  for z in range(probabilities.shape[1])]
+        return stitch_slices(np.stack(slices), settings.stitch_threshold)
+    return instances.to_instances(probabilities, settings.task, sampling=settings.voxel_size,
+                                  **options)
 
 
 def tta_note(model: SegmentationModel) -> str:
@@ -132,6 +152,7 @@ def predict_to_zarr(
     max_tiles: int | None = None,
     start_at: Sequence[int] | None = None,
     tta: bool = False,
+    stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
 ) -> Generator[Progress, None, StreamResult]:
     """Predict a (lazy) image tile by tile straight into a zarr group; resumable.
 
@@ -168,6 +189,10 @@ def predict_to_zarr(
         Test-time augmentation, as for :func:`napari_unet.engine.predict.predict_probabilities`
         (8 times the work; the same result as in memory). Part of the stored settings: a
         resume with another ``tta`` is refused (or starts over with ``overwrite``).
+    stitch_threshold : float
+        ``instances`` of a 2D model on a stack: made per slice and joined through z where
+        neighbouring objects overlap with IoU at least this (within and across chunks); 0
+        keeps them per slice.
 
     Yields
     ------
@@ -184,7 +209,7 @@ def predict_to_zarr(
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, normalizer=normalizer, overwrite=overwrite,
-                       input_path=input_path, tta=tta)
+                       input_path=input_path, tta=tta, stitch_threshold=stitch_threshold)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
@@ -245,7 +270,8 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
                  device: str | torch.device, precision: str, tile_shape: Sequence[int] | None,
                  halo: Sequence[int] | None, max_tile_bytes: float | None,
                  normalizer: Normalizer | None = None, overwrite: bool = False,
-                 input_path: str | Path | None = None, tta: bool = False) -> StreamRun:
+                 input_path: str | Path | None = None, tta: bool = False,
+                 stitch_threshold: float = DEFAULT_STITCH_THRESHOLD) -> StreamRun:
     """Check the options, plan the tiles and open (or reopen) the output: the start shared by
     :func:`predict_to_zarr` and :func:`napari_unet.bigdata.cluster.predict_to_zarr_distributed`."""
     if output not in OUTPUTS:
@@ -255,13 +281,23 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
     plan = make_plan(image, model, device=device, precision=precision, tile_shape=tile_shape,
                      halo=halo, max_bytes=max_tile_bytes)
     sampling = None
-    if voxel_size is not None and len(voxel_size) == model.spatial_dims == len(plan.spatial):
+    per_slice = model.spatial_dims == 2 and len(plan.spatial) == 3
+    if voxel_size is not None and len(voxel_size) == len(plan.spatial) and (
+            per_slice or len(voxel_size) == model.spatial_dims):
         sampling = tuple(float(v) for v in voxel_size)
-    threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size)
+    plane = sampling[-2:] if per_slice and sampling else sampling
+    threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size,
+                                                               voxel_size=plane)
+    shape = shape_settings(model, plane)
+    if shape["object_radius"] is None and model.task == "membranes":
+        # no stored object size: one fixed radius for all chunks rather than one per chunk
+        scale = float(np.prod(plane)) ** (1 / len(plane)) if plane else 1.0
+        shape["object_radius"] = FALLBACK_RADIUS * scale
     settings = StreamSettings(output=output, task=model.task, probabilities=probabilities,
                               probability_dtype=probability_dtype, threshold=float(threshold),
                               method=method, voxel_size=sampling, min_size=int(min_size),
-                              seed_threshold=seed_threshold, tta=bool(tta))
+                              seed_threshold=seed_threshold, tta=bool(tta), per_slice=per_slice,
+                              stitch_threshold=float(stitch_threshold), **shape)
     group, normalizer, resumed, plan = open_stream(
         path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
         overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)

@@ -25,6 +25,7 @@ from napari_unet.progress import Progress, drain
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+    from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 
     parser = commands.add_parser("predict", help="segment an image or stack with a model",
                                  description="Segment a 2D image or 3D stack, tile by tile.")
@@ -59,6 +60,10 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
                         help="instances: boundary (or membrane) probability below which a voxel "
                              "seeds an object (default: the model's tuned value, else --threshold; "
                              ".zarr outputs always use the model's)")
+    parser.add_argument("--stitch-threshold", type=_finite_float(0, 1), default=None,
+                        help="instances of a 2D model on a stack: objects of neighbouring slices "
+                             "with IoU at least this are one object (default "
+                             f"{DEFAULT_STITCH_THRESHOLD}); 0 keeps the objects per slice")
     parser.add_argument("--hu-window", type=_parse_window, default=None, metavar="CENTER,WIDTH",
                         help="CT: normalise with this Hounsfield window (e.g. 40,400) instead of the model's setting")
     parser.add_argument("--tta", action="store_true",
@@ -76,6 +81,12 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     big.add_argument("--zarr-outputs", action="store_true",
                      help="batch run: write one streamed .zarr per input instead of a .tif")
     parser.set_defaults(handler=_run_predict)
+
+
+def _stitch_option(args: argparse.Namespace) -> dict:
+    """``stitch_threshold`` when given (else the default of :func:`segment`)."""
+    value = getattr(args, "stitch_threshold", None)
+    return {} if value is None else {"stitch_threshold": float(value)}
 
 
 def _parse_window(text: str) -> dict:
@@ -116,7 +127,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                         max_bytes=_max_tile_bytes(args), batch_size=args.batch_size,
                         threshold=args.threshold, min_size=args.min_size,
                         seed_threshold=args.seed_threshold, voxel_size=image.voxel_size,
-                        normalizer=normalizer, tta=args.tta)
+                        normalizer=normalizer, tta=args.tta, **_stitch_option(args))
     bar = None
 
     def show(update: Progress) -> None:
@@ -258,7 +269,7 @@ def _run_predict_big(args: argparse.Namespace) -> int:
             options = dict(output=args.output, probabilities=args.save_probabilities,
                            threshold=args.threshold, min_size=args.min_size, device=args.device,
                            precision=args.precision, tile_shape=args.tile, overwrite=args.overwrite,
-                           tta=args.tta)
+                           tta=args.tta, **_stitch_option(args))
             if args.max_tile_gb is not None:
                 options["max_tile_bytes"] = _max_tile_bytes(args)
             image = open_lazy(source, allow_channels=allow_channels)

@@ -22,6 +22,8 @@ from napari_unet.engine.tiling import Tile, TilePlan
 from napari_unet.engine.tta import tta_transforms
 from napari_unet.labels import edits, instances
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
+from napari_unet.labels.object_size import median_volume, object_radius
+from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD, stitch_slices
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
 from napari_unet.model.precision import resolve_precision
@@ -161,25 +163,58 @@ def predict_probabilities(
 
 
 def postprocess_settings(model: SegmentationModel, threshold: float | None = None,
-                         min_size: int | None = None, seed_threshold: float | None = None
+                         min_size: int | None = None, seed_threshold: float | None = None,
+                         voxel_size: Sequence[float] | None = None
                          ) -> tuple[float, int, float | None]:
     """``(threshold, min_size, seed_threshold)``: the values given, else the model's tuned
     ones (:attr:`SegmentationModel.postprocess`), else the built-in defaults (0.5,
-    :data:`~napari_unet.labels.instances.DEFAULT_MIN_SIZE`, the threshold)."""
+    :data:`~napari_unet.labels.instances.DEFAULT_MIN_SIZE`, the threshold).
+
+    A tuned ``min_size_fraction`` (of the median training object volume, see
+    :mod:`napari_unet.labels.object_size`) wins over a stored ``min_size``: it becomes voxels
+    of an image with ``voxel_size``, so the minimum keeps its physical size."""
     if threshold is None:
         threshold = float(model.postprocess_default("threshold", 0.5))
     if min_size is None:
-        min_size = int(model.postprocess_default("min_size", DEFAULT_MIN_SIZE))
+        fraction = model.postprocess_default("min_size_fraction", None)
+        volume = median_volume(getattr(model, "object_size", None), voxel_size,
+                               getattr(model, "voxel_size", None))
+        if fraction is not None and volume is not None:
+            min_size = int(round(float(fraction) * volume))
+        else:
+            min_size = int(model.postprocess_default("min_size", DEFAULT_MIN_SIZE))
     if seed_threshold is None:
         seed_threshold = model.postprocess_default("seed_threshold", None)
     return float(threshold), int(min_size), None if seed_threshold is None else float(seed_threshold)
 
 
+def shape_settings(model: Any, voxel_size: Sequence[float] | None = None,
+                   merge_threshold: float | None = None) -> dict[str, float | None]:
+    """``object_radius`` (units of ``voxel_size``, else voxels; ``None``: unknown) and
+    ``merge_threshold`` (given, else the model's tuned one, else ``None``) for membrane
+    instances."""
+    postprocess = getattr(model, "postprocess", {}) or {}
+    if merge_threshold is None and postprocess.get("merge_threshold") is not None:
+        merge_threshold = float(postprocess["merge_threshold"])
+    radius = object_radius(getattr(model, "object_size", None), voxel_size,
+                           getattr(model, "voxel_size", None))
+    return {"object_radius": radius, "merge_threshold": merge_threshold}
+
+
 def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *,
                             threshold: float = 0.5, min_size: int = DEFAULT_MIN_SIZE,
                             voxel_size: Sequence[float] | None = None,
-                            seed_threshold: float | None = None) -> np.ndarray:
-    """Turn probabilities into ``labels`` (binary or class ids) or ``instances``."""
+                            seed_threshold: float | None = None,
+                            object_radius: float | None = None,
+                            merge_threshold: float | None = None, per_slice: bool = False,
+                            stitch_threshold: float = DEFAULT_STITCH_THRESHOLD) -> np.ndarray:
+    """Turn probabilities into ``labels`` (binary or class ids) or ``instances``
+    (``object_radius``, ``merge_threshold``: see :func:`shape_settings`).
+
+    ``per_slice`` (a 2D model's probabilities of a stack, ``(C, Z, Y, X)``): instances are
+    made slice by slice (``voxel_size``: that of a slice, or of the stack) and stitched
+    through z where neighbouring objects overlap with IoU >= ``stitch_threshold``
+    (:func:`~napari_unet.labels.stitch.stitch_slices`; 0 keeps them per slice)."""
     probs = np.asarray(probabilities)
     if probs.dtype == np.uint8:
         probs = probs.astype(np.float32) / 255
@@ -190,39 +225,58 @@ def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *
         if not min_size or task == "semantic":  # class ids are not objects
             return labels
         return edits.remove_small_objects(labels.astype(bool), min_size).astype(labels.dtype)
+    if output == "instances" and per_slice and probs.ndim == 4:
+        plane = None if voxel_size is None else tuple(voxel_size)[-2:]
+        slices = [instances.to_instances(probs[:, z], task, threshold=threshold,
+                                         min_size=min_size, sampling=plane,
+                                         seed_threshold=seed_threshold,
+                                         object_radius=object_radius,
+                                         merge_threshold=merge_threshold)
+                  for z in range(probs.shape[1])]
+        return stitch_slices(np.stack([s.astype(np.int64) for s in slices]), stitch_threshold)
     if output == "instances":
         return instances.to_instances(probs, task, threshold=threshold, min_size=min_size,
-                                        sampling=voxel_size, seed_threshold=seed_threshold)
+                                        sampling=voxel_size, seed_threshold=seed_threshold,
+                                        object_radius=object_radius,
+                                        merge_threshold=merge_threshold)
     raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
 
 
 def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
             threshold: float | None = None, min_size: int | None = None,
             voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
+            stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
             **predict_options: Any) -> Generator[Progress, None, SegmentationResult]:
     """Predict and post-process: the whole Segment job, as one generator.
 
     Yields the prediction's :class:`Progress` and one more step for post-processing;
     returns a :class:`SegmentationResult`. ``threshold``, ``min_size`` and ``seed_threshold``
-    default to the model's tuned values (:func:`postprocess_settings`).
+    default to the model's tuned values (:func:`postprocess_settings`). A 2D model's
+    instances of a stack are made per slice and stitched through z with ``stitch_threshold``
+    (IoU; 0 keeps them per slice).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     predictor = predict_probabilities(image, model, **predict_options)
     return (yield from postprocessed(predictor, model, output=output, threshold=threshold,
                                      min_size=min_size, voxel_size=voxel_size,
-                                     seed_threshold=seed_threshold))
+                                     seed_threshold=seed_threshold,
+                                     stitch_threshold=stitch_threshold))
 
 
 def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, *, output: str,
                   threshold: float | None = None, min_size: int | None = None,
-                  voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None
+                  voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
+                  stitch_threshold: float = DEFAULT_STITCH_THRESHOLD
                   ) -> Generator[Progress, None, SegmentationResult]:
     """Drain a probability ``predictor`` (passing its progress on), then post-process its
     result into ``output`` with ``model``'s settings (:func:`postprocess_settings`): the second
     half of :func:`segment`, shared with other predictors (e.g. bioimage.io models)."""
+    sampling = voxel_size if voxel_size is not None and model.spatial_dims == len(voxel_size) else None
+    if voxel_size is not None and model.spatial_dims == 2 and len(voxel_size) == 3:
+        sampling = tuple(voxel_size)[-2:]  # a 2D model on a stack: post-processed per slice
     threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size,
-                                                               seed_threshold)
+                                                               seed_threshold, sampling)
     messages: list[str] = []
     last: Progress | None = None
 
@@ -237,9 +291,10 @@ def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, 
     elapsed = last.elapsed if last else 0.0
     if output != "probabilities":
         yield Progress(done, done + 1, elapsed, message="post-processing", stage="postprocess")
-    sampling = voxel_size if voxel_size is not None and model.spatial_dims == len(voxel_size) else None
     data = probabilities_to_output(probabilities, model.task, output, threshold=threshold,
                                    min_size=min_size, voxel_size=sampling,
-                                   seed_threshold=seed_threshold)
+                                   seed_threshold=seed_threshold, **shape_settings(model, sampling),
+                                   per_slice=model.spatial_dims == 2 and probabilities.ndim == 4,
+                                   stitch_threshold=stitch_threshold)
     return SegmentationResult(data=data, output=output, probabilities=probabilities,
                               task=model.task, class_names=list(model.class_names), messages=messages)

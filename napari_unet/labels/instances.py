@@ -11,6 +11,7 @@ from skimage.segmentation import watershed
 
 from napari_unet.labels.dtypes import relabel_sequential, smallest_uint_dtype
 from napari_unet.labels.edits import fill_holes, remove_small_objects
+from napari_unet.labels.membranes import estimate_radius, membrane_instances
 from napari_unet.labels.watershed import (
     _check_sampling,
     _distance_markers,
@@ -104,10 +105,11 @@ def to_instances(
     method: Method = "watershed",
     min_distance: float | None = None,
     peak_prominence: float = 0.2,
-    seed_erosion: float = 1.0,
     mask: np.ndarray | None = None,
     min_seed_size: int | None = None,
     seed_threshold: float | None = None,
+    object_radius: float | None = None,
+    merge_threshold: float | None = None,
 ) -> np.ndarray:
     """Instance labels from the network probabilities.
 
@@ -119,9 +121,11 @@ def to_instances(
         Seeds = components of ``(fg > t) & (boundary < t)``; ``"watershed"``: grow them over
         the foreground on the boundary probability; ``"connected_components"``: the seeds.
     ``"membranes"``
-        Cells = ``p(membrane) < t``; seeds = components of the cells eroded by
-        ``seed_erosion``; ``"watershed"``: grow them on the membrane probability over the whole
-        image (cells tile it); ``"connected_components"``: label the cells without growing.
+        ``"watershed"``: PlantSeg's way (:func:`~napari_unet.labels.membranes.membrane_instances`):
+        seeds at the maxima of the smoothed distance transform of ``p(membrane) < t``, a
+        seeded watershed on the membrane probability over the whole image (cells tile it),
+        then neighbours merge while the mean membrane probability on their border is below
+        ``merge_threshold``; ``"connected_components"``: label ``p(membrane) < t``.
     ``"semantic"``
         Connected components of each argmax class, ids unique across classes (``method``
         ignored).
@@ -149,8 +153,6 @@ def to_instances(
         ``"foreground"``: a distance-transform maximum becomes a seed when it rises by this
         fraction of the object's radius above the saddle to a higher maximum; lower values
         split more.
-    seed_erosion : float
-        ``"membranes"``: seeds keep the cell voxels farther than this from a membrane.
     mask : numpy.ndarray, optional
         Region of interest (spatial shape); voxels outside are background.
     min_seed_size : int, optional
@@ -159,8 +161,16 @@ def to_instances(
         only measured after merging.
     seed_threshold : float, optional
         ``"foreground_boundary"``: seeds are where ``boundary < seed_threshold``;
-        ``"membranes"``: seeds come from ``membrane < seed_threshold`` (then eroded). Default:
-        ``threshold``. A lower value splits touching objects more readily.
+        ``"membranes"``: the distance transform for the seeds is of ``membrane <
+        seed_threshold``. Default: ``threshold``. A lower value splits touching objects more
+        readily.
+    object_radius : float, optional
+        ``"membranes"``: typical cell radius (units of ``sampling``, else voxels), which scales
+        seed smoothing and spacing. Default: estimated from ``membrane < threshold``; chunked
+        runs pass one value for all chunks.
+    merge_threshold : float, optional
+        ``"membranes"``: neighbouring cells merge while the mean membrane probability along
+        their border is below it (default ``threshold``; 0: no merging).
 
     Returns
     -------
@@ -227,15 +237,12 @@ def to_instances(
         if method == "connected_components":
             labels, _ = ndi.label(cells)
         else:
-            seed_cells = cells if seed_threshold is None else (membrane < seed_threshold)
-            if roi is not None:
-                seed_cells &= roi
-            interior = _distance_transform(seed_cells, sampling) > seed_erosion
-            seeds, _ = ndi.label(interior)
-            seeds = remove_small_objects(seeds, min_seed_size)
-            if not seeds.any():  # erosion removed everything: use the cells themselves
-                seeds, _ = ndi.label(cells)
-            labels = watershed(membrane, seeds, mask=roi)
+            if object_radius is None:
+                object_radius = estimate_radius(cells, sampling)
+            labels = membrane_instances(membrane, threshold=threshold, sampling=sampling,
+                                        object_radius=object_radius,
+                                        seed_threshold=seed_threshold,
+                                        merge_threshold=merge_threshold, roi=roi)
 
     if roi is not None:
         labels = np.where(roi, labels, 0)

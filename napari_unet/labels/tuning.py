@@ -16,10 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE, to_instances, to_semantic
+from napari_unet.labels.membranes import equivalent_diameter
 from napari_unet.labels.metrics import match_instances
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEED_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+#: membranes: candidate thresholds of the mean border probability below which cells merge
+MERGE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 #: candidate minimum object sizes, as fractions of the median true object size
 MIN_SIZE_FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35)
 
@@ -57,7 +60,8 @@ def tune_postprocessing(probabilities: Sequence[np.ndarray], truths: Sequence[np
                         task: str, *, instances: bool,
                         voxel_size: Sequence[float] | None = None,
                         valid: Sequence[np.ndarray | None] | None = None) -> TuningResult:
-    """Choose ``threshold``, ``seed_threshold`` and ``min_size`` on validation data.
+    """Choose ``threshold``, ``seed_threshold``, ``min_size`` (also as ``min_size_fraction``
+    of the median true object size) and, for membranes, ``merge_threshold`` on validation data.
 
     Parameters
     ----------
@@ -115,7 +119,9 @@ def tune_postprocessing(probabilities: Sequence[np.ndarray], truths: Sequence[np
         for p, t, v in zip(probs, truths, valid):
             pred = to_instances(p, task, threshold=settings["threshold"],
                                 min_size=settings["min_size"], sampling=voxel_size,
-                                seed_threshold=settings.get("seed_threshold"))
+                                seed_threshold=settings.get("seed_threshold"),
+                                merge_threshold=settings.get("merge_threshold"),
+                                object_radius=radius)
             truth = t
             if v is not None:
                 pred, truth = np.where(v, pred, 0), np.where(v, truth, 0)
@@ -132,6 +138,10 @@ def tune_postprocessing(probabilities: Sequence[np.ndarray], truths: Sequence[np
         return max(scored, key=lambda item: item[1])
 
     median = _median_object_size(truths)
+    # membranes: seeds are spaced by the true objects' radius (units of voxel_size)
+    ndim = truths[0].ndim
+    unit = float(np.prod(voxel_size)) if voxel_size is not None else 1.0
+    radius = equivalent_diameter(median * unit, ndim) / 2 if task == "membranes" else None
     min_sizes = sorted({int(round(f * median)) for f in MIN_SIZE_FRACTIONS})
     start_size = min(min_sizes, key=lambda s: abs(s - min(DEFAULT_MIN_SIZE, 0.1 * median)))
     seeds: Sequence[float | None] = (None,) if task == "foreground" else SEED_THRESHOLDS
@@ -141,7 +151,11 @@ def tune_postprocessing(probabilities: Sequence[np.ndarray], truths: Sequence[np
     best, score = best_of([{**best, "min_size": size} for size in min_sizes])
     if len(seeds) > 1:  # the seed threshold once more, at the chosen size
         best, score = best_of([{**best, "seed_threshold": s} for s in seeds])
+    if task == "membranes":  # merging of over-segmented cells along weak borders
+        best, score = best_of([{**best, "merge_threshold": m} for m in MERGE_THRESHOLDS])
     default = f1_of({"threshold": 0.5, "seed_threshold": None, "min_size": DEFAULT_MIN_SIZE})
     settings = {k: v for k, v in best.items() if v is not None}
+    if median > 0:  # the minimum size as a fraction of the object size travels to other scales
+        settings["min_size_fraction"] = round(settings["min_size"] / median, 4)
     return TuningResult(settings=settings, score=score, metric="object_f1", default_score=default,
                         tried=tried)

@@ -48,6 +48,12 @@ class SegmentationModel:
         Post-processing defaults tuned on a validation split (see :mod:`napari_unet.labels.tuning`):
         ``threshold``, ``seed_threshold``, ``min_size``, plus how they were found. predict and
         Segment use them unless the user sets their own; empty = the built-in defaults.
+        ``min_size_fraction`` (of the median training object volume) takes over from
+        ``min_size`` when ``object_size`` is known, so it travels to other resolutions.
+    object_size : dict
+        The training objects' size (:func:`napari_unet.labels.object_size.measure_object_size`):
+        median equivalent diameter in µm (``diameter_um``, ``None`` without a voxel size)
+        and in voxels (``diameter_voxels``); empty when unknown.
     """
 
     network: UNet
@@ -63,6 +69,7 @@ class SegmentationModel:
     description: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     postprocess: dict[str, Any] = field(default_factory=dict)
+    object_size: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -94,6 +101,7 @@ class SegmentationModel:
             "unit": self.unit, "description": self.description,
             "history": copy.deepcopy(self.history),
             "postprocess": copy.deepcopy(self.postprocess),
+            "object_size": copy.deepcopy(self.object_size),
         }
 
     def postprocess_default(self, key: str, fallback: Any) -> Any:

@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from napari_unet.engine.predict import postprocess_settings, predict_probabilities, probabilities_to_output
+from napari_unet.engine.predict import (
+    postprocess_settings,
+    predict_probabilities,
+    probabilities_to_output,
+    shape_settings,
+)
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.config import UNetConfig
 from napari_unet.model.normalization import Normalizer
@@ -114,10 +119,10 @@ def score(views: Sequence[_Item], model: SegmentationModel, task: str, device: t
 def _instance_options(model: SegmentationModel) -> dict:
     """The post-processing ``model`` segments with (its stored values), as keywords of
     :func:`probabilities_to_output`: validation scores the objects a user would get."""
-    threshold, min_size, seed_threshold = postprocess_settings(model)
     voxel_size = model.voxel_size if model.spatial_dims == 3 else None
+    threshold, min_size, seed_threshold = postprocess_settings(model, voxel_size=voxel_size)
     return dict(threshold=threshold, min_size=min_size, seed_threshold=seed_threshold,
-                voxel_size=voxel_size)
+                voxel_size=voxel_size, **shape_settings(model, voxel_size))
 
 
 def _held_out_axis(valid: np.ndarray) -> int:

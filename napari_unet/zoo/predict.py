@@ -110,6 +110,7 @@ def predict_foreign(image: Any, model: ForeignModel, *, device: str | torch.devi
 def segment_foreign(image: Any, model: ForeignModel, *, output: str = "labels",
                     threshold: float | None = None, min_size: int | None = None,
                     voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
+                    stitch_threshold: float | None = None,
                     **predict_options: Any) -> Generator[Any, None, Any]:
     """:func:`napari_unet.engine.predict.segment` for a :class:`ForeignModel` (blended tiles)."""
     from napari_unet.engine.predict import OUTPUTS, postprocessed
@@ -117,9 +118,10 @@ def segment_foreign(image: Any, model: ForeignModel, *, output: str = "labels",
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     predictor = predict_foreign(image, model, **predict_options)
+    stitch = {} if stitch_threshold is None else {"stitch_threshold": stitch_threshold}
     return (yield from postprocessed(predictor, model, output=output, threshold=threshold,
                                      min_size=min_size, voxel_size=voxel_size,
-                                     seed_threshold=seed_threshold))
+                                     seed_threshold=seed_threshold, **stitch))
 
 
 def segment_model(image: Any, model: SegmentationModel, **options: Any) -> Generator[Any, None, Any]:
