@@ -159,6 +159,9 @@ def prepare(trainer: Trainer, pairs: Sequence[TrainingPair]) -> tuple[list[_Item
     patch = tuple(config.patch_shape) if config.patch_shape else auto_patch_shape(model, shapes, device)
     if len(patch) != dims:
         raise ValueError(f"patch shape {patch} does not match the {dims}D model")
+    trainer.patch_message = ""
+    if config.patch_shape:
+        patch, trainer.patch_message = clip_patch(patch, shapes, model.config.divisor())
     trainer.patch_shape = patch
     trainer.batch_size = config.batch_size or auto_batch_size(model, patch, device)
 
@@ -183,6 +186,21 @@ def prepare(trainer: Trainer, pairs: Sequence[TrainingPair]) -> tuple[list[_Item
             item.labels = None
     trainer.class_weights, trainer.pos_weight = class_stats(items, task, len(model.class_names))
     return items, val_items
+
+
+def clip_patch(patch: Sequence[int], shapes: Sequence[Sequence[int]], divisor: Sequence[int]
+               ) -> tuple[tuple[int, ...], str]:
+    """A requested patch shape clipped to the largest data (a multiple of the network's
+    ``divisor``), so that a patch far larger than the data cannot allocate huge batches; and
+    the one line that says so (empty when nothing was clipped)."""
+    largest = [max(int(s[a]) for s in shapes) for a in range(len(patch))]
+    clipped = tuple(int(p) if p <= n else (n // d * d if n >= d else d)
+                    for p, n, d in zip(patch, largest, divisor))
+    if clipped == tuple(patch):
+        return clipped, ""
+    return clipped, (f"the patch {','.join(map(str, patch))} is larger than the data "
+                     f"({'x'.join(map(str, largest))}): training with patches of "
+                     f"{','.join(map(str, clipped))}")
 
 
 def weight_maps(map_objects: _MapObjects, voxel_size: Sequence[float] | None) -> list[np.ndarray]:

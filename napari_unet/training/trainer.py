@@ -87,6 +87,8 @@ class Trainer:
         #: kept; False: the last weights are kept. :attr:`validation_message` says which and why.
         self.keeps_best = False
         self.validation_message = ""
+        #: set when a requested patch shape was clipped to the data (see ``data.clip_patch``)
+        self.patch_message = ""
         #: (iteration, validation score) of every validation of the weights being trained
         self.validation_scores: list[tuple[int, float]] = []
         #: validation score of the model before fine-tuning: the start model is a candidate,
@@ -139,7 +141,7 @@ class Trainer:
         layout = self.policy.memory_format(self.parent.spatial_dims)
         layout_text = "" if layout == torch.contiguous_format else ", channels-last"
         text = f"training in {self.policy.label()}{layout_text}"
-        return f"{self.validation_message}; {text}" if self.validation_message else text
+        return "; ".join(m for m in (self.patch_message, self.validation_message, text) if m)
 
     @property
     def time_limit(self) -> float | None:

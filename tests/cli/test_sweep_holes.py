@@ -115,7 +115,7 @@ def test_c2_train_patch_larger_than_the_data_is_clipped(tmp_path, capsys, monkey
                          "--no-tune", "-o", tmp_path / "m.pt")
     assert code == 0, err
     assert shapes and all(s[0] <= 12 and s[1] <= 24 and s[2] <= 24 for s in shapes)
-    assert "--patch 64,512,512 is larger than the data" in err + out
+    assert "patch 64,512,512 is larger than the data" in err + out
     assert load_checkpoint(tmp_path / "m.pt").history[-1]["patch_shape"] == list(shapes[0])
 
 
