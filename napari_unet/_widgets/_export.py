@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QLineEdit,
+    QMessageBox,
     QVBoxLayout,
     QWidget,
 )
@@ -91,6 +92,8 @@ class ExportWidget(QWidget):
         self.viewer = napari_viewer
         self.worker: Any = None
         self.last_written: list[Path] = []
+        #: the file name the dock suggested (not typed or chosen by the user)
+        self._suggested = ""
         self._copy: ExportCopy | None = None
         layout = QVBoxLayout(self)
         fields = QFormLayout()
@@ -145,15 +148,76 @@ class ExportWidget(QWidget):
         self.probability_check.setEnabled(has_probs)
         if not has_probs:
             self.probability_check.setChecked(False)
-        if not self.path_edit.text():
-            self.path_edit.setText(str(default_export_path(layer.name,
-                                                           layer.metadata.get(SOURCE_KEY))))
+        if not self.path_edit.text() or self.path_edit.text() == self._suggested:
+            self._suggested = str(self._default_path(layer))
+            self.path_edit.setText(self._suggested)
+
+    @staticmethod
+    def _default_path(layer: Any) -> Path:
+        """The file an export of ``layer`` suggests: its name, next to its image."""
+        return default_export_path(layer.name, layer.metadata.get(SOURCE_KEY))
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
                                               "TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
         if path:
             self.path_edit.setText(path)
+
+    def _refuse(self, message: str) -> None:
+        """An export that does not start: one line in the status line (nothing written)."""
+        from napari.utils.notifications import show_warning
+
+        self.status.setText(message)
+        show_warning(message)
+
+    def _opened_files(self) -> dict[Path, str]:
+        """The files the viewer's layers were opened from (never overwritten by an export)."""
+        files: dict[Path, str] = {}
+        for layer in self.viewer.layers:
+            for source in (getattr(getattr(layer, "source", None), "path", None),
+                           layer.metadata.get(SOURCE_KEY)):
+                if source:
+                    files[Path(str(source)).expanduser().resolve()] = layer.name
+        return files
+
+    def _check_target(self, path: Path, layer: Any, confirmed: bool = False) -> str | None:
+        """Why ``path`` cannot be written for ``layer`` (one line), or None when it can."""
+        import os
+
+        from napari_unet.io.files import check_output_path
+
+        if layer.data.ndim not in (2, 3):
+            return (f"Cannot export {layer.name}: it is {layer.data.ndim}D (shape "
+                    f"{tuple(layer.data.shape)}); Export writes 2D or 3D labels: make a layer "
+                    "of one time point or channel first")
+        targets = [path]
+        if self.probability_check.isChecked():
+            targets.append(probability_path(path))
+        opened = self._opened_files()
+        for target in targets:
+            for source, name in opened.items():
+                same = target.resolve() == source
+                if not same and target.exists() and source.exists():
+                    same = os.path.samefile(target, source)
+                if same:
+                    return (f"Not exported: {target.name} is the file of the layer {name!r}; "
+                            "choose another file name")
+        if not path.parent.is_dir():
+            return (f"Not exported: the folder {path.parent} does not exist; choose an existing "
+                    "folder (Browse…) or create it first")
+        try:
+            check_output_path(path)
+        except OSError as err:
+            return f"Not exported: {err}"
+        existing = [t for t in targets if t.exists() and not (confirmed and t == path)]
+        if existing:
+            names = " and ".join(t.name for t in existing)
+            answer = QMessageBox.question(
+                self, "Overwrite?", f"{names} already exist{'s' if len(existing) == 1 else ''} "
+                f"in {path.parent}. Overwrite?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if answer != QMessageBox.Yes:
+                return f"Not exported: {names} exists; choose another file name"
+        return None
 
     def export(self, path: str | Path | None = None) -> None:
         """Write the chosen layer to ``path`` (default: the file field), in a worker.
@@ -172,8 +236,20 @@ class ExportWidget(QWidget):
         if layer is None:
             notify_error(ValueError("no labels layer to export"), "Export")
             return
+        confirmed = False  # a save dialog asked about overwriting already
+        if path is None and self.path_edit.text().strip() in ("", self._suggested):
+            chosen, _ = QFileDialog.getSaveFileName(
+                self, "Export labels", str(self._default_path(layer)), "TIFF (*.tif *.tiff)")
+            if not chosen:
+                self.status.setText("Not exported: no file chosen.")
+                return
+            path, confirmed = chosen, True
         path = export_path(path or self.path_edit.text())
         self.path_edit.setText(str(path))
+        refusal = self._check_target(path, layer, confirmed)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         probabilities = (layer.metadata.get(PROBABILITIES_KEY)
                          if self.probability_check.isChecked() else None)
         source_data = layer.data
