@@ -397,6 +397,17 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         return history
 
     # run --------------------------------------------------------------------------------------
+    def _refused(self, message: str, shown: bool = False) -> None:
+        """A run that does not start: the reason in the status line (and a notification,
+        unless ``shown`` already), the progress bar back to empty."""
+        from napari.utils.notifications import show_warning
+
+        if not shown:
+            show_warning(message)
+        self.status.setText(message)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+
     def segment(self) -> None:
         """Start segmenting the chosen image with the chosen model (in a worker).
 
@@ -405,7 +416,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         slices as they are (default), or into a new layer; one Ctrl+Z puts the layer back as
         it was.
         """
-        from napari.utils.notifications import show_info, show_warning
+        from napari.utils.notifications import show_info
 
         from napari_unet.zoo.predict import (
             segment_model as segment,  # Zoo models made elsewhere: blended tiles
@@ -416,16 +427,16 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             return
         image = self.image_combo.layer()
         if image is None:
-            show_warning("Open an image first (File > Open, or File > Open Sample > napari-unet).")
+            self._refused("Open an image first (File > Open, or File > Open Sample > napari-unet).")
             return
         if image.rgb:
-            show_warning(f"{image.name!r} is an RGB image; the models take one channel. "
-                         "Convert it to grayscale first.")
+            self._refused(f"{image.name!r} is an RGB image; the models take one channel. "
+                          "Convert it to grayscale first.")
             return
         try:
             model = self.registry.get()
         except CheckpointError as err:
-            notify_error(err, "Segment")
+            self._refused(notify_error(err, "Segment"), shown=True)
             return
         note_model_used(self.registry, image)
         import_heavy_modules_on_main_thread()
@@ -434,9 +445,9 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         shape = spatial_shape(image)
         if SCOPES[self.scope_combo.currentText()] == SLICE and len(shape) == 3 \
                 and view_axis(self.viewer, image):
-            notify_error(ValueError("'current slice' segments a z slice and the view shows a y or "
-                                    "x slice: view the stack along z (napari's transpose button)"),
-                         "Segment")
+            self._refused(notify_error(ValueError(
+                "'current slice' segments a z slice and the view shows a y or x slice: view the "
+                "stack along z (napari's transpose button)"), "Segment"), shown=True)
             return
         region = self._region(image, model)
         voxel_size = tuple(float(s) for s in image.scale[-len(shape):])
@@ -451,7 +462,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
                                  "pick a 2D model")
             precision_label = resolved_precision(precision, device)
         except (ValueError, MemoryError) as err:
-            notify_error(err, f"Segment {image.name!r} with {model.label}")
+            self._refused(notify_error(err, f"Segment {image.name!r} with {model.label}"), shown=True)
             return
         layer = None
         if self.write_combo.currentText() != NEW_LAYER:

@@ -272,6 +272,8 @@ class SegmentRunMixin:
         run = self._run
         message = notify_error(err, f"Segment with {run.model.label}")
         self.status.setText(message)
+        self.progress_bar.setRange(0, 1)  # no "n / n tiles" of a run that failed
+        self.progress_bar.setValue(0)
         if run.created and not run.wrote and run.layer in self.viewer.layers:
             self.viewer.layers.remove(run.layer)  # an empty layer would only confuse
             self.labels_layer = None

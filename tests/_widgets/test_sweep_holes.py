@@ -160,3 +160,91 @@ def test_g4_export_into_a_missing_folder_is_plain_words(make_napari_viewer, qtbo
     text = widget.status.text()
     assert "Errno" not in text and "does not exist" in text and "nowhere" in text
     assert not (tmp_path / "nowhere").exists()
+
+
+# --- G3: Segment errors in the dock ---------------------------------------------------------------
+
+
+def _segment_dock(viewer):
+    from napari_unet._widgets._segment import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    return widget
+
+
+def test_g3_segment_errors_show_in_the_dock_and_reset_the_progress(
+        make_napari_viewer, qtbot, registry, model_2d_path, model_3d_path, notifications):
+    viewer = make_napari_viewer()
+    image, _ = blobs((48, 48))
+    viewer.add_image(image, name="flat")
+    widget = _segment_dock(viewer)
+    widget.load_model_file(model_2d_path)
+    click(qtbot, widget, "Segment")
+    wait_idle(qtbot, widget)
+    assert "Done" in widget.status.text() and widget.progress_bar.value() > 0
+    labels = viewer.layers["flat labels"]
+    before = labels.data.copy()
+    # a 3D model on a 2D image
+    widget.load_model_file(model_3d_path)
+    click(qtbot, widget, "Segment")
+    assert widget.worker is None
+    text = widget.status.text()
+    assert "3D model" in text and "2D model" in text and "Done" not in text
+    assert widget.progress_bar.value() == 0
+    np.testing.assert_array_equal(labels.data, before)
+    # no layers at all
+    widget.load_model_file(model_2d_path)
+    viewer.layers.clear()
+    click(qtbot, widget, "Segment")
+    text = widget.status.text()
+    assert "Open an image" in text and "Done" not in text
+    assert widget.progress_bar.value() == 0
+
+
+# --- G5: closing the viewer (or the dock) during a fine-tune -----------------------------------
+
+
+@pytest.mark.parametrize("how", ["viewer", "dock"])
+def test_g5_closing_during_a_fine_tune_stops_cleanly(make_napari_viewer, qtbot, registry,
+                                                     model_2d_path, how):
+    import sys
+
+    from qtpy.QtCore import QCoreApplication, QEvent, QThreadPool
+    from qtpy.QtWidgets import QApplication
+
+    from napari_unet._widgets._finetune import FineTuneWidget
+
+    raised: list[str] = []
+    real_hook = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: raised.append(f"{kind.__name__}: {value}")
+    viewer = make_napari_viewer()
+    image, labels = blobs((48, 48))
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="img labels")
+    segment = _segment_dock(viewer)
+    widget = FineTuneWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Fine-tune")
+    segment.load_model_file(model_2d_path)
+    widget.time_spin.setValue(60)
+    widget.config_overrides = {"batch_size": 1}
+    click(qtbot, widget, "Fine-tune")
+    qtbot.waitUntil(lambda: widget.last_stats is not None, timeout=60_000)
+    trainer = widget.training_job
+    try:
+        if how == "viewer":
+            viewer.close()
+        else:  # the dock deleted (as its window's children are when the window goes)
+            viewer.window.remove_dock_widget(dock)
+            widget.deleteLater()
+            QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        for _ in range(5):
+            QApplication.processEvents()
+        assert QThreadPool.globalInstance().waitForDone(30_000)  # stopped, well before 60 s
+        for _ in range(20):
+            QApplication.processEvents()
+    finally:
+        sys.excepthook = real_hook
+    assert trainer._stop.is_set() or how == "viewer"
+    assert trainer._state["seconds"] < 30
+    assert not [m for m in raised if "deleted" in m], raised
