@@ -110,26 +110,30 @@ class StreamMismatchError(FileExistsError):
                          "over, or choose another path")
 
 
-#: blocks per axis (and their largest side) hashed by :func:`input_fingerprint`
-_SAMPLE_BLOCKS, _SAMPLE_SIDE = 3, 16
+#: blocks per axis hashed by :func:`input_fingerprint`, and their largest side in the last two
+#: axes (planes: a lazy TIFF reads whole pages) and in the others
+_SAMPLE_BLOCKS, _SAMPLE_SIDE, _SAMPLE_DEPTH = 3, 16, 4
 
 
 def input_fingerprint(image: Any, path: str | Path | None) -> dict[str, Any]:
     """What identifies the input of a streamed run: its path, shape, dtype and a hash of a
-    sample of its values (``3**ndim`` strided blocks of at most 16 voxels a side, so that it
-    stays cheap for inputs of any size, lazy ones included)."""
+    sample of its values (``3**ndim`` strided blocks of at most 4 planes of 16 x 16 voxels, so
+    that it stays cheap for inputs of any size, lazy ones included: a few dozen planes read)."""
     shape = tuple(int(n) for n in image.shape)
     digest = hashlib.sha1(repr((shape, str(np.dtype(image.dtype)))).encode())
     starts_per_axis = []
-    for n in shape:
-        side = min(n, _SAMPLE_SIDE)
+    for axis, n in enumerate(shape):
+        side = min(n, _SAMPLE_SIDE if axis >= len(shape) - 2 else _SAMPLE_DEPTH)
         starts = sorted({int(round(s)) for s in np.linspace(0, n - side, _SAMPLE_BLOCKS)})
         starts_per_axis.append([slice(s, s + side) for s in starts])
-    blocks = [tuple(b) for b in _product(starts_per_axis)]
+    blocks = [image[tuple(b)] for b in _product(starts_per_axis)]
     with local_dask():
+        if hasattr(image, "dask"):  # one compute: each chunk is read once
+            import dask
+
+            blocks = list(dask.compute(*blocks))
         for block in blocks:
-            values = np.ascontiguousarray(np.asarray(image[block]))
-            digest.update(values.tobytes())
+            digest.update(np.ascontiguousarray(np.asarray(block)).tobytes())
     return {"path": None if path is None else str(Path(path).expanduser().resolve()),
             "shape": list(shape), "dtype": str(np.dtype(image.dtype)), "sample": digest.hexdigest()}
 

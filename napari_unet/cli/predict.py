@@ -209,7 +209,7 @@ _SETTING_OPTIONS = {
     "model": "--model", "task": "--model", "output": "--output",
     "probabilities": "--save-probabilities", "probability_dtype": "--save-probabilities",
     "threshold": "--threshold", "min_size": "--min-size", "seed_threshold": "--seed-threshold",
-    "tta": "--tta", "voxel_size": "the input's voxel size", "method": "the instance method",
+    "tta": "--tta", "voxel_size": "the voxel size", "method": "the instance method",
     "settings": "the settings",
 }
 
@@ -222,8 +222,9 @@ def _mismatch_message(error: Exception) -> str:
         return (f"{path} holds a prediction of {what}; --overwrite starts over, or choose "
                 "another output")
     names = list(dict.fromkeys(_SETTING_OPTIONS.get(d, d) for d in error.differences))
-    return (f"{path} was made with another {', '.join(names)}; run again with the same "
-            f"{'option' if len(names) == 1 else 'options'}, or --overwrite starts over")
+    verb = "differs" if len(names) == 1 else "differ"
+    return (f"{path} was made with other settings ({', '.join(names)} {verb}); run again with "
+            "the same ones to resume, or --overwrite starts over")
 
 
 def _max_tile_bytes(args: argparse.Namespace) -> float | None:
