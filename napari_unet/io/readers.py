@@ -123,8 +123,8 @@ def _finalize(raw: _RawImage, path: Path, *, allow_channels: bool) -> LoadedImag
         )
     if unknown:
         raise ImageReadError(
-            f"image has axes {described}: napari-unet cannot tell which of these axes are Z, "
-            "time or channels; save it with its axes (ImageJ hyperstack or OME-TIFF, e.g. "
+            f"image has axes {described}: more than 3 spatial axes, and napari-unet cannot tell "
+            "which are Z, time or channels; save it with its axes (ImageJ hyperstack or OME-TIFF, e.g. "
             "tifffile.imwrite(..., metadata={'axes': 'TZYX'})) or as 3D stacks of one time "
             "point and channel"
         )
