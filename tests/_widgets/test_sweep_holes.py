@@ -4,7 +4,6 @@ line in the dock's status line, no traceback, no layer or file changed."""
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import numpy as np
