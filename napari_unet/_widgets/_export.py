@@ -206,7 +206,7 @@ class ExportWidget(QWidget):
             return (f"Not exported: the folder {path.parent} does not exist; choose an existing "
                     "folder (Browse…) or create it first")
         try:
-            check_output_path(path)
+            check_output_path(path, folder=is_ome_zarr_export(path))  # OME-Zarr: a folder
         except OSError as err:
             return f"Not exported: {err}"
         existing = [t for t in targets if t.exists() and not (confirmed and t == path)]

@@ -247,3 +247,30 @@ def test_g5_closing_during_a_fine_tune_stops_cleanly(make_napari_viewer, qtbot, 
     assert trainer._stop.is_set() or how == "viewer"
     assert trainer._state["seconds"] < 30
     assert not [m for m in raised if "deleted" in m], raised
+
+
+def test_g1_export_asks_before_replacing_an_ome_zarr(make_napari_viewer, qtbot, tmp_path,
+                                                     questions):
+    pytest.importorskip("ome_zarr")
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer = make_napari_viewer()
+    image, labels = blobs((32, 32))
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="img labels")
+    widget = _export_dock(viewer)
+    widget.labels_combo.setCurrentText("img labels")
+    target = tmp_path / "out.ome.zarr"
+    widget.export(target)
+    wait_idle(qtbot, widget)
+    assert target.is_dir()
+    before = sorted(p.name for p in target.rglob("*"))
+    asked, answers = questions
+    widget.export(target)  # answered No: left as it is
+    wait_idle(qtbot, widget)
+    assert len(asked) == 1 and "Not exported" in widget.status.text()
+    assert sorted(p.name for p in target.rglob("*")) == before
+    answers.append(QMessageBox.Yes)
+    widget.export(target)
+    wait_idle(qtbot, widget)
+    assert len(asked) == 2 and "Wrote" in widget.status.text()
