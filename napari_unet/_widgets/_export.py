@@ -193,6 +193,10 @@ class ExportWidget(QWidget):
         targets = [path]
         if self.probability_check.isChecked():
             targets.append(probability_path(path))
+        if self.measure_check.isChecked():
+            from napari_unet.io.table import measurements_path
+
+            targets.append(measurements_path(path))
         opened = self._opened_files()
         for target in targets:
             for source, name in opened.items():

@@ -72,7 +72,7 @@ def test_g1_export_never_overwrites_an_opened_layers_file(make_napari_viewer, qt
     tifffile.imwrite(raw, image)
     before = digest(raw)
     viewer = make_napari_viewer()
-    viewer.open(str(raw), plugin="napari-unet")
+    viewer.open(str(raw), plugin="napari")  # any reader: napari sets layer.source.path
     assert Path(viewer.layers[0].source.path) == raw
     viewer.add_labels(labels, name="labels")
     widget = _export_dock(viewer)
