@@ -397,17 +397,6 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         return history
 
     # run --------------------------------------------------------------------------------------
-    def _refused(self, message: str, shown: bool = False) -> None:
-        """A run that does not start: the reason in the status line (and a notification,
-        unless ``shown`` already), the progress bar back to empty."""
-        from napari.utils.notifications import show_warning
-
-        if not shown:
-            show_warning(message)
-        self.status.setText(message)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-
     def segment(self) -> None:
         """Start segmenting the chosen image with the chosen model (in a worker).
 

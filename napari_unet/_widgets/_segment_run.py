@@ -264,6 +264,17 @@ class SegmentRunMixin:
             layer.refresh()
         return layer
 
+    def _refused(self, message: str, shown: bool = False) -> None:
+        """A run that does not start: the reason in the status line (and a notification,
+        unless ``shown`` already), the progress bar back to empty."""
+        from napari.utils.notifications import show_warning
+
+        if not shown:
+            show_warning(message)
+        self.status.setText(message)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+
     # the end ----------------------------------------------------------------------------------
     def _write_failed(self, err: BaseException) -> None:
         self._on_error(err)
