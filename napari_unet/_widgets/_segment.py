@@ -13,12 +13,9 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QLabel,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -43,6 +40,7 @@ from napari_unet._widgets._common import (
 )
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._model_choice import note_model_used, pick_model_for
+from napari_unet._widgets._segment_form import NEW_LAYER, OUTPUTS, SCOPES, WRITE_MODES, add_run_fields
 from napari_unet._widgets._segment_run import SegmentRun, SegmentRunMixin, spatial_shape
 from napari_unet._widgets._state import (
     MODEL_KEY,
@@ -72,13 +70,10 @@ from napari_unet.engine.messages import model_summary, short_list
 from napari_unet.engine.regions import (
     SLICE,
     VISIBLE,
-    WHOLE,
     PredictRegion,
     predict_region,
 )
-from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.labels.slices import marks_outside, plane_label, z_slices
-from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.labels.writeback import (
     KEEP,
     OVERWRITE,
@@ -88,15 +83,6 @@ from napari_unet.labels.writeback import (
 )
 from napari_unet.model.checkpoint import CheckpointError
 
-#: the Output choices and the core's outputs
-OUTPUTS = {"instances": "instances", "binary / classes": "labels"}
-#: the Scope choices and the core's scopes
-SCOPES = {"whole stack": WHOLE, "current slice": SLICE, "visible region": VISIBLE}
-#: where the result goes: the image's labels layer with the corrected slices left as they are
-#: (default), a new labels layer, or the labels layer entirely (asks first when it has
-#: corrected slices or edits)
-NEW_LAYER = "new labels layer"
-WRITE_MODES = {"keep corrected slices": KEEP, NEW_LAYER: "new", "overwrite all": OVERWRITE}
 KEY = "Alt-G"
 
 
@@ -162,67 +148,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             "GPUs, else fp32; fp32 = exact")
         fields.addRow("Precision", self.precision_combo)
 
-        self.output_combo = QComboBox()
-        self.output_combo.addItems(list(OUTPUTS))
-        self.output_combo.setToolTip("instances: one id per object (nuclei, cells); binary / "
-                                     "classes: foreground = 1, or class ids for multi-class models")
-        fields.addRow("Output", self.output_combo)
-        remember(self.output_combo, "output")
-
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems(list(SCOPES))
-        self.scope_combo.setToolTip("whole stack: everything; current slice: only the slice on "
-                                    "screen (fast check); visible region: the part in view (all "
-                                    "slices)")
-        fields.addRow("Scope", self.scope_combo)
-
-        self.write_combo = QComboBox()
-        self.write_combo.addItems(list(WRITE_MODES))
-        self.write_combo.setToolTip("keep corrected slices: the image's labels layer is rewritten "
-                                    "except the slices marked corrected (Edit dock); new labels "
-                                    "layer: your layer stays as it is; overwrite all: everything, "
-                                    "corrected slices included (asks first). Ctrl+Z undoes a run")
-        fields.addRow("Write into", self.write_combo)
-
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setRange(0.01, 0.99)
-        self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setValue(0.5)
-        self.threshold_spin.setToolTip("Probability above which a pixel is foreground (lower = "
-                                       "larger objects)")
-        fields.addRow("Threshold", self.threshold_spin)
-
-        self.min_size_spin = QSpinBox()
-        self.min_size_spin.setRange(0, 10_000_000)
-        self.min_size_spin.setValue(DEFAULT_MIN_SIZE)
-        self.min_size_spin.setToolTip("Remove objects smaller than this many pixels/voxels "
-                                      "(0 = keep all)")
-        fields.addRow("Min size", self.min_size_spin)
-        #: False while threshold and min size show the model's own (tuned) values; True once
-        #: the user changes one, so their value wins over the model's
-        self.postprocess_edited = False
-        for spin in (self.threshold_spin, self.min_size_spin):
-            spin.valueChanged.connect(self._postprocess_edited)
-
-        self.stitch_spin = QDoubleSpinBox()  # a 2D model on a stack: link objects through z
-        self.stitch_spin.setRange(0.0, 0.95)
-        self.stitch_spin.setSingleStep(0.05)
-        self.stitch_spin.setValue(DEFAULT_STITCH_THRESHOLD)
-        self.stitch_spin.setSpecialValueText("per slice")
-        self.stitch_spin.setToolTip("Instances of a 2D model on a stack: objects of neighbouring "
-                                    "slices overlapping with at least this IoU are one object "
-                                    "(0 = per slice). 3D models ignore it")
-        fields.addRow("Stitch z", self.stitch_spin)
-        self.tta_check = QCheckBox("Test-time augmentation")
-        self.tta_check.setToolTip("Average the model over 8 flips and rotations of the image: "
-                                  "smoother, often slightly better results, 8x slower")
-        fields.addRow("", self.tta_check)
-        self.uncertainty_check = QCheckBox("Uncertainty layer")
-        self.uncertainty_check.setToolTip(
-            "Add (or update) an image layer '<image> uncertainty' where the model is unsure "
-            "(0..1: entropy of the probabilities, with test-time augmentation also the "
-            "disagreement between the augmentations). Toggle it like any layer")
-        fields.addRow("", self.uncertainty_check)
+        add_run_fields(self, fields)
 
         self.segment_button = button("Segment", f"Run the model on the image ({KEY.replace('-', '+')}). The labels "
                                      "layer fills in tile by tile", self.segment)
