@@ -52,7 +52,7 @@ def main() -> None:
     from napari_unet.checkpoint import SegmentationModel, list_pretrained, load_model
     from napari_unet.io import read_image
     from napari_unet.models import UNet, UNetConfig
-    from napari_unet._widgets._launch import launch
+    from napari_unet._widgets._launch import PLUGIN, launch
     from napari_unet._widgets._state import get_registry
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -70,11 +70,11 @@ def main() -> None:
     load_model  # noqa: B018 - imported for readers of this script
 
     # Segment: mid-run on the 2D nuclei image
-    segment = docks["Segment (napari-unet)"]
+    segment = docks[f"Segment ({PLUGIN})"]
     segment.output_combo.setCurrentText("instances")
     segment.segment()
     wait(app, lambda: segment.worker is None, 300)
-    docks["Segment (napari-unet)"].parent().raise_()
+    docks[f"Segment ({PLUGIN})"].parent().raise_()
     save(viewer, app, "segment")
 
     # Edit: a stack with ground-truth labels, a few corrected slices, seeds for a split
@@ -85,7 +85,7 @@ def main() -> None:
     layer = viewer.add_labels(labels, name="nuclei_3d labels", scale=stack.voxel_size)
     layer.metadata["napari_unet_corrected_slices"] = [20, 45, 60]
     viewer.dims.set_point(0, 45 * stack.voxel_size[0])
-    edit = docks["Edit (napari-unet)"]
+    edit = docks[f"Edit ({PLUGIN})"]
     edit.labels_combo.set_layer(layer)
     edit._fill_slices()
     points = edit.add_seeds_layer()
@@ -98,7 +98,7 @@ def main() -> None:
     save(viewer, app, "edit")
 
     # Fine-tune: a few seconds on the corrected slices, with the live loss curve and preview
-    finetune = docks["Fine-tune (napari-unet)"]
+    finetune = docks[f"Fine-tune ({PLUGIN})"]
     if "nuclei-3d" in list_pretrained():
         registry.current = "nuclei-3d"
     else:
@@ -114,7 +114,7 @@ def main() -> None:
     save(viewer, app, "finetune")
 
     # Export: the labels written as a calibrated TIFF
-    export = docks["Export (napari-unet)"]
+    export = docks[f"Export ({PLUGIN})"]
     export.labels_combo.set_layer(layer)
     export.path_edit.setText(str(Path("/tmp") / "nuclei_3d_labels_export.tif"))
     export.parent().raise_()

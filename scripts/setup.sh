@@ -10,6 +10,13 @@ extras="pyqt5,all"
 [[ "${1:-}" == "--test" ]] && extras="pyqt5,testing"
 
 PYTHON=${PYTHON:-python3}
+# The distribution was called napari-unet before; that name belongs to another project on PyPI.
+# An editable install under the old name is a checkout of ours (PyPI's is never editable): it
+# is removed, so that napari does not find the plugin twice (the import name napari_unet and
+# the command napari-unet stay).
+if $PYTHON -m pip show napari-unet 2>/dev/null | grep -q '^Editable project location: '; then
+    $PYTHON -m pip uninstall --disable-pip-version-check -y -q napari-unet
+fi
 $PYTHON -m pip install --disable-pip-version-check -q "torch==2.13.0"
 $PYTHON -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 

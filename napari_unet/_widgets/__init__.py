@@ -1,4 +1,4 @@
-"""napari plugin: docks (Segment, Edit, Fine-tune, Export), reader, writer and sample data.
+"""napari plugin: docks (Segment, Edit, Fine-tune, Export, Measurements), reader, writer and sample data.
 
 The only place in the package that imports napari, qtpy or magicgui. Importing this package is
 cheap: the docks are imported when napari opens them.
@@ -6,7 +6,7 @@ cheap: the docks are imported when napari opens them.
 
 from __future__ import annotations
 
-__all__ = ["SegmentWidget", "EditWidget", "FineTuneWidget", "ExportWidget"]
+__all__ = ["SegmentWidget", "EditWidget", "FineTuneWidget", "ExportWidget", "MeasureWidget"]
 
 
 def __getattr__(name: str):
@@ -26,4 +26,8 @@ def __getattr__(name: str):
         from napari_unet._widgets._export import ExportWidget
 
         return ExportWidget
+    if name == "MeasureWidget":
+        from napari_unet._widgets._measure import MeasureWidget
+
+        return MeasureWidget
     raise AttributeError(name)

@@ -135,19 +135,25 @@ class LayerCombo(QComboBox):
 
 
 class ProgressBar(QProgressBar):
-    """A QProgressBar whose ``setValue`` does not repaint at once.
+    """A QProgressBar whose ``setValue`` and ``setRange`` do not repaint at once.
 
-    ``QProgressBar.setValue`` calls ``repaint()``: one more synchronous flush of the whole
-    window per update (in napari with a software OpenGL stack, ~15 ms of blocked event loop).
-    Here the bar is repainted with the window's other changes, in one flush.
+    ``QProgressBar.setValue`` calls ``repaint()``, and so does ``setRange`` below the value (its
+    ``reset()``, e.g. at each Segment click): one more synchronous flush of the whole window
+    (in napari with a software OpenGL stack, ~15 ms or more of blocked event loop). Here the
+    bar is repainted with the window's other changes, in one flush.
     """
 
     def setValue(self, value: int) -> None:  # noqa: N802 - Qt API
-        if value == self.value():
-            return
+        if value != self.value():
+            self._later(super().setValue, value)
+
+    def setRange(self, minimum: int, maximum: int) -> None:  # noqa: N802 - Qt API
+        self._later(super().setRange, minimum, maximum)
+
+    def _later(self, method: Callable[..., None], *args: int) -> None:
         self.setUpdatesEnabled(False)
         try:
-            super().setValue(value)
+            method(*args)
         finally:
             self.setUpdatesEnabled(True)  # schedules update() (no immediate repaint)
 

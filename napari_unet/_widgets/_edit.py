@@ -42,9 +42,11 @@ from napari_unet._widgets._state import (
     notify_error,
     set_corrected_slices,
     suggestions_changed,
+    view_axis,
 )
 from napari_unet._widgets._workers import start_job
 from napari_unet.labels import dtypes, edits
+from napari_unet.labels.slices import AXIS_NAMES
 from napari_unet.labels.scope import (
     EditScope,
     Operation,
@@ -206,6 +208,19 @@ class EditWidget(QWidget):
         except RuntimeError:  # dock closed
             pass
 
+    def _off_axis(self, layer: Any) -> bool:
+        """Whether the scope is the slice on screen and the view shows a y or x slice (the
+        slice operations edit z slices): says so, and the operation does nothing."""
+        if layer is None or layer.ndim < 3 or self.scope_combo.currentText() != SCOPES[0]:
+            return False
+        axis = view_axis(self.viewer, layer)
+        if axis == 0:
+            return False
+        notify_error(ValueError(f"{SCOPES[0]!r} edits z slices and the view shows a "
+                                f"{AXIS_NAMES[axis]} slice: view the stack along z (napari's "
+                                f"transpose button) or choose {SCOPES[1]!r}"), "Edit")
+        return True
+
     def _scope(self, layer: Any) -> EditScope:
         """The part of the layer an operation works on: the slice on screen (2D scope of a
         stack) or the whole array."""
@@ -244,6 +259,8 @@ class EditWidget(QWidget):
             return False
         try:
             layer = self.layer()
+            if not force_3d and self._off_axis(layer):
+                return False
             scope = whole_scope(layer.data.shape) if force_3d else self._scope(layer)
             z = scope.z
             if z is None and layer.ndim >= 3:
@@ -327,6 +344,8 @@ class EditWidget(QWidget):
     # operations -------------------------------------------------------------------------------
     def merge(self) -> bool:
         layer = self.labels_combo.layer()
+        if self._off_axis(layer):
+            return False
         ids = self._ids(layer, self._scope(layer)) if layer is not None else []
         if len(set(ids) - {0}) < 2:
             notify_error(ValueError("list at least two label ids, e.g. '3, 7', or put a seed on "
@@ -341,6 +360,8 @@ class EditWidget(QWidget):
         layer = self.labels_combo.layer()
         if layer is None:
             notify_error(ValueError("no labels layer"), "Split")
+            return False
+        if self._off_axis(layer):
             return False
         z = self._scope(layer).z
         seeds = self._seeds(layer, z)
@@ -365,6 +386,8 @@ class EditWidget(QWidget):
 
     def delete(self) -> bool:
         layer = self.labels_combo.layer()
+        if self._off_axis(layer):
+            return False
         try:
             ids = [i for i in self._ids(layer, self._scope(layer)) if i] if layer else []
         except ValueError as err:
@@ -397,6 +420,8 @@ class EditWidget(QWidget):
 
     def to_instances(self) -> bool:
         layer = self.labels_combo.layer()
+        if self._off_axis(layer):
+            return False
         z = self._scope(layer).z if layer is not None else None
 
         def operation(block: np.ndarray) -> np.ndarray:

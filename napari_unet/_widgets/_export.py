@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QLineEdit,
+    QMessageBox,
     QVBoxLayout,
     QWidget,
 )
@@ -25,6 +26,7 @@ from napari_unet._widgets._common import (
     row,
     status_label,
 )
+from napari_unet._widgets._measure import intensity_data
 from napari_unet._widgets._state import (
     PROBABILITIES_KEY,
     SOURCE_KEY,
@@ -35,6 +37,7 @@ from napari_unet._widgets._workers import start_job
 from napari_unet.io.export_paths import (
     default_export_path,
     export_path,
+    is_ome_zarr_export,
     probability_path,
 )
 from napari_unet.io.label_export import (
@@ -45,6 +48,7 @@ from napari_unet.io.label_export import (
     labels_for_export,
     summary_line,
 )
+from napari_unet.io.table import export_measurements
 
 __all__ = ["ExportWidget", "ExportCopy", "KEY", "MODES", "COPY_CHUNK_BYTES", "copy_steps",
            "export_labels", "labels_for_export", "probability_path", "summary_line"]
@@ -64,6 +68,20 @@ class ExportCopy:
     tries: int = 0
 
 
+def image_for_labels(viewer: Any, shape: tuple[int, ...]) -> Any:
+    """The data of the image layer a labels layer of ``shape`` belongs to (the selected one
+    first, else the newest of that shape; its first level when multiscale), or None."""
+    from napari.layers import Image
+
+    candidates = [viewer.layers.selection.active, *reversed(list(viewer.layers))]
+    for layer in candidates:
+        if isinstance(layer, Image) and not layer.rgb:
+            data = layer.data[0] if layer.multiscale else layer.data
+            if tuple(data.shape) == tuple(shape):
+                return data
+    return None
+
+
 class ExportWidget(QWidget):
     """Write a labels layer as a calibrated, compressed TIFF."""
 
@@ -74,6 +92,8 @@ class ExportWidget(QWidget):
         self.viewer = napari_viewer
         self.worker: Any = None
         self.last_written: list[Path] = []
+        #: the file name the dock suggested (not typed or chosen by the user)
+        self._suggested = ""
         self._copy: ExportCopy | None = None
         layout = QVBoxLayout(self)
         fields = QFormLayout()
@@ -96,9 +116,15 @@ class ExportWidget(QWidget):
         self.probability_check.setToolTip("Writes <name>_probabilities.tif (float32) next to the "
                                           "labels; available after Segment on the whole image")
         fields.addRow("", self.probability_check)
+        self.measure_check = QCheckBox("Also write measurements (CSV)")
+        self.measure_check.setToolTip("Writes <name>_measurements.csv next to the labels: one row "
+                                      "per object, in calibrated units (see the Measurements dock)")
+        fields.addRow("", self.measure_check)
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("labels.tif")
-        self.path_edit.setToolTip("Output file (.tif); written atomically, never over the input")
+        self.path_edit.setToolTip("Output file: .tif, or .ome.zarr (OME-Zarr: the image with the "
+                                  "labels under labels/, multiscale); written atomically, never "
+                                  "over the input")
         fields.addRow("File", row(self.path_edit, button("Browse…", "Choose the output file",
                                                           self._choose_path)))
         self.export_button = button("Export", f"Write the TIFF ({KEY.replace('-', '+')})",
@@ -122,15 +148,80 @@ class ExportWidget(QWidget):
         self.probability_check.setEnabled(has_probs)
         if not has_probs:
             self.probability_check.setChecked(False)
-        if not self.path_edit.text():
-            self.path_edit.setText(str(default_export_path(layer.name,
-                                                           layer.metadata.get(SOURCE_KEY))))
+        if not self.path_edit.text() or self.path_edit.text() == self._suggested:
+            self._suggested = str(self._default_path(layer))
+            self.path_edit.setText(self._suggested)
+
+    @staticmethod
+    def _default_path(layer: Any) -> Path:
+        """The file an export of ``layer`` suggests: its name, next to its image."""
+        return default_export_path(layer.name, layer.metadata.get(SOURCE_KEY))
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
-                                              "TIFF (*.tif *.tiff)")
+                                              "TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
         if path:
             self.path_edit.setText(path)
+
+    def _refuse(self, message: str) -> None:
+        """An export that does not start: one line in the status line (nothing written)."""
+        from napari.utils.notifications import show_warning
+
+        self.status.setText(message)
+        show_warning(message)
+
+    def _opened_files(self) -> dict[Path, str]:
+        """The files the viewer's layers were opened from (never overwritten by an export)."""
+        files: dict[Path, str] = {}
+        for layer in self.viewer.layers:
+            for source in (getattr(getattr(layer, "source", None), "path", None),
+                           layer.metadata.get(SOURCE_KEY)):
+                if source:
+                    files[Path(str(source)).expanduser().resolve()] = layer.name
+        return files
+
+    def _check_target(self, path: Path, layer: Any, confirmed: bool = False) -> str | None:
+        """Why ``path`` cannot be written for ``layer`` (one line), or None when it can."""
+        import os
+
+        from napari_unet.io.files import check_output_path
+
+        if layer.data.ndim not in (2, 3):
+            return (f"Cannot export {layer.name}: it is {layer.data.ndim}D (shape "
+                    f"{tuple(layer.data.shape)}); Export writes 2D or 3D labels: make a layer "
+                    "of one time point or channel first")
+        targets = [path]
+        if self.probability_check.isChecked():
+            targets.append(probability_path(path))
+        if self.measure_check.isChecked():
+            from napari_unet.io.table import measurements_path
+
+            targets.append(measurements_path(path))
+        opened = self._opened_files()
+        for target in targets:
+            for source, name in opened.items():
+                same = target.resolve() == source
+                if not same and target.exists() and source.exists():
+                    same = os.path.samefile(target, source)
+                if same:
+                    return (f"Not exported: {target.name} is the file of the layer {name!r}; "
+                            "choose another file name")
+        if not path.parent.is_dir():
+            return (f"Not exported: the folder {path.parent} does not exist; choose an existing "
+                    "folder (Browse…) or create it first")
+        try:
+            check_output_path(path, folder=is_ome_zarr_export(path))  # OME-Zarr: a folder
+        except OSError as err:
+            return f"Not exported: {err}"
+        existing = [t for t in targets if t.exists() and not (confirmed and t == path)]
+        if existing:
+            names = " and ".join(t.name for t in existing)
+            answer = QMessageBox.question(
+                self, "Overwrite?", f"{names} already exist{'s' if len(existing) == 1 else ''} "
+                f"in {path.parent}. Overwrite?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if answer != QMessageBox.Yes:
+                return f"Not exported: {names} exists; choose another file name"
+        return None
 
     def export(self, path: str | Path | None = None) -> None:
         """Write the chosen layer to ``path`` (default: the file field), in a worker.
@@ -149,8 +240,20 @@ class ExportWidget(QWidget):
         if layer is None:
             notify_error(ValueError("no labels layer to export"), "Export")
             return
+        confirmed = False  # a save dialog asked about overwriting already
+        if path is None and self.path_edit.text().strip() in ("", self._suggested):
+            chosen, _ = QFileDialog.getSaveFileName(
+                self, "Export labels", str(self._default_path(layer)), "TIFF (*.tif *.tiff)")
+            if not chosen:
+                self.status.setText("Not exported: no file chosen.")
+                return
+            path, confirmed = chosen, True
         path = export_path(path or self.path_edit.text())
         self.path_edit.setText(str(path))
+        refusal = self._check_target(path, layer, confirmed)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         probabilities = (layer.metadata.get(PROBABILITIES_KEY)
                          if self.probability_check.isChecked() else None)
         source_data = layer.data
@@ -159,14 +262,23 @@ class ExportWidget(QWidget):
         mode = self.mode_combo.currentText()
         source = layer.metadata.get(SOURCE_KEY)
         history = history_for(layer)
+        image = image_for_labels(self.viewer, source_data.shape) if is_ome_zarr_export(path) else None
+        with_table = self.measure_check.isChecked()  # and the intensities of the labels' image
+        intensities = intensity_data(self.viewer, layer) if with_table else None
         self.export_button.setEnabled(False)
         self.status.setText(f"Copying {layer.name}…")
 
         def start(data: np.ndarray) -> None:
             def job():  # runs in the worker thread
                 yield "writing"
-                return export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
-                                     unit=unit, input_path=source, probabilities=probabilities)
+                written, summary = export_labels(path, np.asarray(data), mode=mode, voxel_size=voxel_size,
+                                                 unit=unit, input_path=source, probabilities=probabilities,
+                                                 image=image, name=layer.name)
+                if with_table:
+                    written.append(export_measurements(
+                        path, labels_for_export(np.asarray(data), mode), voxel_size=voxel_size,
+                        unit=unit, image=None if intensities is None else np.asarray(intensities)))
+                return written, summary
 
             self.status.setText(f"Writing {path.name}…")
             self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,

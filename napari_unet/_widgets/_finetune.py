@@ -181,6 +181,18 @@ class FineTuneWidget(QWidget):
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.fine_tune})
+        #: False once the dock's Qt objects are deleted (dock or viewer closed): the worker's
+        #: last callbacks then leave the widgets alone
+        self._alive = True
+        self.destroyed.connect(lambda *_: self._closed())
+
+    def _closed(self) -> None:
+        """The dock was closed during a run: end training at the next iteration (the best
+        weights so far still become a version); no widget is touched from now on."""
+        self._alive = False
+        self._stop_early = True
+        if getattr(self, "training_job", None) is not None:
+            self.training_job.request_stop()
 
     # models -----------------------------------------------------------------------------------
     def _fill_models(self) -> None:
@@ -345,7 +357,7 @@ class FineTuneWidget(QWidget):
     def _on_stats(self, stats: Any) -> None:
         """Each iteration: keep the numbers; the view is redrawn by the timer (cheap here)."""
         run = self._run
-        if run is None or run.finished or run.ended:  # a late update
+        if run is None or run.finished or run.ended or not self._alive:  # a late update
             return
         self.last_stats = run.stats = stats
         if stats.message and run.keeps_best is None:
@@ -403,15 +415,21 @@ class FineTuneWidget(QWidget):
 
     def _on_result(self, model: Any) -> None:
         self._run.ended = True
+        if not self._alive:  # closed while training: keep the version, show nothing
+            self.result_key = self.registry.add_model(model, parent_key=self.base_key)
+            return
         self.progress_bar.setValue(self.progress_bar.maximum())
         self.result_key = self.registry.add_model(model, parent_key=self.base_key)
         self.revert_button.setEnabled(True)
         self.status.setText(run_summary.result_text(
-            self.result_key, format_seconds(self._run.elapsed()), self.last_stats))
+            self.result_key, format_seconds(self._run.elapsed()), self.last_stats,
+            model.history[-1] if model.history else None))
 
     def _on_error(self, err: BaseException) -> None:
         self._run.ended = True
-        self.status.setText(notify_error(err, "Fine-tune"))
+        message = notify_error(err, "Fine-tune")
+        if self._alive:
+            self.status.setText(message)
 
     def _on_finish(self) -> None:
         self._run.finished = True
@@ -420,6 +438,8 @@ class FineTuneWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        if not self._alive:
+            return
         try:
             self._timer.stop()
             self.plot.draw()  # the last points

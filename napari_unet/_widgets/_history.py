@@ -4,10 +4,11 @@ paint history."""
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from napari_unet.labels.measure import labels_in_atoms, touched_labels
 from napari_unet.labels.undo_steps import (
     MAX_BYTES,
     MAX_STEPS,
@@ -43,13 +44,33 @@ class EditHistory:
         self.redo_stack: list[Step] = []
         #: napari paint steps seen so far (a job compares it before and after)
         self.paint_count = 0
-        #: what is writing into the layer now (None: nothing)
-        self.busy: str | None = None
+        #: called after each change with the labels it touched, or None when anything may
+        #: have changed (a replaced array, a finished job, napari's own undo)
+        self.observers: list[Callable[[np.ndarray | None], None]] = []
+        self._busy: str | None = None
         layer.events.paint.connect(self._on_paint)
+
+    @property
+    def busy(self) -> str | None:
+        """What is writing into the layer now (None: nothing); observers hear when it ends."""
+        return self._busy
+
+    @busy.setter
+    def busy(self, what: str | None) -> None:
+        was, self._busy = self._busy, what
+        if was and not what:
+            self._notify(None)
+
+    def _notify(self, touched: np.ndarray | None) -> None:
+        if touched is not None and touched.size == 0:
+            return
+        for observer in list(self.observers):
+            observer(touched)
 
     def _on_paint(self, event: Any = None) -> None:
         self.paint_count += 1
         self._push(NAPARI_STEP)
+        self._notify(labels_in_atoms(getattr(event, "value", None)) if event is not None else None)
 
     def _push(self, step: Step) -> None:
         self.undo_stack.append(step)
@@ -73,6 +94,7 @@ class EditHistory:
         layer.refresh()
         patch = Patch(region, before, after.astype(layer.data.dtype, copy=False), description)
         self._push(patch)
+        self._notify(touched_labels(before, patch.after))
         return patch
 
     def replace(self, data: np.ndarray, description: str) -> Swap:
@@ -81,6 +103,7 @@ class EditHistory:
         step = Swap(None, self.layer.data, description)
         self.layer.data = data
         self._push(step)
+        self._notify(None)
         return step
 
     def record(self, region: tuple[slice, ...] | None, values: np.ndarray, description: str,
@@ -124,9 +147,11 @@ class EditHistory:
     def _replay(self, step: Patch | Swap, undo: bool) -> None:
         if isinstance(step, Swap):
             self._exchange(step)
+            self._notify(None)
             return
         self.layer.data[step.region] = step.before if undo else step.after
         self.layer.refresh()
+        self._notify(touched_labels(step.before, step.after))
 
     def undo(self) -> str | None:
         """Undo the last step (ours or napari's); returns what was undone."""
@@ -137,6 +162,7 @@ class EditHistory:
         self.redo_stack.append(step)
         if step == NAPARI_STEP:
             self.layer.undo()
+            self._notify(None)
             return "paint"
         self._replay(step, undo=True)
         return step.description
@@ -150,6 +176,7 @@ class EditHistory:
         self.undo_stack.append(step)
         if step == NAPARI_STEP:
             self.layer.redo()
+            self._notify(None)
             return "paint"
         self._replay(step, undo=False)
         return step.description

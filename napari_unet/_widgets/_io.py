@@ -14,6 +14,7 @@ from napari_unet._widgets._state import SOURCE_KEY, UNIT_KEY
 from napari_unet.io import lazy as io_lazy
 from napari_unet.io.formats import SUPPORTED_SUFFIXES, ImageReadError, LoadedImage
 from napari_unet.io.lazy import estimated_nbytes, is_zarr_path
+from napari_unet.io.omezarr import is_ome_zarr, read_ome_zarr
 from napari_unet.io.readers import read_image
 from napari_unet.io.units import length_unit
 from napari_unet.io.writers import write_labels_tiff
@@ -145,8 +146,39 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     paths = path if isinstance(path, list) else [path]
     layers = []
     for item in paths:
+        if is_zarr_path(item) and is_ome_zarr(item):
+            layers.extend(ome_zarr_layers(Path(item)))
+            continue
         image = load(item)
         layers.append(layer_data(image, _name(Path(item))))
+    return layers
+
+
+def ome_zarr_layers(path: Path) -> list[LayerData]:
+    """An OME-Zarr image (its pyramid when it has one) and its label images, all lazy, with the
+    voxel size of their scale transforms and the class names of their ``image-label``."""
+    stem = re.sub(r"(\.ome)?\.zarr$", "", path.name.rstrip("/"), flags=re.I)
+    image = load(path)  # level 0, with the checks and axis order of every image
+    data, kwargs, kind = layer_data(image, stem)
+    pyramid, labels = read_ome_zarr(path)
+    if (len(pyramid.levels) > 1 and image.axes == pyramid.axes
+            and tuple(image.data.shape) == tuple(pyramid.levels[0].shape)):
+        data = pyramid.levels
+    layers = [(data, kwargs, kind)]
+    for label in labels:
+        spatial = [s for s, a in zip(label.scale, label.axes) if a in "ZYX"]
+        meta: dict[str, Any] = {SOURCE_KEY: str(path)}
+        if label.unit:
+            meta[UNIT_KEY] = label.unit
+        label_kwargs: dict[str, Any] = {"name": f"{stem} {label.name}", "metadata": meta,
+                                        "scale": tuple(spatial)}
+        properties = label.metadata.get("image-label", {}).get("properties") or []
+        names = {int(p["label-value"]): str(p.get("class", p.get("name", "")))
+                 for p in properties if "label-value" in p}
+        if names:
+            label_kwargs["features"] = label_features(names)
+        levels = label.levels if len(label.levels) > 1 else label.levels[0]
+        layers.append((levels, label_kwargs, "labels"))
     return layers
 
 
@@ -174,6 +206,10 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
 # sample data
 # ----------------------------------------------------------------------------------------------
 
+#: on a sample's image layer: the sample's key (``nuclei_3d``, ...)
+SAMPLE_KEY = "napari_unet_sample"
+
+
 def _sample(filename: str, name: str, **extra: Any) -> list[LayerData]:
     path = resources.files("napari_unet.sample_data") / filename
     try:
@@ -181,6 +217,7 @@ def _sample(filename: str, name: str, **extra: Any) -> list[LayerData]:
     except ImageReadError as err:  # a broken install: say so in napari, in one line
         raise ImageReadError(f"sample {filename} is missing or unreadable: {err}") from err
     data, kwargs, kind = layer_data(image, name)
+    kwargs["metadata"][SAMPLE_KEY] = name  # which sample: the Segment dock picks its model
     kwargs.update(extra)
     return [(data, kwargs, kind)]
 

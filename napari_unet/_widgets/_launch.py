@@ -1,18 +1,19 @@
-"""Open napari with the four docks and an image (``napari-unet gui``)."""
+"""Open napari with the docks and an image (``napari-unet gui``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-PLUGIN = "napari-unet"
-DOCKS = ("Segment", "Edit", "Fine-tune", "Export")
+#: the plugin's name for napari: the distribution's name (napari.yaml `name`), not the import name
+PLUGIN = "napari-unet-loop"
+DOCKS = ("Segment", "Edit", "Fine-tune", "Export", "Measurements")
 DEFAULT_SAMPLE = "nuclei_3d"
 
 
 def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = DEFAULT_SAMPLE,
            show: bool = True) -> Any:
-    """A viewer with the Segment, Edit, Fine-tune and Export docks and ``path`` (or a sample) open.
+    """A viewer with the Segment, Edit, Fine-tune, Export and Measurements docks and ``path`` (or a sample) open.
 
     Raises
     ------
@@ -32,7 +33,7 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     docks = []
     for name in DOCKS:
         dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=name != DOCKS[0])
-        dock.setWindowTitle(name)  # the tab reads "Segment", not "Segment (napari-unet)"
+        dock.setWindowTitle(name)  # the tab reads "Segment", not "Segment (napari-unet-loop)"
         docks.append(dock)
     before = len(viewer.layers)
     if layers is not None:
@@ -42,12 +43,65 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
         viewer.open_sample(PLUGIN, sample)
     for layer in list(viewer.layers)[before:]:
         set_contrast(layer)
+    narrow_forms(docks)
     if show:
         viewer.window._qt_window.showMaximized()
     if docks:
         QApplication.processEvents()  # the docks are tabified on the next pass of the event loop
         docks[0].raise_()
+        fit_docks(viewer, docks[0])
     return viewer
+
+
+#: the most of the window's width the plugin's tabbed docks and napari's layer docks take
+#: (more where their contents need it)
+DOCK_FRACTIONS = {"plugin": 0.28, "layers": 0.2}
+#: napari's layer list and layer controls shrink to this width (their buttons and sliders fit)
+LAYER_DOCKS_MIN_WIDTH = 225
+#: margins inside the plugin's docks (Qt's default is 9-11 px)
+MARGIN = 4
+
+
+def narrow_forms(docks: list[Any]) -> None:
+    """Make the docks narrow: a form puts a field under its label when it is narrow (Qt's
+    ``WrapLongRows``), margins are small, and a dock is as narrow as its contents allow."""
+    from qtpy.QtWidgets import QFormLayout, QGroupBox
+
+    for dock in docks:
+        widget = dock.widget()
+        if widget is None:
+            continue
+        for form in widget.findChildren(QFormLayout):
+            form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+        for holder in [widget, *widget.findChildren(QGroupBox)]:
+            if holder.layout() is not None:
+                holder.layout().setContentsMargins(MARGIN, MARGIN, MARGIN, MARGIN)
+        widget.updateGeometry()
+        # the dock's layout keeps the minimum of the form before; use the form's own now
+        dock.setMinimumWidth(widget.minimumSizeHint().width())
+
+
+def fit_docks(viewer: Any, plugin_dock: Any) -> None:
+    """Give the tabbed docks and napari's layer list/controls :data:`DOCK_FRACTIONS` of the
+    window's width (or what their contents need, if more), the canvas the rest."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFormLayout
+
+    from qtpy.QtWidgets import QApplication
+
+    window = viewer.window._qt_window
+    qt_viewer = viewer.window._qt_viewer
+    docks, fractions = [plugin_dock], [DOCK_FRACTIONS["plugin"]]
+    for name in ("dockLayerList", "dockLayerControls"):
+        dock = getattr(qt_viewer, name, None)
+        if dock is not None and dock.isVisible():
+            for form in dock.findChildren(QFormLayout):
+                form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+            dock.setMinimumWidth(LAYER_DOCKS_MIN_WIDTH)
+            docks.append(dock)
+            fractions.append(DOCK_FRACTIONS["layers"])
+    QApplication.processEvents()  # the wrapped forms' minimum widths take effect
+    window.resizeDocks(docks, [int(f * window.width()) for f in fractions], Qt.Horizontal)
 
 
 #: percentiles of an image layer's intensities shown as black and white when it opens

@@ -13,12 +13,9 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QLabel,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -42,6 +39,8 @@ from napari_unet._widgets._common import (
     status_label,
 )
 from napari_unet._widgets._history import history_for
+from napari_unet._widgets._model_choice import note_model_used, pick_model_for
+from napari_unet._widgets._segment_form import NEW_LAYER, OUTPUTS, SCOPES, WRITE_MODES, add_run_fields
 from napari_unet._widgets._segment_run import SegmentRun, SegmentRunMixin, spatial_shape
 from napari_unet._widgets._state import (
     MODEL_KEY,
@@ -55,8 +54,10 @@ from napari_unet._widgets._state import (
     layer_unit,
     notify_error,
     set_corrected_slices,
+    view_axis,
     view_point,
 )
+from napari_unet._widgets._view import warm_up_labels_visuals
 from napari_unet._widgets._workers import start_job
 from napari_unet.engine.live import (
     PredictOptions,
@@ -69,13 +70,10 @@ from napari_unet.engine.messages import model_summary, short_list
 from napari_unet.engine.regions import (
     SLICE,
     VISIBLE,
-    WHOLE,
     PredictRegion,
     predict_region,
 )
-from napari_unet.labels.instances import DEFAULT_MIN_SIZE
-from napari_unet.labels.slices import marks_outside
-from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
+from napari_unet.labels.slices import marks_outside, plane_label, z_slices
 from napari_unet.labels.writeback import (
     KEEP,
     OVERWRITE,
@@ -85,15 +83,6 @@ from napari_unet.labels.writeback import (
 )
 from napari_unet.model.checkpoint import CheckpointError
 
-#: the Output choices and the core's outputs
-OUTPUTS = {"instances": "instances", "binary / classes": "labels"}
-#: the Scope choices and the core's scopes
-SCOPES = {"whole stack": WHOLE, "current slice": SLICE, "visible region": VISIBLE}
-#: where the result goes: the image's labels layer with the corrected slices left as they are
-#: (default), a new labels layer, or the labels layer entirely (asks first when it has
-#: corrected slices or edits)
-NEW_LAYER = "new labels layer"
-WRITE_MODES = {"keep corrected slices": KEEP, NEW_LAYER: "new", "overwrite all": OVERWRITE}
 KEY = "Alt-G"
 
 
@@ -121,6 +110,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         install_correction_tracking(napari_viewer)
         # heavy imports now (while the dock opens), never in a worker thread
         import_heavy_modules_on_main_thread()
+        warm_up_labels_visuals()
 
         layout = QVBoxLayout(self)
         fields = QFormLayout()
@@ -158,67 +148,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             "GPUs, else fp32; fp32 = exact")
         fields.addRow("Precision", self.precision_combo)
 
-        self.output_combo = QComboBox()
-        self.output_combo.addItems(list(OUTPUTS))
-        self.output_combo.setToolTip("instances: one id per object (nuclei, cells); binary / "
-                                     "classes: foreground = 1, or class ids for multi-class models")
-        fields.addRow("Output", self.output_combo)
-        remember(self.output_combo, "output")
-
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems(list(SCOPES))
-        self.scope_combo.setToolTip("whole stack: everything; current slice: only the slice on "
-                                    "screen (fast check); visible region: the part in view (all "
-                                    "slices)")
-        fields.addRow("Scope", self.scope_combo)
-
-        self.write_combo = QComboBox()
-        self.write_combo.addItems(list(WRITE_MODES))
-        self.write_combo.setToolTip("keep corrected slices: the image's labels layer is rewritten "
-                                    "except the slices marked corrected (Edit dock); new labels "
-                                    "layer: your layer stays as it is; overwrite all: everything, "
-                                    "corrected slices included (asks first). Ctrl+Z undoes a run")
-        fields.addRow("Write into", self.write_combo)
-
-        self.threshold_spin = QDoubleSpinBox()
-        self.threshold_spin.setRange(0.01, 0.99)
-        self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setValue(0.5)
-        self.threshold_spin.setToolTip("Probability above which a pixel is foreground (lower = "
-                                       "larger objects)")
-        fields.addRow("Threshold", self.threshold_spin)
-
-        self.min_size_spin = QSpinBox()
-        self.min_size_spin.setRange(0, 10_000_000)
-        self.min_size_spin.setValue(DEFAULT_MIN_SIZE)
-        self.min_size_spin.setToolTip("Remove objects smaller than this many pixels/voxels "
-                                      "(0 = keep all)")
-        fields.addRow("Min size", self.min_size_spin)
-        #: False while threshold and min size show the model's own (tuned) values; True once
-        #: the user changes one, so their value wins over the model's
-        self.postprocess_edited = False
-        for spin in (self.threshold_spin, self.min_size_spin):
-            spin.valueChanged.connect(self._postprocess_edited)
-
-        self.stitch_spin = QDoubleSpinBox()  # a 2D model on a stack: link objects through z
-        self.stitch_spin.setRange(0.0, 0.95)
-        self.stitch_spin.setSingleStep(0.05)
-        self.stitch_spin.setValue(DEFAULT_STITCH_THRESHOLD)
-        self.stitch_spin.setSpecialValueText("per slice")
-        self.stitch_spin.setToolTip("Instances of a 2D model on a stack: objects of neighbouring "
-                                    "slices overlapping with at least this IoU are one object "
-                                    "(0 = per slice). 3D models ignore it")
-        fields.addRow("Stitch z", self.stitch_spin)
-        self.tta_check = QCheckBox("Test-time augmentation")
-        self.tta_check.setToolTip("Average the model over 8 flips and rotations of the image: "
-                                  "smoother, often slightly better results, 8x slower")
-        fields.addRow("", self.tta_check)
-        self.uncertainty_check = QCheckBox("Uncertainty layer")
-        self.uncertainty_check.setToolTip(
-            "Add (or update) an image layer '<image> uncertainty' where the model is unsure "
-            "(0..1: entropy of the probabilities, with test-time augmentation also the "
-            "disagreement between the augmentations). Toggle it like any layer")
-        fields.addRow("", self.uncertainty_check)
+        add_run_fields(self, fields)
 
         self.segment_button = button("Segment", f"Run the model on the image ({KEY.replace('-', '+')}). The labels "
                                      "layer fills in tile by tile", self.segment)
@@ -241,6 +171,10 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
+        #: the image the model was picked for (picked again when another image is chosen)
+        self._picked_for: Any = None
+        self.image_combo.currentIndexChanged.connect(self.pick_model)
+        self.pick_model()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.segment})
         #: writes tiles and the result into the layer, a piece per event-loop pass
         self._writer: ChunkedWriter | None = None
@@ -259,6 +193,16 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         if key:
             self.registry.current = key
             self._describe(key)
+
+    def pick_model(self, *_: Any) -> None:
+        """Select the model that fits the chosen image, once per image (:mod:`._model_choice`)."""
+        image = self.image_combo.layer()
+        if image is not None and image is not self._picked_for:
+            self._picked_for = image
+            choice = pick_model_for(image, self.registry, self.model_combo, self.model_info)
+            if choice.key is not None:
+                self._describe(choice.key)
+            self.status.setText(f"{image.name}: {choice.reason}")
 
     def _postprocess_edited(self, *_: Any) -> None:
         self.postprocess_edited = True
@@ -359,7 +303,8 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             # overwritten slices are no longer corrected (Fine-tune must not train on them);
             # undo marks them again
             before = corrected_slices(layer)
-            remaining = marks_outside(before, region.z_range(len(shape))) if layer.ndim >= 3 else []
+            remaining = (marks_outside(before, region.z_range(len(shape)), region.layer_region)
+                         if layer.ndim >= 3 else [])
             if remaining != before:
                 marks = before
                 set_corrected_slices(layer, remaining)
@@ -386,8 +331,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         slices as they are (default), or into a new layer; one Ctrl+Z puts the layer back as
         it was.
         """
-        from napari.utils import progress
-        from napari.utils.notifications import show_info, show_warning
+        from napari.utils.notifications import show_info
 
         from napari_unet.zoo.predict import (
             segment_model as segment,  # Zoo models made elsewhere: blended tiles
@@ -398,21 +342,28 @@ class SegmentWidget(SegmentRunMixin, QWidget):
             return
         image = self.image_combo.layer()
         if image is None:
-            show_warning("Open an image first (File > Open, or File > Open Sample > napari-unet).")
+            self._refused("Open an image first (File > Open, or File > Open Sample > napari-unet).")
             return
         if image.rgb:
-            show_warning(f"{image.name!r} is an RGB image; the models take one channel. "
-                         "Convert it to grayscale first.")
+            self._refused(f"{image.name!r} is an RGB image; the models take one channel. "
+                          "Convert it to grayscale first.")
             return
         try:
             model = self.registry.get()
         except CheckpointError as err:
-            notify_error(err, "Segment")
+            self._refused(notify_error(err, "Segment"), shown=True)
             return
+        note_model_used(self.registry, image)
         import_heavy_modules_on_main_thread()
 
         data = image.data[0] if image.multiscale else image.data
         shape = spatial_shape(image)
+        if SCOPES[self.scope_combo.currentText()] == SLICE and len(shape) == 3 \
+                and view_axis(self.viewer, image):
+            self._refused(notify_error(ValueError(
+                "'current slice' segments a z slice and the view shows a y or x slice: view the "
+                "stack along z (napari's transpose button)"), "Segment"), shown=True)
+            return
         region = self._region(image, model)
         voxel_size = tuple(float(s) for s in image.scale[-len(shape):])
         output = OUTPUTS[self.output_combo.currentText()]
@@ -426,7 +377,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
                                  "pick a 2D model")
             precision_label = resolved_precision(precision, device)
         except (ValueError, MemoryError) as err:
-            notify_error(err, f"Segment {image.name!r} with {model.label}")
+            self._refused(notify_error(err, f"Segment {image.name!r} with {model.label}"), shown=True)
             return
         layer = None
         if self.write_combo.currentText() != NEW_LAYER:
@@ -466,20 +417,22 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self._run = SegmentRun(image=image, model=model, layer=layer, created=created,
                                region=region, output=output, threshold=threshold,
                                precision=precision_label, mode=mode, history=history,
-                               uncertain=uncertain)
-        self._pbar = progress(total=0, desc=f"Segment {image.name} ({model.label})")
+                               uncertain=uncertain,
+                               activity=f"Segment {image.name} ({model.label})")
+        self._pbar = None  # napari's activity bar: made with the first tile count, not here
         self.progress_bar.setRange(0, 0)  # busy until the tile count is known
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         kept = ""
         if mode == KEEP and layer.ndim >= 3 and corrected_slices(layer):
-            kept = f"; corrected slices {short_list(corrected_slices(layer))} are kept"
+            kept = (f"; corrected slices "
+                    f"{short_list([plane_label(p) for p in corrected_slices(layer)])} are kept")
         augmented = " · TTA x8" if tta else ""
         self.status.setText(f"Segmenting {image.name} with {model.label} · {precision_label}"
                             f"{augmented}{kept}…")
         if uncertain is not None:
             # corrected slices are done: never suggested again
-            uncertain.exclude = corrected_slices(layer) if layer.ndim >= 3 else []
+            uncertain.exclude = z_slices(corrected_slices(layer)) if layer.ndim >= 3 else []
         self.worker = start_job(with_previews(job, model.task, threshold, uncertain),
                                 on_yield=self._on_progress, on_return=self._on_result,
                                 on_error=self._on_error, on_finish=self._on_finish,

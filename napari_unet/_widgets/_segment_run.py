@@ -16,6 +16,7 @@ from napari_unet._widgets._state import (
     notify_error,
     set_suggested_slices,
 )
+from napari_unet._widgets._view import region_on_screen
 from napari_unet.engine.live import (
     RunExtras,
     SegmentOutcome,
@@ -24,6 +25,7 @@ from napari_unet.engine.live import (
 )
 from napari_unet.engine.messages import format_seconds, found_text, short_list
 from napari_unet.engine.regions import PredictRegion, covers
+from napari_unet.labels.slices import plane_label
 from napari_unet.labels.writeback import KEEP, fits_in_place, write_unprotected
 
 #: the labels layer is redrawn at most this often while tiles arrive (seconds)
@@ -53,8 +55,14 @@ class SegmentRun:
     mode: str
     history: Any
     uncertain: UncertaintyRequest | None = None
+    #: the description of napari's activity-panel bar (made with the first tile count: making
+    #: it repaints the window, which the click handler does not wait for)
+    activity: str = ""
+    activity_made: bool = False
     start: float = field(default_factory=time.perf_counter)
     last_refresh: float = 0.0
+    #: a tile on the slice on screen was written since the last redraw
+    stale: bool = False
     #: seconds from the click to the first tile on screen
     first_tile: float | None = None
     done: int = 0
@@ -90,12 +98,13 @@ class SegmentRunMixin:
         return self._run.first_tile if self._run is not None else None
 
     # writing into the layer -------------------------------------------------------------------
-    def _protected(self) -> set[int]:
-        """Slices of the layer not to write (read now: a slice painted meanwhile is kept too)."""
+    def _protected(self) -> list:
+        """Slices of the layer not to write, along z, y or x (read now: a slice painted
+        meanwhile is kept too)."""
         run = self._run
         if run.mode != KEEP or run.layer.ndim < 3:
-            return set()
-        return set(corrected_slices(run.layer))
+            return []
+        return corrected_slices(run.layer)
 
     def _write_block(self, layer_region: tuple[slice, ...], values: np.ndarray) -> bool:
         """Write ``values`` into ``layer_region``, except the protected slices."""
@@ -114,7 +123,9 @@ class SegmentRunMixin:
                 local = tuple(slice(o.start - r.start, o.stop - r.start)
                               for o, r in zip(out_region, update.region))
                 run.wrote = True
-                self._writer.push(layer_region, preview[local], then=self._tile_written,
+                on_screen = region_on_screen(self.viewer, run.layer, layer_region)
+                self._writer.push(layer_region, preview[local],
+                                  then=lambda: self._tile_written(on_screen),
                                   itemsize=run.layer.data.dtype.itemsize)
         if update.stage == "postprocess":
             self.status.setText("Post-processing (objects, small-object removal)…")
@@ -132,19 +143,40 @@ class SegmentRunMixin:
 
             show_warning(update.message)
         # last: napari's activity-panel bar calls processEvents, which may run later callbacks
-        if self._pbar is not None and update.stage not in ("postprocess", "plan"):
-            if self._pbar.total != update.total:
-                self._pbar.total = update.total
-            self._pbar.update(update.done - self._pbar.n)
+        if update.stage not in ("postprocess", "plan") and update.total:
+            self._show_activity(run)
 
-    def _tile_written(self) -> None:
-        """A tile's preview is in the layer: show it (at most every REFRESH_INTERVAL)."""
+    def _show_activity(self, run: SegmentRun) -> None:
+        """napari's activity-panel bar, made with the first tile count (not at the click: making
+        it repaints the window). Making and updating it call processEvents: later callbacks,
+        even the end of the run, may run inside."""
+        if self._pbar is None:
+            if run.activity_made:  # being made: this is a later callback run inside
+                return
+            run.activity_made = True
+            from napari.utils import progress
+
+            bar = progress(total=run.total, desc=run.activity)
+            if run.finished:  # the run ended inside: nothing else will close it
+                bar.close()
+                return
+            self._pbar = bar
+        if self._pbar.total != run.total:
+            self._pbar.total = run.total
+        self._pbar.update(run.done - self._pbar.n)
+
+    def _tile_written(self, on_screen: bool = True) -> None:
+        """A tile's preview is in the layer: redraw the layer, at most every REFRESH_INTERVAL,
+        when this tile or one before it is on the slice on screen (a tile elsewhere in the
+        stack changes nothing the user sees: it shows when they move there)."""
         run = self._run
         now = time.perf_counter()
-        if run.first_tile is None:
+        if run.first_tile is None and on_screen:
             run.first_tile = now - run.start
-        if now - run.last_refresh >= REFRESH_INTERVAL or not self._writer.pending:
+        run.stale = run.stale or on_screen
+        if run.stale and (now - run.last_refresh >= REFRESH_INTERVAL or not self._writer.pending):
             run.last_refresh = now
+            run.stale = False
             run.layer.refresh()
 
     def _on_result(self, outcome: SegmentOutcome) -> None:
@@ -177,9 +209,9 @@ class SegmentRunMixin:
         elapsed = time.perf_counter() - run.start
         text = (f"Done in {format_seconds(elapsed)}: {found_text(result.output, n_found)} "
                 f"({run.model.label}, {run.precision}).")
-        protected = sorted(self._protected())
+        protected = self._protected()
         if protected:
-            text += f" Corrected slices {short_list(protected)} were left as they were."
+            text += f" Corrected slices {short_list([plane_label(p) for p in protected])} were left as they were."
         text += " Ctrl+Z puts the layer back as it was."
         text += self._show_uncertainty(run.extras)
         for message in result.messages:
@@ -232,6 +264,17 @@ class SegmentRunMixin:
             layer.refresh()
         return layer
 
+    def _refused(self, message: str, shown: bool = False) -> None:
+        """A run that does not start: the reason in the status line (and a notification,
+        unless ``shown`` already), the progress bar back to empty."""
+        from napari.utils.notifications import show_warning
+
+        if not shown:
+            show_warning(message)
+        self.status.setText(message)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+
     # the end ----------------------------------------------------------------------------------
     def _write_failed(self, err: BaseException) -> None:
         self._on_error(err)
@@ -240,6 +283,8 @@ class SegmentRunMixin:
         run = self._run
         message = notify_error(err, f"Segment with {run.model.label}")
         self.status.setText(message)
+        self.progress_bar.setRange(0, 1)  # no "n / n tiles" of a run that failed
+        self.progress_bar.setValue(0)
         if run.created and not run.wrote and run.layer in self.viewer.layers:
             self.viewer.layers.remove(run.layer)  # an empty layer would only confuse
             self.labels_layer = None

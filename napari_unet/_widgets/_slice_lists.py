@@ -1,5 +1,9 @@
 """The Edit dock's two slice lists: the corrected slices (Fine-tune's training data) and the
-slices suggested for correction after Segment."""
+slices suggested for correction after Segment.
+
+A corrected slice is a slice along z, y or x (``z 12``, ``y 40``, ``x 7``): the one on screen,
+whichever axes napari shows (its transpose and roll buttons). Going to a slice turns the view
+so that it is seen."""
 
 from __future__ import annotations
 
@@ -10,14 +14,15 @@ from qtpy.QtWidgets import QGroupBox, QLayout, QListWidget, QListWidgetItem, QVB
 from napari_unet._widgets._common import button, row
 from napari_unet._widgets._state import (
     corrected_slices,
-    current_slice_index,
+    current_plane,
     set_corrected_slices,
     set_current_slice,
     suggested_slices,
 )
+from napari_unet.labels.slices import plane, plane_name
 from napari_unet.training.corrections import corrected_rows, suggestion_rows, with_slice
 
-#: item data role holding a row's slice index (Qt.UserRole)
+#: item data role holding a row's slice (Qt.UserRole): z, or ``[axis, index]`` for y and x
 SLICE_ROLE = 256
 
 
@@ -37,8 +42,8 @@ class SliceLists:
         corrections = QGroupBox("Corrected slices (training data for Fine-tune)")
         box = QVBoxLayout(corrections)
         self.slice_list = QListWidget()
-        self.slice_list.setToolTip("Slices you corrected (painting marks them). Double-click to go "
-                                   "there")
+        self.slice_list.setToolTip("Slices you corrected, seen along z, y or x (painting marks the "
+                                   "slice on screen). Double-click to go there")
         self.slice_list.itemDoubleClicked.connect(self.jump_to_item)
         box.addWidget(self.slice_list)
         self.mark_button = button("Mark current", "Mark the slice on screen as corrected (Alt+O)",
@@ -73,8 +78,14 @@ class SliceLists:
         for text, z in rows:
             item = QListWidgetItem(text)
             if z is not None:
-                item.setData(SLICE_ROLE, z)
+                item.setData(SLICE_ROLE, z if isinstance(z, int) else list(z))
             widget.addItem(item)
+
+    @staticmethod
+    def _plane_of(item: QListWidgetItem) -> Any:
+        """The slice of a row (z, or ``(axis, index)``); None for a row without one."""
+        value = item.data(SLICE_ROLE)
+        return None if value is None else plane(value)
 
     # corrected slices -------------------------------------------------------------------------
     def fill_slices(self) -> None:
@@ -88,15 +99,15 @@ class SliceLists:
         layer = self.current_layer()
         if layer is None or layer.ndim < 3:
             return
-        z = current_slice_index(self.viewer, layer)
+        z = current_plane(self.viewer, layer)
         set_corrected_slices(layer, with_slice(corrected_slices(layer), z))
-        self.say(f"Slice {z} marked as corrected.")
+        self.say(f"Slice {plane_name(z)} marked as corrected.")
 
     def unmark_selected(self) -> None:
         layer = self.current_layer()
         if layer is None:
             return
-        chosen = {item.data(SLICE_ROLE) for item in self.slice_list.selectedItems()} - {None}
+        chosen = {self._plane_of(item) for item in self.slice_list.selectedItems()} - {None}
         if chosen:
             set_corrected_slices(layer, set(corrected_slices(layer)) - chosen)
             self.say(f"Unmarked {len(chosen)} slice(s).")
@@ -125,6 +136,6 @@ class SliceLists:
 
     def jump_to_item(self, item: QListWidgetItem) -> None:
         layer = self.current_layer()
-        z = item.data(SLICE_ROLE)
+        z = self._plane_of(item)
         if layer is not None and z is not None:
-            set_current_slice(self.viewer, layer, int(z))
+            set_current_slice(self.viewer, layer, z)

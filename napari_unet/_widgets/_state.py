@@ -20,7 +20,14 @@ from psygnal import Signal
 
 from napari_unet.engine.messages import format_seconds  # noqa: F401 - used by the docks
 from napari_unet.io.units import length_unit
-from napari_unet.labels.slices import clip_index, clip_point, slice_list, touched_slices
+from napari_unet.labels.slices import (
+    Plane,
+    clip_index,
+    clip_point,
+    plane_key,
+    slice_list,
+    touched_slices,
+)
 from napari_unet.model.checkpoint import CheckpointError
 from napari_unet.zoo.registry import (  # noqa: F401 - the docks and tests import them from here
     ModelEntry,
@@ -123,20 +130,64 @@ def view_point(viewer: Any, layer: Any) -> tuple[int, ...]:
     return clip_point(data, shape[-layer.ndim:])
 
 
-def set_current_slice(viewer: Any, layer: Any, z: int) -> None:
-    """Move the viewer to slice ``z`` of ``layer`` (data index along its first spatial axis)."""
+def set_current_slice(viewer: Any, layer: Any, z: Plane) -> None:
+    """Show slice ``z`` of ``layer``: a z slice (an int, the data index along its first
+    spatial axis) or a y or x slice ``(axis, index)``. When the view shows that axis, the
+    viewer's axis order changes (as napari's transpose/roll do) so that the slice is seen."""
     if layer.ndim < 3:
         return
+    axis, index = plane_key(z)
     data_point = [0.0] * layer.ndim
-    data_point[-3] = float(z)
+    data_point[-3 + axis] = float(index)
     world = layer.data_to_world(data_point)
-    axis = viewer.dims.ndim - layer.ndim + layer.ndim - 3
-    viewer.dims.set_point(axis, float(world[-3]))
+    dims = viewer.dims
+    target = dims.ndim - 3 + axis
+    if dims.ndisplay == 2 and target in dims.displayed:
+        order = list(dims.order)
+        spatial = [dims.ndim - 3 + a for a in range(3)]
+        shown = sorted((a for a in spatial if a != target), key=order.index)
+        dims.order = tuple([a for a in order if a not in spatial] + [target] + shown)
+    dims.set_point(target, float(world[-3 + axis]))
 
 
-def corrected_slices(layer: Any) -> list[int]:
-    """The slices of a labels layer marked corrected (a 2D layer: ``[0]`` when it is)."""
-    return sorted(int(z) for z in layer.metadata.get(CORRECTED_KEY, []))
+def view_axis(viewer: Any, layer: Any) -> int:
+    """The axis of a stack (0 = z, 1 = y, 2 = x) that the viewer slices ``layer`` along now:
+    the one of its three spatial axes not on screen (0 in a 3D view)."""
+    dims = viewer.dims
+    if dims.ndisplay != 2:
+        return 0
+    hidden = [a for a in range(3) if dims.ndim - 3 + a not in dims.displayed]
+    return hidden[0] if len(hidden) == 1 else 0
+
+
+def layer_view_axis(layer: Any) -> int:
+    """As :func:`view_axis`, from the layer's own slicing (napari's paint events carry only
+    the layer): 0 when napari does not say."""
+    slicing = getattr(layer, "_slice_input", None)
+    displayed = getattr(slicing, "displayed", None)
+    if displayed is None or getattr(slicing, "ndisplay", 2) != 2 or layer.ndim < 3:
+        return 0
+    first = layer.ndim - 3
+    hidden = [a for a in range(3) if first + a not in list(displayed)]
+    return hidden[0] if len(hidden) == 1 else 0
+
+
+def current_plane(viewer: Any, layer: Any) -> Plane | None:
+    """The slice of a 3D layer that the viewer shows now: ``z`` (an int) when it slices along
+    z, else ``(axis, index)``; None for 2D."""
+    if layer.ndim < 3:
+        return None
+    axis = view_axis(viewer, layer)
+    point = layer.world_to_data(viewer.dims.point[-layer.ndim:] if len(viewer.dims.point) >= layer.ndim
+                                else viewer.dims.point)
+    index = clip_index(point[-3 + axis], layer.data.shape[-3 + axis])
+    return index if axis == 0 else (axis, index)
+
+
+def corrected_slices(layer: Any) -> list[Plane]:
+    """The slices of a labels layer marked corrected (a 2D layer: ``[0]`` when it is): z
+    slices as ints, y and x slices as ``(axis, index)`` (see :mod:`napari_unet.labels.slices`)."""
+    return slice_list(layer.metadata.get(CORRECTED_KEY, []))
 
 
 def set_corrected_slices(layer: Any, slices: Any) -> None:
@@ -171,12 +222,15 @@ def set_suggested_slices(layer: Any, ranked: Any) -> None:
     suggestions_changed.emit(layer)
 
 
-def mark_painted(layer: Any, atoms: Any) -> None:
-    """Mark the slices napari's brush/fill/eraser touched as corrected."""
+def mark_painted(layer: Any, atoms: Any, axis: int | None = None) -> None:
+    """Mark the slices napari's brush/fill/eraser touched as corrected: slices along the axis
+    the view slices the layer along (``axis``; None = the layer's own view, see
+    :func:`layer_view_axis`), so a stroke in a view along y marks ``y`` slices."""
     if layer.ndim < 3:
         slices = {0}
     else:
-        slices = touched_slices(atoms, layer.ndim)
+        axis = layer_view_axis(layer) if axis is None else axis
+        slices = {z if axis == 0 else (axis, z) for z in touched_slices(atoms, layer.ndim, axis)}
     if slices:
         now = set(corrected_slices(layer))
         if not slices <= now:

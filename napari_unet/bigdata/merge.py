@@ -7,7 +7,14 @@ from typing import Any, Generator
 
 import numpy as np
 
-from napari_unet.bigdata.store import ATTRS_KEY, _axis_names, _set_state, stored_plan
+from napari_unet.bigdata.store import (
+    ATTRS_KEY,
+    _axis_names,
+    _set_state,
+    array_path,
+    stored_plan,
+    stream_array,
+)
 from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.progress import Progress
 
@@ -63,7 +70,7 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
         return int(info.get("n_objects", 0))
     plan = stored_plan(group)
     local = group["_local"]
-    classes = group["labels"] if info["task"] == "semantic" else None
+    classes = stream_array(group, "labels") if info["task"] == "semantic" else None
     settings = dict(info.get("fingerprint", {}).get("settings", {}))
     z_iou = float(settings.get("stitch_threshold", DEFAULT_STITCH_THRESHOLD)) if settings.get("per_slice") else None
     grid = plan.grid
@@ -128,8 +135,8 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
         lut_array = group.create_array("_lut", shape=lut.shape, chunks=(min(len(lut), 1 << 22),),
                                        dtype="uint32", fill_value=0)
         lut_array[...] = lut
-        if "instances" not in group:
-            group.create_array("instances", shape=plan.spatial, chunks=plan.core, dtype="uint32",
+        if array_path(group, "instances") not in group:
+            group.create_array(array_path(group, "instances"), shape=plan.spatial, chunks=plan.core, dtype="uint32",
                                fill_value=0, dimension_names=_axis_names(len(plan.spatial)))
         if "_relabeled" in group:
             del group["_relabeled"]
@@ -141,7 +148,7 @@ def merge_chunk_instances(group: Any, *, min_size: int = 0, min_overlap: float =
         n_objects = int(info.get("n_objects", int(lut.max(initial=0))))
 
     # pass 3: relabel every chunk from _local (idempotent, so an interruption is harmless)
-    instances, relabeled = group["instances"], group["_relabeled"]
+    instances, relabeled = stream_array(group, "instances"), group["_relabeled"]
     todo = np.flatnonzero(np.asarray(relabeled[...]).ravel() == 0)
     for count, index in enumerate(todo):
         region = plan.tile(int(index)).write

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from napari_unet.engine.tiling import TilePlan
+from napari_unet.io.omezarr import LABELS_GROUP, is_ome_zarr_name, require_ome_zarr
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
 from napari_unet.model.checkpoint import SegmentationModel
@@ -92,6 +93,80 @@ def model_fingerprint(model: SegmentationModel) -> str:
     return digest.hexdigest()
 
 
+class StreamMismatchError(FileExistsError):
+    """An existing streamed output made from another image, model or settings.
+
+    ``differences`` names what differs: ``input`` (another image, or the same file with other
+    content), ``model``, or the :class:`StreamSettings` fields (``tta``, ``threshold``, ...).
+    """
+
+    def __init__(self, path: Path, differences: Sequence[str], detail: str = ""):
+        self.path, self.differences, self.detail = Path(path), list(differences), detail
+        if "input" in self.differences:
+            what = f"another image{f' ({detail})' if detail else ''}"
+        else:
+            what = "another model or other settings (" + ", ".join(self.differences) + ")"
+        super().__init__(f"{path} holds a prediction of {what}; pass overwrite=True to start "
+                         "over, or choose another path")
+
+
+#: blocks per axis hashed by :func:`input_fingerprint`, and their largest side in the last two
+#: axes (planes: a lazy TIFF reads whole pages) and in the others
+_SAMPLE_BLOCKS, _SAMPLE_SIDE, _SAMPLE_DEPTH = 3, 16, 4
+
+
+def input_fingerprint(image: Any, path: str | Path | None) -> dict[str, Any]:
+    """What identifies the input of a streamed run: its path, shape, dtype and a hash of a
+    sample of its values (``3**ndim`` strided blocks of at most 4 planes of 16 x 16 voxels, so
+    that it stays cheap for inputs of any size, lazy ones included: a few dozen planes read)."""
+    shape = tuple(int(n) for n in image.shape)
+    digest = hashlib.sha1(repr((shape, str(np.dtype(image.dtype)))).encode())
+    starts_per_axis = []
+    for axis, n in enumerate(shape):
+        side = min(n, _SAMPLE_SIDE if axis >= len(shape) - 2 else _SAMPLE_DEPTH)
+        starts = sorted({int(round(s)) for s in np.linspace(0, n - side, _SAMPLE_BLOCKS)})
+        starts_per_axis.append([slice(s, s + side) for s in starts])
+    blocks = [image[tuple(b)] for b in _product(starts_per_axis)]
+    with local_dask():
+        if hasattr(image, "dask"):  # one compute: each chunk is read once
+            import dask
+
+            blocks = list(dask.compute(*blocks))
+        for block in blocks:
+            digest.update(np.ascontiguousarray(np.asarray(block)).tobytes())
+    return {"path": None if path is None else str(Path(path).expanduser().resolve()),
+            "shape": list(shape), "dtype": str(np.dtype(image.dtype)), "sample": digest.hexdigest()}
+
+
+def _product(options: list[list[slice]]) -> list[list[slice]]:
+    import itertools
+
+    return [list(p) for p in itertools.product(*options)]
+
+
+def _input_difference(stored: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """Why the stored input differs from the current one (None when it is the same)."""
+    if not isinstance(stored, dict):
+        return "the output does not record its input"
+    if stored.get("path") != current["path"] and stored.get("path") and current["path"]:
+        return f"made from {Path(stored['path']).name}"
+    if stored.get("shape") != current["shape"] or stored.get("dtype") != current["dtype"]:
+        return f"shape {tuple(stored.get('shape') or ())} {stored.get('dtype')}"
+    if stored.get("sample") != current["sample"]:
+        return "the input's content changed"
+    return None
+
+
+def _setting_differences(stored: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """The fingerprint entries that differ: ``model`` and the names of differing settings."""
+    if not isinstance(stored, dict):
+        return ["settings"]
+    names = ["model"] if stored.get("model") != current["model"] else []
+    old, new = stored.get("settings") or {}, current["settings"]
+    names += [key for key in new if old.get(key) != new[key]]
+    return names or ["settings"]
+
+
 def _label_dtype(settings: StreamSettings, out_channels: int) -> np.dtype:
     if settings.task == "semantic":
         return np.dtype(np.uint8 if out_channels <= 256 else np.uint16)
@@ -144,18 +219,24 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
     Raises
     ------
     FileExistsError
-        ``path`` exists but is not a streamed output of the same model and settings
-        (pass ``overwrite=True`` to replace a napari-unet output).
+        ``path`` exists but is not a napari-unet output; :class:`StreamMismatchError` when it
+        is one of another input (:func:`input_fingerprint`), model or settings (pass
+        ``overwrite=True`` to replace it).
     ValueError
-        ``path`` is the input.
+        ``path`` is the input (also through a hard link).
     """
     import zarr
 
+    import os
+
     path = Path(path)
-    if input_path is not None and path.resolve() == Path(input_path).resolve():
-        raise ValueError("refusing to overwrite the input image; choose another output")
+    if input_path is not None and (path.resolve() == Path(input_path).resolve() or (
+            path.exists() and os.path.samefile(path, input_path))):
+        raise ValueError(f"refusing to overwrite the input image: {path} is the input image; "
+                         "choose another output")
     model_hash = model_fingerprint(model)
     fingerprint = _fingerprint(settings, model_hash)
+    source = input_fingerprint(image, input_path) if image is not None else None
     if path.exists():
         info = stream_info(path)
         if info is None:
@@ -163,21 +244,27 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
                 path.rmdir()
             else:
                 raise FileExistsError(f"{path} exists and is not a napari-unet output; choose another path")
-        elif info.get("fingerprint") == fingerprint and not overwrite:
+        elif overwrite:
+            shutil.rmtree(path)
+        elif info.get("fingerprint") != fingerprint:
+            raise StreamMismatchError(path, _setting_differences(info.get("fingerprint"), fingerprint))
+        else:
+            why = None if source is None else _input_difference(info.get("source"), source)
+            if why is not None:
+                raise StreamMismatchError(path, ["input"], why)
             group = zarr.open_group(str(path), mode="r+")
             return (group, Normalizer(**_normalizer_from_json(info["normalizer"])), True,
                     stored_plan(group))
-        elif overwrite:
-            shutil.rmtree(path)
-        else:
-            raise FileExistsError(f"{path} holds a prediction made with another model or other "
-                                  "settings; pass --overwrite (overwrite=True) or choose another path")
     if normalizer is None:
         if image is None:
             raise ValueError("a normalizer or the image is needed to create the output")
         with local_dask():
             normalizer = fit_normalizer(image, model.normalization)
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    # an OME-Zarr output (.ome.zarr) keeps its label images under labels/<name>/0 (NGFF)
+    paths = ome_label_paths() if is_ome_zarr_name(path) else {}
+    if paths:
+        require_ome_zarr()
     spatial_chunks = plan.core
     channels = model.config.out_channels
     for name in settings.arrays():
@@ -186,7 +273,7 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
                                dtype=settings.probability_dtype, fill_value=0,
                                dimension_names=["c", *_axis_names(len(plan.spatial))])
         elif name == "labels":
-            group.create_array(name, shape=plan.spatial, chunks=spatial_chunks,
+            group.create_array(paths.get(name, name), shape=plan.spatial, chunks=spatial_chunks,
                                dtype=_label_dtype(settings, channels), fill_value=0,
                                dimension_names=_axis_names(len(plan.spatial)))
         else:  # _local
@@ -205,12 +292,30 @@ def open_stream(path: str | Path, *, plan: TilePlan, settings: StreamSettings,
         "class_names": list(model.class_names), "axes": _axes_letters(len(plan.spatial)),
         "normalizer": _normalizer_to_json(normalizer),
         "input": None if input_path is None else str(input_path),
+        "source": source,
     }
+    if paths:
+        info.update(paths=paths, ome="pending")
     attrs: dict[str, Any] = {ATTRS_KEY: _jsonable(info)}
     if voxel_size is not None and unit is not None:
         attrs.update(voxel_size=[float(v) for v in voxel_size], unit=str(unit))
     group.attrs.update(attrs)
     return group, normalizer, False, plan
+
+
+def ome_label_paths() -> dict[str, str]:
+    """Where the label outputs of an OME-Zarr output are stored (full resolution: level 0)."""
+    return {name: f"{LABELS_GROUP}/{name}/0" for name in ("labels", "instances")}
+
+
+def array_path(group: Any, name: str) -> str:
+    """The path in ``group`` of the output array ``name`` (``labels/<name>/0`` in OME-Zarr)."""
+    return dict(group.attrs[ATTRS_KEY]).get("paths", {}).get(name, name)
+
+
+def stream_array(group: Any, name: str) -> Any:
+    """The output array ``name`` of a streamed output, wherever its layout keeps it."""
+    return group[array_path(group, name)]
 
 
 def _axis_names(ndim: int) -> list[str]:

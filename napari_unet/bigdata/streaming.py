@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from napari_unet.bigdata.merge import merge_chunk_instances
+from napari_unet.bigdata.ome_output import needs_ome_pyramids, write_ome_pyramids
 from napari_unet.bigdata.store import (
     ATTRS_KEY,
     DEFAULT_MAX_TILE_BYTES,
@@ -20,6 +21,7 @@ from napari_unet.bigdata.store import (
     _set_state,
     local_dask,
     open_stream,
+    stream_array,
 )
 from napari_unet.engine.devices import select_device
 from napari_unet.engine.planning import make_plan
@@ -57,7 +59,7 @@ class TileWriter:
         network = prepare_network(model.network, self.device, self.policy, fuse)
         self.runner = TileRunner(image, network, normalizer, self.device, self.policy, model.task, plan,
                                  tta=settings.tta)
-        self.arrays = {name: group[name] for name in settings.arrays()}
+        self.arrays = {name: stream_array(group, name) for name in settings.arrays()}
         self.done = group["_done"]
         self.counts = group["_counts"] if settings.output == "instances" else None
         self.messages: list[str] = []
@@ -211,6 +213,9 @@ def predict_to_zarr(
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
+    if run.group.attrs[ATTRS_KEY].get("state") == "done":  # only the OME-Zarr pyramids are left
+        result.tiles_skipped = plan.n_tiles
+        return (yield from finish_stream(run, min_size=min_size, min_overlap=min_overlap))
     writer = TileWriter(group, image, model, plan, run.settings, run.normalizer, device, precision, fuse)
     todo = plan.order(start_at, pending_tiles(group))
     total = plan.n_tiles
@@ -234,7 +239,7 @@ def predict_to_zarr(
                        probabilities=probs, message="; ".join(notes))
         del probs
     if done < total:  # stopped early (max_tiles)
-        result.arrays = {name: group[name] for name in run.settings.arrays()}
+        result.arrays = {name: stream_array(group, name) for name in run.settings.arrays()}
         return result
     return (yield from finish_stream(run, min_size=min_size, min_overlap=min_overlap))
 
@@ -249,11 +254,14 @@ class StreamRun:
     normalizer: Normalizer
     resumed: bool
     result: StreamResult
+    #: the input (an OME-Zarr output copies it next to its labels at the end)
+    image: Any = None
 
     @property
     def complete(self) -> bool:
         """Whether the stored output was already finished (nothing left to run)."""
-        return self.resumed and self.group.attrs[ATTRS_KEY].get("state") == "done"
+        return (self.resumed and self.group.attrs[ATTRS_KEY].get("state") == "done"
+                and not needs_ome_pyramids(self.group))
 
 
 def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, output: str,
@@ -296,7 +304,7 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
     if tuple(plan.spatial) != tuple(int(n) for n in image.shape[-len(plan.spatial):]):
         raise ValueError(f"{path} was made for an image of shape {plan.spatial}, not {tuple(image.shape)}")
     run = StreamRun(group, plan, settings, normalizer, resumed,
-                    StreamResult(Path(path), output, {}, plan.n_tiles, messages=[]))
+                    StreamResult(Path(path), output, {}, plan.n_tiles, messages=[]), image)
     if run.complete:
         run.result.tiles_skipped = plan.n_tiles
         run.result.n_objects = group.attrs[ATTRS_KEY].get("n_objects")
@@ -316,6 +324,8 @@ def finish_stream(run: StreamRun, *, min_size: int | None, min_overlap: float
                                                                 min_overlap=min_overlap)
     else:
         _set_state(run.group, state="done")
+    if needs_ome_pyramids(run.group):
+        yield from write_ome_pyramids(run.group, run.image)
     run.result.arrays = _public_arrays(run.group, run.settings)
     return run.result
 
@@ -324,4 +334,4 @@ def _public_arrays(group: Any, settings: StreamSettings) -> dict[str, Any]:
     names = [n for n in settings.arrays() if not n.startswith("_")]
     if settings.output == "instances":
         names.append("instances")
-    return {name: group[name] for name in names}
+    return {name: stream_array(group, name) for name in names}

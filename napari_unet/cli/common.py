@@ -150,7 +150,7 @@ def _require(module: str, what: str, extra: str) -> None:
         found = False
     if not found:
         raise UsageError(f"{what} needs the optional package {module!r}: "
-                         f"pip install 'napari-unet[{extra}]'")
+                         f"pip install 'napari-unet-loop[{extra}]'")
 
 
 def _drain_with_bar(job, desc: str, unit: str = "tile"):

@@ -18,6 +18,7 @@ from napari_unet.cli.common import (
 from napari_unet.cli.evaluate import _add_eval
 from napari_unet.cli.export import _add_export
 from napari_unet.cli.gui import _add_gui
+from napari_unet.cli.measure import _add_measure
 from napari_unet.cli.models import _add_models
 from napari_unet.cli.predict import _add_predict
 from napari_unet.cli.suggest import _add_suggest
@@ -29,6 +30,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _a
 COMMANDS += [_add_train, _add_eval, _add_export]
 COMMANDS += [_add_gui]
 COMMANDS += [_add_suggest]
+COMMANDS += [_add_measure]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +106,10 @@ def _report(err: BaseException, verbose: bool, prefix: str = "error: ") -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None,
                   *, _original=warnings.showwarning) -> None:
     """napari-unet's own warnings (NaN voxels, ...) as one line; others as usual."""
+    from napari_unet.io.formats import CalibrationWarning
     from napari_unet.model.normalization import NonFiniteValuesWarning
 
-    if issubclass(category, NonFiniteValuesWarning):
+    if issubclass(category, (NonFiniteValuesWarning, CalibrationWarning)):
         print(f"napari-unet: warning: {_first_line(str(message))}", file=sys.stderr)
     else:
         _original(message, category, filename, lineno, file, line)
@@ -131,13 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     or unreadable inputs; 130: interrupted (SIGINT / SIGTERM); 141: stdout was closed.
     Errors are one line on stderr; ``--verbose`` adds the traceback.
     """
-    from napari_unet.io.formats import ImageReadError
+    from napari_unet.io.formats import CalibrationWarning, ImageReadError
     from napari_unet.model.checkpoint import CheckpointError
     from napari_unet.model.normalization import NonFiniteValuesWarning
 
     verbose = False
     with warnings.catch_warnings():
         warnings.simplefilter("always", NonFiniteValuesWarning)
+        warnings.simplefilter("always", CalibrationWarning)
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)

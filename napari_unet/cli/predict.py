@@ -32,8 +32,10 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="TIFF/OME-TIFF, PNG/JPEG, NIfTI file, DICOM series folder, "
                                       "zarr / OME-Zarr folder, or a folder of images (batch run)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True,
-                        help="output file: .tif, or .zarr (streamed tile by tile with bounded "
-                             "memory, resumable); for a batch run an output folder")
+                        help="output file: .tif, .zarr (streamed tile by tile with bounded "
+                             "memory, resumable) or .ome.zarr (the same, written as OME-Zarr: "
+                             "the image with its labels under labels/, multiscale); for a batch "
+                             "run an output folder")
     parser.add_argument("--model", required=True,
                         help="shipped model name (see 'napari-unet models'), .pt file, or a "
                              "bioimage.io package (.zip or its rdf.yaml)")
@@ -109,11 +111,10 @@ def _run_predict(args: argparse.Namespace) -> int:
         return _run_predict_big(args)
     if output_path.suffix.lower() not in (".tif", ".tiff"):
         raise UsageError(f"output must be a .tif or .zarr file, got {output_path.name!r}")
+    _refuse_input_as_output(output_path, Path(args.input).expanduser())
     check_output_path(output_path)
     model = load_model(args.model)
     image = read_image(args.input, allow_channels=model.config.in_channels > 1)
-    if output_path.exists() and image.path is not None and output_path.resolve() == Path(image.path).resolve():
-        raise UsageError("refusing to overwrite the input image; choose another output file")
     nonfinite = _check_image_values(image, model)
     warnings.filterwarnings("ignore", category=NonFiniteValuesWarning)  # counted exactly above
     normalizer = fit_normalizer(image.data, args.hu_window) if args.hu_window else None
@@ -169,6 +170,23 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_input_as_output(output: Path, source: Path | None) -> None:
+    """Refuse an output that is the input: the same path, a link, or a hard link to it."""
+    import os
+
+    if source is None:
+        return
+    same = output.resolve() == Path(source).resolve()
+    if not same and output.exists():
+        try:
+            same = os.path.samefile(output, source)
+        except OSError:
+            same = False
+    if same:
+        raise UsageError(f"refusing to overwrite the input image: {output} is the input image "
+                         "(the same file or a link to it); choose another output file")
+
+
 def _streamed_output_error(error: OSError, target: Path) -> Exception:
     """An OSError of a streamed run as one line: about the output when it concerns the output
     (a file under it, disk full, read-only), else about the file it names."""
@@ -184,6 +202,29 @@ def _streamed_output_error(error: OSError, target: Path) -> Exception:
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
         return OutputWriteError(target, error)
     return error
+
+
+#: the options of ``predict`` behind each setting a streamed output stores
+_SETTING_OPTIONS = {
+    "model": "--model", "task": "--model", "output": "--output",
+    "probabilities": "--save-probabilities", "probability_dtype": "--save-probabilities",
+    "threshold": "--threshold", "min_size": "--min-size", "seed_threshold": "--seed-threshold",
+    "tta": "--tta", "voxel_size": "the voxel size", "method": "the instance method",
+    "settings": "the settings",
+}
+
+
+def _mismatch_message(error: Exception) -> str:
+    """A :class:`StreamMismatchError` in the words of the command line."""
+    path = error.path
+    if "input" in error.differences:
+        what = f"another image ({error.detail})" if error.detail else "another image"
+        return (f"{path} holds a prediction of {what}; --overwrite starts over, or choose "
+                "another output")
+    names = list(dict.fromkeys(_SETTING_OPTIONS.get(d, d) for d in error.differences))
+    verb = "differs" if len(names) == 1 else "differ"
+    return (f"{path} was made with other settings ({', '.join(names)} {verb}); run again with "
+            "the same ones to resume, or --overwrite starts over")
 
 
 def _max_tile_bytes(args: argparse.Namespace) -> float | None:
@@ -218,6 +259,7 @@ def _run_predict_big(args: argparse.Namespace) -> int:
         predict_batch,
         predict_to_zarr_distributed,
     )
+    from napari_unet.bigdata.store import StreamMismatchError
     from napari_unet.bigdata.streaming import predict_to_zarr
     from napari_unet.io.files import check_output_path
     from napari_unet.io.formats import ImageReadError
@@ -233,11 +275,13 @@ def _run_predict_big(args: argparse.Namespace) -> int:
                          f"got {target.name!r}")
     if batch and target.suffix.lower() in (".tif", ".tiff", ".zarr"):
         raise UsageError("a folder of images is a batch run: -o must be an output folder")
-    if not batch and target.resolve() == source.resolve():
-        raise UsageError("refusing to overwrite the input image; choose another output")
+    if not batch:
+        _refuse_input_as_output(target, source)
     check_output_path(target, folder=True, create_parent=True)
     if args.dask is not None:
         _require("distributed", "--dask", "dask")
+    if not batch and target.name.lower().endswith(".ome.zarr"):
+        _require("ome_zarr", "an .ome.zarr output", "ome")
     model = load_model(args.model)
     if getattr(model, "foreign", False):
         raise UsageError(f"{Path(args.model).name} is a Zoo model made elsewhere: it runs with a "
@@ -277,6 +321,8 @@ def _run_predict_big(args: argparse.Namespace) -> int:
                 job = predict_to_zarr(image.data, model, target, voxel_size=image.voxel_size,
                                       unit=image.unit, input_path=source, **options)
             result = _drain_with_bar(job, model.label)
+        except StreamMismatchError as err:
+            raise UsageError(_mismatch_message(err)) from None
         except FileExistsError as err:
             raise UsageError(str(err)) from None
         except OSError as err:

@@ -63,6 +63,10 @@ def _run_suggest(args: argparse.Namespace) -> int:
         raise UsageError(f"suggest ranks the slices of a 3D stack; {Path(args.input).name} is "
                          f"a {len(image.spatial_axes)}D image")
     _check_image_values(image, model)
+    depth = int(image.data.shape[-3])
+    if args.exclude and set(range(depth)) <= set(args.exclude):
+        raise UsageError(f"no slices left to suggest: --exclude covers all {depth} slices of "
+                         f"{Path(args.input).name}; exclude fewer slices")
     job = suggest(image.data, model, args.n, tta=args.tta, min_gap=args.min_gap,
                   exclude=args.exclude or (), threshold=args.threshold, device=args.device,
                   precision=args.precision, tile_shape=args.tile)

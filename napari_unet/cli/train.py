@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
 
     from napari_unet.model.checkpoint import SegmentationModel
+    from napari_unet.training.config import TrainingPair
 from napari_unet.cli.common import (
     EXIT_INTERRUPTED,
     OutputWriteError,
@@ -48,6 +49,46 @@ def _parse_slices(text: str) -> list[int]:
     return values
 
 
+def _parse_planes(text: str) -> list:
+    """``--slices`` of ``train``: z slices as ints (``3,17``, ``0-23``), slices along any axis
+    as ``axis:index`` (``z:3,y:40,x:12``, ``y:40-42``); y and x slices become ``(axis, index)``."""
+    from napari_unet.labels.slices import AXIS_NAMES, slice_list
+
+    planes: list = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        axis = 0
+        if ":" in part:
+            name, part = (v.strip() for v in part.split(":", 1))
+            if name.lower() not in AXIS_NAMES:
+                raise argparse.ArgumentTypeError(
+                    f"unknown axis {name!r} in --slices {text!r}: use z, y or x, e.g. z:3,y:40,x:12")
+            axis = AXIS_NAMES.index(name.lower())
+        try:
+            indices = _parse_slices(part)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected slices like 3,17 (z) or z:3,y:40,x:12 or y:40-42, got {text!r}") from None
+        if any(i < 0 for i in indices):
+            raise argparse.ArgumentTypeError(f"slice numbers start at 0, got {text!r}")
+        planes.extend(i if axis == 0 else (axis, i) for i in indices)
+    if not planes:
+        raise argparse.ArgumentTypeError(f"expected slices like 3,17 or z:3,y:40,x:12, got {text!r}")
+    return slice_list(planes)
+
+
+def _check_planes(pair: TrainingPair, name: str) -> None:
+    """UsageError when ``--slices`` do not fit the stack ``name`` (2D, or out of range)."""
+    from napari_unet.training.targets import pair_planes
+
+    try:
+        pair_planes(pair)
+    except ValueError as err:
+        raise UsageError(f"--slices: {name}: {str(err).split(': ', 1)[-1]}") from None
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "train", help="train or fine-tune a model on images with (corrected) labels",
@@ -60,8 +101,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="label file (or folder) for the --image at the same position")
     annotated = parser.add_mutually_exclusive_group()
     annotated.add_argument("--mask", action="append", help="annotation mask per --image (nonzero = annotated)")
-    annotated.add_argument("--slices", type=_parse_slices, default=None,
-                           help="annotated slices of each stack, e.g. 3,17,40 or 0-23")
+    annotated.add_argument("--slices", type=_parse_planes, default=None,
+                           help="annotated (corrected) slices of each stack: z slices 3,17,40 or "
+                                "0-23, or slices along any axis z:3,y:40,x:12 (y:40-42)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="source", help="model to fine-tune: shipped name or .pt file")
     source.add_argument("--dims", type=int, choices=[2, 3], help="train a new 2D or 3D model from scratch")
@@ -116,8 +158,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--description", default=None, help="one line shown by 'napari-unet models'")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the file size)")
     parser.add_argument("--no-tune", dest="tune", action="store_false",
-                        help="keep the post-processing defaults (by default threshold, seed threshold "
-                             "and minimum object size are tuned on the held-out part and stored)")
+                        help="keep the model's post-processing (by default threshold, seed threshold and "
+                             "minimum object size are re-tuned on the held-out part when it has enough "
+                             "objects, annotated in 3D for a 3D model)")
     parser.add_argument("-o", "--output-file", "--out", dest="output_file", required=True, help="new model (.pt)")
     parser.set_defaults(handler=_run_train)
 
@@ -198,6 +241,8 @@ def _run_train(args: argparse.Namespace) -> int:
         voxel_size = voxel_size or image.voxel_size
         pairs.append(TrainingPair(image=image.data, labels=labels.data, annotated=annotated,
                                   slices=args.slices))
+        if args.slices is not None:
+            _check_planes(pairs[-1], label_path.name)
 
     if args.source is not None:
         model = load_model(args.source)
@@ -244,7 +289,8 @@ def _run_train(args: argparse.Namespace) -> int:
                             validation_fraction=args.validation_fraction, seed=args.seed,
                             device=args.device, precision=args.precision, freeze_norm=freeze,
                             loss=args.loss, accumulate_steps=args.accumulate,
-                            gradient_checkpointing=args.gradient_checkpointing)
+                            gradient_checkpointing=args.gradient_checkpointing,
+                            tune_postprocessing=args.tune)
     trainer = Trainer(model, pairs, config)
     result, interrupted = _drain_training(trainer, model.label)
     if args.name:
@@ -253,12 +299,11 @@ def _run_train(args: argparse.Namespace) -> int:
         result.description = args.description
     if parent_path is not None and Path(parent_path).suffix:
         result.parent = f"{model.label} ({Path(parent_path).name})"
-    if args.tune and not interrupted:
-        tuned = trainer.tune_postprocessing(result)
-        if tuned is not None:
-            values = ", ".join(f"{k} {v}" for k, v in tuned.settings.items())
-            print(f"post-processing tuned on the held-out part: {values} ({tuned.metric} "
-                  f"{tuned.score:.3f}; defaults {tuned.default_score:.3f})")
+    if not interrupted:
+        for line in (f"kept {trainer.decision}" if trainer.decision else "", trainer.tuning_message,
+                     f"torch threads: {trainer.threads_message}" if trainer.threads_message else ""):
+            if line:
+                print(line)
     if args.half:
         result.network.half()
     written, failure = _save_trained(result, output_path)

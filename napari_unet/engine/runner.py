@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterator, Sequence
@@ -9,6 +10,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 import torch
 
+from napari_unet.engine.threads import ThreadTuner
 from napari_unet.engine.tiling import Tile, TilePlan, plan_tiles
 from napari_unet.engine.tta import (
     _pad_to_grid,
@@ -25,6 +27,9 @@ from napari_unet.model.precision import (
 from napari_unet.model.unet import UNet, fuse_for_inference
 from napari_unet.progress import Progress
 
+
+#: a run of at least this many tile batches chooses its thread count by timing them
+_TUNED_BATCHES = 6
 
 def prepare_network(network: UNet, device: torch.device, policy: PrecisionPolicy,
                     fuse: bool = True) -> UNet:
@@ -170,11 +175,22 @@ class TileRunner:
         """
         pending: list[tuple[list[Tile], int]] = [
             (batch, 0) for batch in _batches(list(tiles), self.plan.batch_size)]
+        # enough batches to time: the thread count is chosen by measurement (see ThreadTuner)
+        tuner = ThreadTuner(enabled=self.device.type == "cpu" and len(pending) >= _TUNED_BATCHES)
+        try:
+            yield from self._run_pending(pending, write, tuner)
+        finally:
+            tuner.close()
+
+    def _run_pending(self, pending: list[tuple[list[Tile], int]], write: Callable[[Tile, np.ndarray], None],
+                     tuner: ThreadTuner) -> Generator[RunnerEvent, None, None]:
         fell_back = False
         while pending:
             batch, halvings = pending.pop(0)
             try:
+                tuner.before_step()
                 self._run_batch(batch, write)
+                tuner.after_step(sum(math.prod(t.read_shape) for t in batch))
             except torch.OutOfMemoryError:
                 self.free_memory()
                 added = 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: suffixes a labels export may have (the first is added when none is given)
+#: suffixes a labels export may have (the first is added when none is given); ``.ome.zarr``
+#: writes an OME-Zarr image with the labels under ``labels/``
 LABEL_SUFFIXES = (".tif", ".tiff")
+OME_ZARR_SUFFIX = ".ome.zarr"
 #: suffixes of napari-unet checkpoints (the first is added otherwise)
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 #: what a written probability map is called: ``<labels name>`` + this
@@ -17,7 +19,7 @@ DEFAULT_EXPORT_NAME = "labels.tif"
 def probability_path(path: Path) -> Path:
     """The probability map written next to the labels ``path``: ``<name>_probabilities.tif``."""
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", OME_ZARR_SUFFIX):
         if name.lower().endswith(suffix):
             return path.with_name(name[: -len(suffix)] + PROBABILITY_SUFFIX)
     return path.with_name(name + PROBABILITY_SUFFIX)
@@ -41,10 +43,15 @@ def export_path(text: str | Path | None) -> Path:
     return Path(str(text or "").strip() or DEFAULT_EXPORT_NAME).expanduser()
 
 
+def is_ome_zarr_export(path: Path) -> bool:
+    """Whether a labels export to ``path`` is written as OME-Zarr."""
+    return path.name.lower().endswith(OME_ZARR_SUFFIX)
+
+
 def check_label_suffix(path: Path) -> Path:
-    """``path`` when it names a TIFF; raises ValueError otherwise."""
-    if path.suffix.lower() not in LABEL_SUFFIXES:
-        raise ValueError(f"export to a .tif file, got {path.name!r}")
+    """``path`` when it names a TIFF or an OME-Zarr; raises ValueError otherwise."""
+    if path.suffix.lower() not in LABEL_SUFFIXES and not is_ome_zarr_export(path):
+        raise ValueError(f"export to a .tif file or an .ome.zarr folder, got {path.name!r}")
     return path
 
 

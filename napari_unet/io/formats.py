@@ -40,6 +40,11 @@ _UNIT_ALIASES = {
 }
 
 
+class CalibrationWarning(UserWarning):
+    """The file's calibration is partly invalid (a zero, negative or NaN spacing); the valid
+    part is kept. The message is one line."""
+
+
 class ImageReadError(ValueError):
     """An image could not be opened; the message says why in one line."""
 

@@ -1,14 +1,16 @@
-"""Exporting a labels array: as it is, as instances or as a binary mask, to a calibrated TIFF,
-optionally with its probability map; and the one-line summary of what was written."""
+"""Exporting a labels array: as it is, as instances or as a binary mask, to a calibrated TIFF
+or an OME-Zarr (with its image), optionally with its probability map; and the one-line
+summary of what was written."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Generator
 
 import numpy as np
 
-from napari_unet.io.export_paths import check_label_suffix, probability_path
+from napari_unet.io.export_paths import check_label_suffix, is_ome_zarr_export, probability_path
 from napari_unet.io.writers import write_image_tiff, write_labels_tiff
 from napari_unet.labels import edits, statistics
 
@@ -73,14 +75,51 @@ def probabilities_for_export(probabilities: np.ndarray, labels_ndim: int) -> tup
 
 def export_labels(path: str | Path, data: np.ndarray, *, mode: str, voxel_size: tuple[float, ...],
                   unit: str, input_path: str | None = None,
-                  probabilities: np.ndarray | None = None) -> tuple[list[Path], str]:
-    """Write the labels (and optionally the probabilities) atomically; returns paths and summary."""
+                  probabilities: np.ndarray | None = None, image: Any = None,
+                  name: str = "labels") -> tuple[list[Path], str]:
+    """Write the labels (and optionally the probabilities) atomically; returns paths and summary.
+
+    A ``.ome.zarr`` path writes an OME-Zarr image: ``image`` (the intensities the labels belong
+    to, same shape; else the image read from ``input_path``) with the labels as
+    ``labels/<name>``, both multiscale.
+    """
     path = check_label_suffix(Path(path))
     labels = labels_for_export(data, mode)
-    written = [write_labels_tiff(path, labels, voxel_size=voxel_size, unit=unit,
-                                 input_path=input_path)]
+    if is_ome_zarr_export(path):
+        written = [export_ome_zarr(path, labels, image=image, input_path=input_path,
+                                   voxel_size=voxel_size, unit=unit, name=name)]
+    else:
+        written = [write_labels_tiff(path, labels, voxel_size=voxel_size, unit=unit,
+                                     input_path=input_path)]
     if probabilities is not None:
         probs, axes = probabilities_for_export(probabilities, labels.ndim)
         written.append(write_image_tiff(probability_path(path), probs, voxel_size=voxel_size,
                                         unit=unit, input_path=input_path, axes=axes))
     return written, summary_line(labels, voxel_size, unit)
+
+
+def export_ome_zarr(path: Path, labels: np.ndarray, *, image: Any, input_path: str | None,
+                    voxel_size: tuple[float, ...], unit: str, name: str = "labels") -> Path:
+    """Write ``labels`` under ``labels/<name>`` of an OME-Zarr of ``image`` (see
+    :func:`export_labels`)."""
+    from napari_unet.io.omezarr import write_ome_zarr
+    from napari_unet.progress import drain
+
+    if input_path and path.resolve() == Path(input_path).expanduser().resolve():
+        raise ValueError("refusing to overwrite the input image; choose another file")
+    if image is None and input_path:
+        from napari_unet.io.lazy import open_lazy
+
+        try:
+            opened = open_lazy(input_path, allow_channels=True)
+        except Exception:  # noqa: BLE001 - unreadable: refused below like a missing image
+            opened = None
+        if opened is not None and "C" not in opened.axes:
+            image = opened.data
+    if image is None or tuple(np.shape(image)) != labels.shape:
+        raise ValueError("an OME-Zarr export holds the image with its labels: open the image "
+                         f"of shape {labels.shape} in the viewer (or export to .tif)")
+    axes = "ZYX"[-labels.ndim:]
+    label_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "labels"
+    return drain(write_ome_zarr(path, image, {label_name: labels}, axes=axes,
+                                voxel_size=voxel_size, unit=unit))

@@ -11,6 +11,7 @@ import numpy as np
 from napari_unet.io.dicom import _read_dicom_file, _read_dicom_folder
 from napari_unet.io.formats import (
     CHANNEL_AXES,
+    CalibrationWarning,
     DICOM_SUFFIXES,
     NIFTI_SUFFIXES,
     PILLOW_SUFFIXES,
@@ -122,7 +123,10 @@ def _finalize(raw: _RawImage, path: Path, *, allow_channels: bool) -> LoadedImag
         )
     if unknown:
         raise ImageReadError(
-            f"image has axes {described}: more than 3 spatial axes are not supported"
+            f"image has axes {described}: more than 3 spatial axes, and napari-unet cannot tell "
+            "which are Z, time or channels; save it with its axes (ImageJ hyperstack or OME-TIFF, e.g. "
+            "tifffile.imwrite(..., metadata={'axes': 'TZYX'})) or as 3D stacks of one time "
+            "point and channel"
         )
     channel_axes = [axis for axis in axes if axis in CHANNEL_AXES]
     if len(channel_axes) > 1:
@@ -142,8 +146,12 @@ def _finalize(raw: _RawImage, path: Path, *, allow_channels: bool) -> LoadedImag
         data = np.ascontiguousarray(data)
     axes = "".join("C" if axes[i] in CHANNEL_AXES else axes[i] for i in order)
 
+    if np.iscomplexobj(data):
+        raise ImageReadError(
+            f"cannot read {path}: it holds complex numbers ({data.dtype}); napari-unet segments "
+            "real-valued images: save the magnitude (abs) or the real part")
     spatial = [axis for axis in axes if axis in SPATIAL_AXES]
-    sizes = [raw.spacing.get(axis) for axis in spatial]
+    sizes = _repair_z_spacing(raw, spatial, path)
     voxel_size: tuple[float, ...] | None = None
     if raw.unit is not None and all(_valid_size(size) for size in sizes):
         voxel_size = tuple(float(size) for size in sizes)  # type: ignore[arg-type]
@@ -165,6 +173,27 @@ def _describe_axes(axes: str, shape: Sequence[int], rgb_like: bool) -> str:
         extra = f", {', '.join(others)}" if others else ""
         return f"{axes} ({kind}, {samples} samples{extra})"
     return f"{axes} ({', '.join(f'{a}={n}' for a, n in zip(axes, shape))})"
+
+
+def _repair_z_spacing(raw: _RawImage, spatial: list[str], path: Path) -> list[float | None]:
+    """The voxel size per spatial axis; an invalid Z spacing (zero, negative, NaN) next to
+    valid Y / X sizes is replaced by the in-plane size, with a :class:`CalibrationWarning`,
+    so that the valid calibration is kept."""
+    import warnings
+
+    sizes = [raw.spacing.get(axis) for axis in spatial]
+    if raw.unit is None or "Z" not in spatial or "Z" not in raw.spacing:
+        return sizes
+    z = spatial.index("Z")
+    in_plane = [s for a, s in zip(spatial, sizes) if a in "YX" and _valid_size(s)]
+    if _valid_size(sizes[z]) or len(in_plane) != 2:
+        return sizes
+    sizes[z] = float(min(in_plane))
+    warnings.warn(CalibrationWarning(
+        f"{path.name}: the z spacing ({raw.spacing['Z']:g}) is not valid; using the pixel size "
+        f"({sizes[z]:g} {raw.unit}) for z: set the real spacing in the file (ImageJ: "
+        "Image > Properties)"), stacklevel=3)
+    return sizes
 
 
 def _valid_size(size: float | None) -> bool:

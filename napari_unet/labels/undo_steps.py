@@ -45,7 +45,7 @@ class Swap:
     values: np.ndarray
     description: str
     #: the other list of corrected slices (None: the step does not change the list)
-    corrected: list[int] | None = None
+    corrected: list | None = None
 
     @property
     def nbytes(self) -> int:

@@ -12,7 +12,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from napari_unet.labels.slices import free_runs
+from napari_unet.labels.slices import (
+    Plane,
+    free_runs,
+    plane_in_range,
+    plane_key,
+    plane_name,
+    plane_region,
+    slice_list,
+)
 
 #: how a prediction goes into an existing labels array: everything but the corrected slices,
 #: or everything
@@ -44,28 +52,49 @@ def fits_in_place(data: Any, dtype: np.dtype, largest: int) -> bool:
 
 
 def write_unprotected(data: Any, region: tuple[slice, ...], values: np.ndarray,
-                      protected: set[int]) -> bool:
-    """Write ``values`` into ``data[region]`` except the ``protected`` first-axis slices;
-    returns whether anything was written."""
-    if not protected:
+                      protected: Iterable[Plane]) -> bool:
+    """Write ``values`` into ``data[region]`` except the ``protected`` planes (z slices: ints;
+    y and x planes: ``(axis, index)``, see :mod:`napari_unet.labels.slices`); returns whether
+    anything was written. ``region`` holds slices with a start, one per axis of ``data``."""
+    planes = slice_list(protected)
+    zs = {p for p in planes if isinstance(p, int)}
+    others = [plane_key(p) for p in planes if not isinstance(p, int)]
+    if not planes:
         data[region] = values
         return True
-    z0 = region[0].start
+    lead = max(0, len(region) - 3)
+    if others:  # the block keeps what is there on the protected y/x planes it crosses
+        kept = None
+        for axis, index in others:
+            cut = region[lead + axis]
+            start, stop = cut.start or 0, cut.stop if cut.stop is not None else data.shape[lead + axis]
+            if start <= index < stop:
+                if kept is None:
+                    kept = np.array(values, copy=True)
+                at = (slice(None),) * (lead + axis) + (index - start,)
+                kept[at] = np.asarray(data[region])[at]
+        values = values if kept is None else kept
+    if not zs:
+        data[region] = values
+        return True
+    z0 = region[lead].start or 0
     wrote = False
-    for lo, hi in free_runs(z0, z0 + values.shape[0], protected):
-        data[(slice(lo, hi), *region[1:])] = values[lo - z0:hi - z0]
+    for lo, hi in free_runs(z0, z0 + values.shape[lead], zs):
+        data[(*region[:lead], slice(lo, hi), *region[lead + 1:])] = \
+            values[(slice(None),) * lead + (slice(lo - z0, hi - z0),)]
         wrote = True
     return wrote
 
 
 def fresh_labels(old: Any, shape: Sequence[int], dtype: np.dtype,
-                 kept: Iterable[int] = ()) -> np.ndarray:
+                 kept: Iterable[Plane] = ()) -> np.ndarray:
     """The array a whole-stack run writes into: zeros in a dtype holding ``old``'s ids and
-    ``dtype``'s, with the slices ``kept`` (corrected ones) copied from ``old``."""
+    ``dtype``'s, with the planes ``kept`` (corrected z, y or x slices) copied from ``old``."""
     new = np.zeros(tuple(shape), dtype=np.promote_types(old.dtype, dtype))
-    for z in kept:
-        if 0 <= z < shape[0]:
-            new[z] = np.asarray(old[z])
+    for p in slice_list(kept):
+        if plane_in_range(p, shape):
+            where = plane_region(p, len(shape))
+            new[where] = np.asarray(old[where])
     return new
 
 
@@ -78,18 +107,23 @@ class WriteDecision:
     question: str | None = None
 
 
-def write_decision(mode: str, name: str, ndim: int, corrected: Sequence[int], z_range: range,
+def write_decision(mode: str, name: str, ndim: int, corrected: Sequence[Plane], z_range: range,
                    edited: bool) -> WriteDecision:
     """What a run in ``mode`` does to the labels ``name``, and what to ask first.
 
-    ``corrected`` are the slices marked corrected (a 2D image: ``[0]`` when it is), ``z_range``
+    ``corrected`` are the planes marked corrected (a 2D image: ``[0]`` when it is), ``z_range``
     the slices the run writes, ``edited`` whether the labels have edits. :data:`KEEP` leaves
-    the corrected slices alone, and asks only when everything to write is corrected;
-    :data:`OVERWRITE` asks when corrections or edits would be lost.
+    the corrected planes alone, and asks only when everything to write is corrected;
+    :data:`OVERWRITE` asks when corrections or edits would be lost (a y or x plane: whenever
+    the run writes some slices).
     """
     if ndim >= 3:
-        hit = [z for z in corrected if z in z_range]
-        what = f"{len(hit)} corrected slice(s) of {name!r}"
+        planes = slice_list(corrected)
+        hit = [z for z in planes if isinstance(z, int) and z in z_range]
+        crossed = [p for p in planes if not isinstance(p, int)] if len(z_range) else []
+        what = f"{len(hit) + len(crossed)} corrected slice(s) of {name!r}"
+        if crossed:
+            what += f" ({', '.join(plane_name(p) for p in crossed)})"
     else:
         hit = list(z_range) if corrected else []
         what = f"your corrections in {name!r}"
@@ -103,6 +137,8 @@ def write_decision(mode: str, name: str, ndim: int, corrected: Sequence[int], z_
                         "(No: nothing is changed; choose 'new labels layer' to compare.)")
             return WriteDecision(OVERWRITE, text)
         return WriteDecision(KEEP)
+    if ndim >= 3:
+        hit = hit + crossed
     if hit or edited:
         text = (f"Overwrite {what if hit else 'the edits of ' + repr(name)}? "
                 "Ctrl+Z undoes the run. (No: nothing is changed.)")

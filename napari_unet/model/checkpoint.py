@@ -149,10 +149,34 @@ def save_checkpoint(model: SegmentationModel, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(payload, handle)
+        except RuntimeError as err:
+            raise _torch_write_error(err, tmp) from err
 
     return atomic_write(path, write)
+
+
+def _torch_write_error(error: RuntimeError, tmp: Path) -> BaseException:
+    """``torch.save`` reports a failed write (a full disk, a quota) as a RuntimeError of its
+    zip writer (``inline_container.cc``); as an OSError, so that callers save elsewhere."""
+    import errno
+    import shutil
+
+    text = str(error)
+    if "inline_container" not in text and "PytorchStreamWriter" not in text:
+        return error
+    for cause in (error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno:
+            return OSError(cause.errno, os.strerror(cause.errno), str(tmp))
+    try:
+        full = shutil.disk_usage(tmp.parent).free < 16 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    return OSError(errno.EIO, "the model file could not be written (is the disk full?)", str(tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SegmentationModel:

@@ -12,14 +12,21 @@ from napari_unet.training.augment import AugmentSettings
 
 DEFAULT_TIME_LIMIT = 60.0
 LR_SCRATCH = 1e-3
-# bench_finetune (60 s): lr 1e-3 vs 3e-4 gave Dice gains +0.036 vs +0.029 (3D), +0.200 vs +0.190 (2D)
-LR_FINETUNE = 6e-4
+# Adam moves every weight by about the learning rate per step whatever the gradient, so a
+# few slices at 6e-4 moved the 3D nuclei model off its good weights within 10 steps
+# (bench_hitl: object F1 on uncorrected slices 0.867 -> 0.750); 2e-4 with a 20-step warm-up
+LR_FINETUNE = 2e-4
 #: automatic validation split: this fraction of the parts (corrected slices or images), at least one
 AUTO_VALIDATION_FRACTION = 0.2
 #: validation and the live preview together take at most this share of a run's time (besides
 #: the validation and preview at its end): each runs at its interval, or later, when its time
 #: so far plus its last measured cost would exceed its part of the share
 EVALUATION_SHARE = 0.1
+#: a fine-tuned model must beat the start model by this much on the held-out part to be kept
+KEEP_MARGIN = 0.01
+#: post-processing is re-tuned only on at least this many held-out objects (see
+#: ``TrainingConfig.tune_postprocessing``)
+MIN_TUNING_OBJECTS = 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,14 +38,16 @@ class TrainingPair:
     """One image with its (corrected) labels.
 
     ``labels`` holds instance ids or semantic classes 1..K (0 = background). Only annotated
-    voxels are trained on: ``annotated`` (nonzero = annotated) or ``slices`` (indices along axis 0
-    of a stack); both None = everything.
+    voxels are trained on: ``annotated`` (nonzero = annotated) or ``slices`` (the corrected
+    slices of a stack: ints are z slices, indices along axis 0; ``(axis, index)`` pairs are
+    slices along any axis, ``axis`` 0-2 or ``"z"``/``"y"``/``"x"``, e.g. ``(1, 40)`` = y 40);
+    both None = everything. The targets of each slice are made within its plane.
     """
 
     image: np.ndarray
     labels: np.ndarray
     annotated: np.ndarray | None = None
-    slices: Sequence[int] | None = None
+    slices: Sequence[int | tuple[int | str, int]] | None = None
 
 
 @dataclass
@@ -73,8 +82,9 @@ class TrainingConfig:
     #: ``recalibrate_norm``), updated when training from scratch
     freeze_norm: bool | None = None
     #: with frozen batch norm: first re-estimate its statistics on patches of the new data
-    #: (forward passes only), which adapts the model to new intensities/contrast
-    recalibrate_norm: bool = True
+    #: (forward passes only). Off by default: a few patches around the corrected slices
+    #: shifted the statistics of the whole stack (bench_hitl), and it cost seconds of a run
+    recalibrate_norm: bool = False
     #: seconds between validation runs (when a validation split exists)
     validation_interval: float = 10.0
     #: fraction of patches centred on an annotated foreground voxel
@@ -89,6 +99,19 @@ class TrainingConfig:
     #: recompute activations in the backward pass instead of storing them (less memory,
     #: about a third more time; the same numbers)
     gradient_checkpointing: bool = False
+    #: fine-tuning: weight of the distillation term (:func:`losses.distillation_loss`) that
+    #: keeps the start model's output on the voxels nobody annotated; 0 = off
+    distillation: float = 1.0
+    #: fine-tuning with a held-out part: the trained weights replace the start model only when
+    #: they score at least this much better on it (one held-out slice is a noisy judge)
+    keep_margin: float = KEEP_MARGIN
+    #: re-tune the post-processing (threshold, seeds, minimum size) on the held-out part at the
+    #: end, when it is large enough (:data:`MIN_TUNING_OBJECTS` objects annotated in 3D for a 3D
+    #: model); otherwise the start model's values are kept
+    tune_postprocessing: bool = True
+    #: torch threads: None = chosen by timing the steps while training (see
+    #: :class:`napari_unet.engine.threads.ThreadTuner`), else that many
+    threads: int | None = None
 
 
 @dataclass(init=False)

@@ -14,6 +14,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from napari_unet.labels.slices import (
+    Plane,
+    plane_in_range,
+    plane_name,
+    plane_region,
+    slice_list,
+)
 from napari_unet.training.config import TrainingPair
 
 #: the row of the corrected-slices list for a 2D image (it has no slices to mark)
@@ -25,14 +32,15 @@ class CorrectionSource:
     """One image with its labels, as the user chose them (arrays, not viewer layers).
 
     ``image`` may be lazy (a dask array, read later in the worker); ``corrected`` is the list
-    of slices (along axis 0) marked as corrected in the labels; ``name`` names the labels in
-    the notes.
+    of slices marked as corrected in the labels (z slices as ints, y and x slices as
+    ``(axis, index)``, see :mod:`napari_unet.labels.slices`); ``name`` names the labels in the
+    notes.
     """
 
     image: Any
     labels: Any
     name: str
-    corrected: Sequence[int] = ()
+    corrected: Sequence[Plane] = ()
 
 
 def is_lazy(data: Any) -> bool:
@@ -40,10 +48,10 @@ def is_lazy(data: Any) -> bool:
     return hasattr(data, "compute") and hasattr(data, "dask")
 
 
-def snapshot_labels(data: Any, slices: list[int] | None) -> Any:
+def snapshot_labels(data: Any, slices: list[Plane] | None) -> Any:
     """A copy of a labels layer's array to train on, taken on the main thread.
 
-    With ``slices`` only those slices are copied, into an array that is zero elsewhere (never
+    With ``slices`` only those planes (z, y or x slices) are copied, into an array that is zero elsewhere (never
     trained on: the loss only sees annotated voxels), so the copy costs what was corrected. A
     lazy (dask) array cannot be painted in napari and is returned as it is.
     """
@@ -52,19 +60,20 @@ def snapshot_labels(data: Any, slices: list[int] | None) -> Any:
     if slices is None:
         return np.array(data, copy=True)
     snapshot = np.zeros(np.shape(data), dtype=data.dtype)
-    for z in slices:
-        if 0 <= z < snapshot.shape[0]:  # others: the Trainer says what is wrong
-            snapshot[z] = data[z]
+    for p in slice_list(slices):
+        if plane_in_range(p, snapshot.shape):  # others: the Trainer says what is wrong
+            where = plane_region(p, snapshot.ndim)
+            snapshot[where] = data[where]
     return snapshot
 
 
-def slices_to_train(labels_ndim: int, corrected: Sequence[int],
-                    corrected_only: bool) -> list[int] | None:
+def slices_to_train(labels_ndim: int, corrected: Sequence[Plane],
+                    corrected_only: bool) -> list[Plane] | None:
     """The slices of a stack to train on: the corrected ones when ``corrected_only`` and some
     are marked; None (the whole array) for 2D labels, without marks, or when not asked."""
     if labels_ndim < 3 or not corrected_only:
         return None
-    return list(corrected) or None
+    return slice_list(corrected) or None
 
 
 def correction_pair(source: CorrectionSource,
@@ -113,23 +122,23 @@ def validation_expected(pairs: Sequence[TrainingPair], hold_out: bool = True) ->
     return bool(hold_out) and sum(parts(p) for p in pairs) >= 2
 
 
-def with_slice(corrected: Iterable[int], z: int) -> set[int]:
-    """The corrected slices with ``z`` marked too."""
-    return set(corrected) | {int(z)}
+def with_slice(corrected: Iterable[Plane], z: Plane) -> set[Plane]:
+    """The corrected slices with ``z`` (a z slice, or ``(axis, index)``) marked too."""
+    return set(slice_list([*corrected, z]))
 
 
-def corrected_rows(ndim: int, corrected: Sequence[int]) -> list[tuple[str, int | None]]:
-    """Rows of the corrected-slices list: ``(text, slice)``; a 2D image has one row without a
-    slice."""
+def corrected_rows(ndim: int, corrected: Sequence[Plane]) -> list[tuple[str, Plane | None]]:
+    """Rows of the corrected-slices list: ``(text, plane)``, e.g. ``("y 40", (1, 40))``; a 2D
+    image has one row without a slice."""
     if ndim < 3:
         return [(WHOLE_IMAGE_ROW, None)]
-    return [(f"slice {z}", int(z)) for z in corrected]
+    return [(plane_name(p), p) for p in slice_list(corrected)]
 
 
 def suggestion_rows(suggested: Iterable[tuple[int, float]],
-                    corrected: Iterable[int]) -> list[tuple[str, int]]:
-    """Rows of the suggested-slices list: ``(text, slice)``, best first, those already
-    corrected said so."""
-    done = set(corrected)
+                    corrected: Iterable[Plane]) -> list[tuple[str, int]]:
+    """Rows of the suggested-slices list (z slices): ``(text, slice)``, best first, those
+    already corrected said so."""
+    done = set(slice_list(corrected))
     return [(f"slice {z} · score {score:.3f}" + ("  (corrected)" if z in done else ""), int(z))
             for z, score in suggested]

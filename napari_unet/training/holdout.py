@@ -6,32 +6,40 @@ from typing import Callable
 
 import numpy as np
 
+from napari_unet.labels.slices import AXIS_NAMES, Plane, plane_key, plane_region
 from napari_unet.training.config import AUTO_VALIDATION_FRACTION
 from napari_unet.training.sampling import _Item
 
-#: a part that can be held out: ``(item index, z)`` pairs, ``z`` None for a whole 2D item
-Part = list[tuple[int, int | None]]
+#: a part that can be held out: ``(item index, plane)`` pairs, ``plane`` None for a whole 2D
+#: item, else a z slice (int) or a y or x slice ``(axis, index)`` of a stack
+Part = list[tuple[int, Plane | None]]
 
 
 def validation_parts(items: list[_Item], gap: int) -> list[Part]:
     """What can be held out.
 
     Each 2D image, and each run of annotated slices of a stack in which consecutive slices
-    are at most ``gap`` apart (so a held-out run has no annotated slice within that
-    distance). A part lists ``(item index, z)``; ``z`` is None for a whole 2D item (an
-    image, or a slice of a stack for a 2D model).
+    (along the same axis: z, y or x slices) are at most ``gap`` apart (so a held-out run has
+    no annotated slice along that axis within that distance). A part lists ``(item index,
+    plane)``; ``plane`` is None for a whole 2D item (an image, or a slice of a stack for a 2D
+    model).
     """
     gap = max(0, int(gap))
     parts: list[Part] = []
-    stacks: dict[int, list[tuple[int, int, int | None]]] = {}
+    stacks: dict[tuple[int, int], list[tuple[int, int, Plane | None]]] = {}
     for i, item in enumerate(items):
         pair, z = item.source
-        if item.image.ndim == 3:  # a stack for a 3D model
+        if item.image.ndim == 3 and item.planes is not None:  # a stack corrected in any plane
+            for p in item.planes:
+                axis, k = plane_key(p)
+                stacks.setdefault((pair, axis), []).append((k, i, p))
+        elif item.image.ndim == 3:  # a stack for a 3D model
             annotated = item.mask.any(axis=(1, 2)) if item.mask is not None else \
                 np.ones(item.image.shape[0], bool)
-            stacks.setdefault(pair, []).extend((int(k), i, int(k)) for k in np.flatnonzero(annotated))
+            stacks.setdefault((pair, 0), []).extend((int(k), i, int(k)) for k in np.flatnonzero(annotated))
         elif z is not None:  # one slice of a stack, for a 2D model
-            stacks.setdefault(pair, []).append((int(z), i, None))
+            axis, k = plane_key(z)
+            stacks.setdefault((pair, axis), []).append((k, i, None))
         else:
             parts.append([(i, None)])
     for pair in sorted(stacks):
@@ -47,14 +55,21 @@ def validation_parts(items: list[_Item], gap: int) -> list[Part]:
 
 
 def describe(items: list[_Item], part: Part) -> str:
-    """A part in words: ``slices 15-17 of image 1``, ``image 2``."""
+    """A part in words: ``slices 15-17 of image 1``, ``y 40 of image 1``, ``image 2``."""
     pair = items[part[0][0]].source[0] + 1
-    zs = [items[i].source[1] if k is None else k for i, k in part]
-    if zs[0] is None:
+    planes = [items[i].source[1] if k is None else k for i, k in part]
+    if planes[0] is None:
         return f"image {pair}"
-    zs = sorted(int(z) for z in zs)
-    where = f"slice {zs[0]}" if len(zs) == 1 else (
-        f"slices {zs[0]}-{zs[-1]}" if zs[-1] - zs[0] == len(zs) - 1 else f"slices {', '.join(map(str, zs))}")
+    keys = sorted(plane_key(p) for p in planes)
+    axis, zs = keys[0][0], [k for _, k in keys]
+    run = zs[-1] - zs[0] == len(zs) - 1
+    if axis == 0:
+        where = f"slice {zs[0]}" if len(zs) == 1 else (
+            f"slices {zs[0]}-{zs[-1]}" if run else f"slices {', '.join(map(str, zs))}")
+    else:
+        name = AXIS_NAMES[axis]
+        where = f"{name} {zs[0]}" if len(zs) == 1 else (
+            f"{name} {zs[0]}-{zs[-1]}" if run else ", ".join(f"{name} {k}" for k in zs))
     return f"{where} of image {pair}"
 
 
@@ -69,8 +84,9 @@ def hold_out(items: list[_Item], part: Part) -> None:
             item.valid |= full
             item.mask = np.zeros_like(full)
         else:
-            item.valid[z] = full[z]
-            full[z] = False
+            where = plane_region(z)
+            item.valid[where] = full[where]
+            full[where] = False
             item.mask = full
 
 
@@ -127,7 +143,7 @@ def split_validation(items: list[_Item], fraction: float | None, gap: int, seed:
             else:
                 if item.mask is None:
                     item.mask = np.ones(item.image.shape, bool)
-                item.mask[z] = False
+                item.mask[plane_region(z)] = False
         described = describe(items, held)
         if dropped:
             described += f" ({describe(items, dropped)} not trained on)"

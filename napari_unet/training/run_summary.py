@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 HOLD_OUT_PLAN = ("A part of the corrections will be held out to score the weights; the "
-                 "best-scoring ones are kept.")
+                 "best-scoring ones are kept if they beat the start model there.")
 NO_HOLD_OUT_PLAN = ("Fewer than 2 corrected slices or images (or hold-out off): nothing is "
                     "held out, the last weights are kept.")
 
@@ -38,12 +38,21 @@ def progress_text(stats: Any, precision: str, elapsed: str) -> str:
     return text
 
 
-def result_text(key: str, elapsed: str, stats: Any | None) -> str:
+def result_text(key: str, elapsed: str, stats: Any | None, entry: dict | None = None) -> str:
     """The status line at the end: the new version ``key`` after ``elapsed`` (formatted) and,
-    from the last update, the iterations, loss and which weights it got."""
+    from the last update, the iterations and loss; from the model's history ``entry``, which
+    weights it got and why (with the held-out scores) and what happened to its
+    post-processing."""
     text = f"New version {key} (after {elapsed}"
     if stats is not None:
         text += f", {stats.iteration} iterations, loss {stats.loss:.4f}"
+    entry = entry or {}
+    if entry.get("decision"):
+        text += f"). It keeps {entry['decision']}"
+        if entry.get("postprocessing"):
+            text += f"; {entry['postprocessing']}"
+        return text + ". It is selected in the Segment dock."
+    if stats is not None:
         if stats.keeps_best and stats.best_score is not None:
             text += f", best-scoring weights: Dice {stats.best_score:.3f} on the held-out part"
         elif not stats.keeps_best:

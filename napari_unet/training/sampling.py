@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,13 @@ class _Item:
     annotated_index: np.ndarray | None = None
     foreground_index: np.ndarray | None = None
     weight: float = 1.0
-    source: tuple[int, int | None] = (0, None)  # training pair, and slice of a stack (2D model)
+    #: training pair, and slice of a stack (2D model): z, or ``(axis, index)`` for y and x
+    source: tuple[int, Any] = (0, None)
     labels: np.ndarray | None = None  # instance ids (*spatial) of a validation item, to score objects
     weight_map: np.ndarray | None = None  # float32 (*spatial) voxel weights of the loss (boundary_bce)
+    #: a stack annotated on y or x slices (and z ones): its planes (``labels.slices``); None
+    #: when its annotation is z slices, a mask or everything
+    planes: list | None = None
 
 
 def _pad_to(array: np.ndarray, shape: Sequence[int], mode: str, lead: int = 0) -> np.ndarray:

@@ -7,6 +7,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_unet.labels.slices import (
+    Plane,
+    plane,
+    plane_in_range,
+    plane_key,
+    plane_name,
+    planes_mask,
+    slice_list,
+)
 from napari_unet.model.checkpoint import TASKS
 from napari_unet.training.config import TrainingPair
 
@@ -57,7 +66,7 @@ def label_boundaries(labels: np.ndarray, annotated: np.ndarray | None = None,
 
 
 def training_targets(labels: np.ndarray, task: str, annotated: np.ndarray | None = None,
-                     axes: Sequence[int] | None = None) -> np.ndarray:
+                     axes: Sequence[int] | None = None, binary: bool | None = None) -> np.ndarray:
     """Per-voxel training targets for ``task`` from a label image.
 
     Targets are computed within the annotated voxels only: boundaries and membranes of an
@@ -77,6 +86,9 @@ def training_targets(labels: np.ndarray, task: str, annotated: np.ndarray | None
     axes : sequence of int, optional
         Axes along which boundaries are found (None = all); ``(1, 2)`` for a 2D model trained
         on the slices of a stack.
+    binary : bool, optional
+        Whether the labels are binary (membranes: the mask itself); None = whether the
+        annotated labels hold only 0 and 1.
 
     Returns
     -------
@@ -110,13 +122,15 @@ def training_targets(labels: np.ndarray, task: str, annotated: np.ndarray | None
         boundary = label_boundaries(labels, annotated, axes) & (inside > 0)
         return np.stack([inside > 0, boundary]).astype(np.uint8)
     # membranes
-    if _is_binary(labels if annotated is None else labels[annotated]):
+    if binary is None:
+        binary = _is_binary(labels if annotated is None else labels[annotated])
+    if binary:
         return (inside > 0)[None].astype(np.uint8)
     return label_boundaries(labels, annotated, axes)[None].astype(np.uint8)
 
 
 def weight_map_objects(labels: np.ndarray, target: np.ndarray, task: str, annotated: np.ndarray | None = None,
-                       per_slice: bool = False) -> np.ndarray:
+                       per_slice: bool | int = False, binary: bool | None = None) -> np.ndarray:
     """The objects whose gaps the ``boundary_bce`` weight map (:func:`losses.unet_weight_map`)
     weights up, from the annotated labels and the training targets of ``task``:
 
@@ -127,14 +141,19 @@ def weight_map_objects(labels: np.ndarray, target: np.ndarray, task: str, annota
       connected components of the non-membrane voxels);
     * ``semantic``: the connected components of each class.
 
-    Components are face-connected; ``per_slice``: within each slice of a stack only.
+    Components are face-connected; ``per_slice``: within each slice of a stack only (True or
+    0: slices along z; 1 or 2: slices along y or x). ``binary`` as in :func:`training_targets`.
     """
     labels = np.asarray(labels)
     known = np.ones(labels.shape, bool) if annotated is None else np.asarray(annotated, dtype=bool)
     inside = np.where(known, labels, 0)
     structure = ndi.generate_binary_structure(labels.ndim, 1)
-    if per_slice and labels.ndim == 3:
-        structure[0] = structure[2] = False
+    if per_slice is not False and per_slice is not None and labels.ndim == 3:
+        axis = 0 if per_slice is True else int(per_slice)
+        across = [slice(None)] * 3
+        for end in (0, 2):  # no neighbours across the slices
+            across[axis] = end
+            structure[tuple(across)] = False
 
     def components(region: np.ndarray) -> np.ndarray:
         return ndi.label(region, structure=structure)[0]
@@ -147,7 +166,8 @@ def weight_map_objects(labels: np.ndarray, target: np.ndarray, task: str, annota
             objects[ids > 0] = ids[ids > 0] + offset
             offset += n
         return objects
-    binary = _is_binary(labels[known])
+    if binary is None:
+        binary = _is_binary(labels[known])
     if task == "membranes":
         if binary:
             return components(known & (inside == 0))
@@ -191,15 +211,71 @@ def annotation_mask(pair: TrainingPair, index: int = 0) -> np.ndarray | None:
             raise ValueError(f"{what}: the annotation mask marks nothing as annotated")
         return mask
     if pair.slices is not None:
-        if len(shape) < 3:
-            raise ValueError(f"{what}: slices only apply to stacks (Z, Y, X), the labels are 2D")
-        slices = sorted({int(s) for s in pair.slices})
-        if not slices:
-            raise ValueError(f"{what}: the list of annotated slices is empty")
-        bad = [s for s in slices if not 0 <= s < shape[0]]
-        if bad:
-            raise ValueError(f"{what}: slices {bad} outside 0..{shape[0] - 1}")
-        mask = np.zeros(shape, dtype=bool)
-        mask[slices] = True
-        return mask
+        return planes_mask(shape, pair_planes(pair, index))
     return None
+
+
+def pair_planes(pair: TrainingPair, index: int = 0) -> list[Plane] | None:
+    """The annotated planes of ``pair`` (``pair.slices`` checked and sorted: z slices as
+    ints, y and x slices as ``(axis, index)``), None without ``slices``; ValueError when they
+    are empty, not planes, or outside the stack."""
+    if pair.slices is None:
+        return None
+    shape = np.shape(pair.labels)
+    what = f"training pair {index + 1}"
+    if len(shape) < 3:
+        raise ValueError(f"{what}: slices only apply to stacks (Z, Y, X), the labels are 2D")
+    try:
+        planes = slice_list(plane(p) for p in pair.slices)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: {err}") from None
+    if not planes:
+        raise ValueError(f"{what}: the list of annotated slices is empty")
+    bad = [p for p in planes if isinstance(p, int) and not plane_in_range(p, shape)]
+    if bad:
+        raise ValueError(f"{what}: slices {bad} outside 0..{shape[-3] - 1}")
+    for p in planes:
+        if not plane_in_range(p, shape):
+            axis = plane_key(p)[0]
+            raise ValueError(f"{what}: {plane_name(p)} is outside the stack "
+                             f"(0..{shape[len(shape) - 3 + axis] - 1} along {plane_name(p)[0]})")
+    return planes
+
+
+def has_cross_planes(planes: Sequence[Plane] | None) -> bool:
+    """Whether ``planes`` hold a y or x plane (not only z slices)."""
+    return planes is not None and any(not isinstance(p, int) for p in planes)
+
+
+def plane_groups(shape: Sequence[int], planes: Sequence[Plane]) -> list[tuple[int, np.ndarray]]:
+    """The planes grouped by the axis they are slices along: ``[(axis, mask), ...]`` with
+    the bool mask of the group's planes, z first."""
+    groups: dict[int, list[Plane]] = {}
+    for p in slice_list(planes):
+        groups.setdefault(plane_key(p)[0], []).append(p)
+    return [(axis, planes_mask(shape, groups[axis])) for axis in sorted(groups)]
+
+
+def plane_targets(labels: np.ndarray, task: str, planes: Sequence[Plane]
+                  ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Training targets of a stack annotated on ``planes`` (z, y or x slices): each plane's
+    targets are made within that plane only (its boundaries from its own labels, as for a
+    corrected z slice), and the targets of all planes are put together (their union).
+
+    Returns
+    -------
+    target, groups
+        The targets (as :func:`training_targets`, 0 outside the planes) and, per axis,
+        ``(axis, mask, targets)`` of the planes along it.
+    """
+    labels = np.asarray(labels)
+    union = planes_mask(labels.shape, planes)
+    binary = _is_binary(labels[union])  # one answer for the pair, as for z slices
+    target = None
+    groups = []
+    for axis, mask in plane_groups(labels.shape, planes):
+        in_plane = tuple(a for a in range(3) if a != axis)
+        along = training_targets(labels, task, mask, axes=in_plane, binary=binary)
+        groups.append((axis, mask, along))
+        target = along if target is None else np.maximum(target, along)
+    return target, groups

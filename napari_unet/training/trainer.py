@@ -11,6 +11,7 @@ import torch
 
 from napari_unet.engine.devices import select_device
 from napari_unet.engine.predict import predict_probabilities
+from napari_unet.engine.threads import ThreadTuner, flush_denormals
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.precision import PrecisionPolicy, resolve_precision
 from napari_unet.model.unet import UNet
@@ -19,13 +20,15 @@ from napari_unet.training.config import (
     EVALUATION_SHARE,
     LR_FINETUNE,
     LR_SCRATCH,
+    MIN_TUNING_OBJECTS,
     TrainingConfig,
     TrainingPair,
     TrainingStats,
 )
 from napari_unet.training.data import prepare
 from napari_unet.training.factory import new_model
-from napari_unet.training.losses import LOSSES, masked_loss
+from napari_unet.training.guard import choose_weights, held_out_objects, keep_margin, tuning_allowed
+from napari_unet.training.losses import LOSSES, distillation_loss, masked_loss
 from napari_unet.training.optimisation import (
     DeviceBatch,
     device_batch,
@@ -84,13 +87,21 @@ class Trainer:
         #: kept; False: the last weights are kept. :attr:`validation_message` says which and why.
         self.keeps_best = False
         self.validation_message = ""
+        #: set when a requested patch shape was clipped to the data (see ``data.clip_patch``)
+        self.patch_message = ""
         #: (iteration, validation score) of every validation of the weights being trained
         self.validation_scores: list[tuple[int, float]] = []
-        #: validation score of the model before fine-tuning. Not a candidate for the result:
-        #: one held-out slice is a noisy judge, and on it the starting model often ties with
-        #: weights that are much better elsewhere (bench_finetune); the dock can show both,
-        #: and Revert goes back to the model
+        #: validation score of the model before fine-tuning: the start model is a candidate,
+        #: kept unless the trained weights beat it by ``config.keep_margin``
         self.start_score: float | None = None
+        #: which weights the result got (``start``, ``best`` or ``last``) and why, with numbers
+        self.kept = "last"
+        self.decision = ""
+        #: what happened to the post-processing settings at the end, in words
+        self.tuning_message = ""
+        #: the thread count chosen by timing the steps (see :class:`ThreadTuner`), in words
+        self.threads_message = ""
+        self._teacher: UNet | None = None
         self.best_iteration: int | None = None
         self._last_f1: float | None = None
         self._state = {"iteration": 0, "seconds": 0.0, "loss": float("nan")}
@@ -130,7 +141,7 @@ class Trainer:
         layout = self.policy.memory_format(self.parent.spatial_dims)
         layout_text = "" if layout == torch.contiguous_format else ", channels-last"
         text = f"training in {self.policy.label()}{layout_text}"
-        return f"{self.validation_message}; {text}" if self.validation_message else text
+        return "; ".join(m for m in (self.patch_message, self.validation_message, text) if m)
 
     @property
     def time_limit(self) -> float | None:
@@ -272,10 +283,16 @@ class Trainer:
             return masked_loss(logits.float(), t, m, self.task, pos_weight=pos_weight,
                                class_weights=class_weights, loss=self.config.loss, weight_map=w)
 
-        if getattr(network.config, "deep_supervision", False):
-            heads = network.forward_heads(x)
-            return sum(loss_of(h) for h in heads) / len(heads)
-        return loss_of(network(x))
+        deep = getattr(network.config, "deep_supervision", False)
+        heads = network.forward_heads(x) if deep else [network(x)]
+        loss = sum(loss_of(h) for h in heads) / len(heads)
+        teacher = self._teacher
+        if teacher is not None:
+            with torch.no_grad():
+                targets = teacher.forward_heads(x) if deep else [teacher(x)]
+            loss = loss + self.config.distillation * sum(
+                distillation_loss(h.float(), g.float(), m, self.task) for h, g in zip(heads, targets)) / len(heads)
+        return loss
 
     def _optimizer_step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: "torch.amp.GradScaler | None", batches: Sequence[DeviceBatch],
@@ -311,6 +328,11 @@ class Trainer:
         policy = self.policy
         network.to(device, memory_format=policy.memory_format(network.spatial_dims))
         self.network = network
+        if self.fine_tune and config.distillation > 0:  # the start model, frozen
+            teacher = UNet(self.parent.network.config)
+            teacher.load_state_dict(self.parent.network.state_dict())
+            teacher.to(device, memory_format=policy.memory_format(network.spatial_dims))
+            self._teacher = teacher.eval().requires_grad_(False)
         if config.gradient_checkpointing:
             network.gradient_checkpointing = True
         optimizer = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=1e-4)
@@ -324,8 +346,11 @@ class Trainer:
         class_weights = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
         time_limit, total = self.time_limit, config.iterations
         base_lr = self.learning_rate
-        warmup = 10 if self.fine_tune else 20
-        if self._val_items:  # the model's own score, for comparison (not a candidate: see start_score)
+        warmup = 20
+        tuner = ThreadTuner([config.threads] if config.threads else None, enabled=device.type == "cpu")
+        flush = flush_denormals(device.type == "cpu")
+        flush.__enter__()
+        if self._val_items:  # the start model's score: it is a candidate (see start_score)
             mark = time.perf_counter()
             self.start_score = self._validate(network)
             timings["validation"] += time.perf_counter() - mark
@@ -369,7 +394,9 @@ class Trainer:
                 step_start = time.perf_counter()
                 timings["sample"] += step_start - mark
                 with self._lock:
+                    tuner.before_step()
                     value = self._optimizer_step(network, optimizer, scaler, batches, pos_weight, class_weights)
+                    tuner.after_step()
                     iteration += 1
                     ema = value if ema is None else 0.9 * ema + 0.1 * value
                     now = time.perf_counter()
@@ -410,6 +437,10 @@ class Trainer:
             finished = True
         finally:
             network.eval()
+            tuner.close()
+            flush.__exit__(None, None, None)
+            self._teacher = None
+            self.threads_message = tuner.summary() if tuner.enabled else ""
             if not finished:  # closed: keep the best weights obtainable
                 with self._lock:
                     if self._best_state is None and iteration > 0:
@@ -417,13 +448,46 @@ class Trainer:
             timings["total"] = time.perf_counter() - run_start
         with self._lock:
             state = self._best_state if self._best_state is not None else _clone_state(network)
+            objects = held_out_objects(self._validation_views(), self.parent.spatial_dims)[0] \
+                if self._val_items and self.task != "semantic" else 0
+            self.kept, self.decision = choose_weights(self.start_score, self._best_score, self.keeps_best,
+                                                      keep_margin(config.keep_margin, objects), self.fine_tune)
+            if self.kept == "start":
+                state = _clone_state(self.parent.network)
             if not _finite_state(state):  # diverged, nothing good kept: the model's own weights
                 state = _clone_state(self.parent.network)
+                self.kept = "start"
+                self.decision = "the start model's weights (training diverged: non-finite weights)"
                 self.validation_message += ("; training diverged (non-finite weights): "
                                             "the result keeps the model's own weights")
             self._state["seconds"] = time.perf_counter() - start
-            self._result = build_result(self, state, final=True)
+            result = build_result(self, state, final=True)
+        self._finish_postprocessing(result)
+        with self._lock:
+            self._result = result
             return self._result.copy()
+
+    def _finish_postprocessing(self, result: SegmentationModel) -> None:
+        """Re-tune ``result``'s post-processing when the held-out part is large enough (see
+        :func:`guard.tuning_allowed`), else keep the start model's values; says which in
+        :attr:`tuning_message` and the history entry."""
+        if self.task == "semantic":
+            return
+        if not self.config.tune_postprocessing:
+            self.tuning_message = "post-processing: the start model's values (re-tuning off)"
+        elif not self._val_items:
+            self.tuning_message = "post-processing: the start model's values (nothing held out)"
+        else:
+            allowed, why = tuning_allowed(self._validation_views(), self.parent.spatial_dims,
+                                          MIN_TUNING_OBJECTS)
+            tuned = self.tune_postprocessing(result) if allowed else None
+            if tuned is not None:
+                values = ", ".join(f"{k} {v}" for k, v in tuned.settings.items())
+                self.tuning_message = (f"post-processing re-tuned on {why}: {values} ({tuned.metric} "
+                                       f"{tuned.score:.3f}; before {tuned.default_score:.3f})")
+            else:
+                self.tuning_message = f"post-processing: the start model's values ({why})"
+        result.history[-1]["postprocessing"] = self.tuning_message
 
 
 def train(model: SegmentationModel, pairs: Sequence[TrainingPair],

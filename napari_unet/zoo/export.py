@@ -380,7 +380,7 @@ def build_description(model: SegmentationModel, folder: Path, *,
             trace_to_onnx(exportable, example, folder / "weights.onnx", dims, OPSET)
         except Exception as err:  # noqa: BLE001 - onnx missing or not exportable: one line
             raise ZooError(f"ONNX weights could not be written ({_first_line(err)}); "
-                           "pip install 'napari-unet[onnx]', or leave out onnx") from err
+                           "pip install 'napari-unet-loop[onnx]', or leave out onnx") from err
         weights["onnx"] = v.OnnxWeightsDescr(source=folder / "weights.onnx", opset_version=OPSET,
                                              parent="pytorch_state_dict")
 

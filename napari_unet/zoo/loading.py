@@ -26,6 +26,7 @@ from napari_unet.zoo.description import (
     _file_bytes,
     _first_line,
     _load_description,
+    check_weights_sha256,
 )
 from napari_unet.zoo.foreign import _foreign_model
 
@@ -60,6 +61,12 @@ def load_zoo_model(source: str | os.PathLike) -> SegmentationModel:
     """
     descr = _load_description(source)
     name = Path(source).name
+    try:
+        check_weights_sha256(descr, name)
+    except ZooError:
+        raise
+    except Exception as err:  # a weights file that cannot be read
+        raise ZooError(f"{name} cannot be used: {_first_line(err)}") from err
     ours = (descr.config.model_extra or {}).get(CONFIG_KEY) if descr.config is not None else None
     try:
         if isinstance(ours, dict) and ours.get("format") == ZOO_FORMAT:

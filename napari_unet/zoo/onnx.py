@@ -8,7 +8,7 @@ the padding is recorded for every size). Normalisation and the final sigmoid / s
 outside the graph; the checkpoint's settings (task, classes, normalisation, voxel size) are
 stored as JSON in the file's metadata (``napari_unet``).
 
-Needs the optional packages ``onnx`` and ``onnxruntime`` (``pip install 'napari-unet[onnx]'``).
+Needs the optional packages ``onnx`` and ``onnxruntime`` (``pip install 'napari-unet-loop[onnx]'``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def require(module: str, extra: str = "onnx") -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise OnnxExportError(f"this needs the optional package {module!r}: "
-                              f"pip install 'napari-unet[{extra}]'") from None
+                              f"pip install 'napari-unet-loop[{extra}]'") from None
 
 
 class _Logits(nn.Module):

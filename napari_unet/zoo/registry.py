@@ -160,7 +160,11 @@ class ModelRegistry:
         return entry.model
 
     def reset(self) -> None:
-        """Forget everything but the shipped models (tests, new sessions)."""
+        """Forget everything but the shipped models (tests, new sessions), and this session's
+        choices of model for kinds of data."""
+        from napari_unet.zoo.choice import forget_session
+
+        forget_session()
         self._entries.clear()
         self._current = None
         self.refresh_shipped()

@@ -25,6 +25,11 @@ def test_progress_bar_repaints_with_the_window_not_at_once(qtbot):
     qtbot.waitUntil(lambda: Counting.paints > before)  # repainted in the next paint pass
     bar.setValue(50)  # no change: nothing to do
     assert bar.value() == 50
+    qtbot.wait(50)
+    before = Counting.paints
+    bar.setRange(0, 0)  # below the value: QProgressBar.reset() would repaint() here (a click)
+    assert bar.maximum() == 0 and Counting.paints == before
+    qtbot.waitUntil(lambda: Counting.paints > before)
 
 
 def test_pieces_cover_the_block_in_small_parts():

@@ -25,7 +25,7 @@ def test_gui_first_look(make_napari_viewer, registry):
 
     viewer = launch(None, viewer=make_napari_viewer(show=True), sample="nuclei_3d", show=True)
     bars = [b for b in _tab_bars(viewer) if "Segment" in b]
-    assert bars == [["Segment", "Edit", "Fine-tune", "Export", 0]]  # readable, Segment in front
+    assert bars == [["Segment", "Edit", "Fine-tune", "Export", "Measurements", 0]]  # readable, Segment in front
     assert viewer.window._qt_window.isMaximized()
     layer = viewer.layers["nuclei_3d"]
     low, high = np.percentile(layer.data, (1, 99.8))

@@ -125,7 +125,7 @@ def test_stack_current_slice_scope_and_correction_tracking(make_napari_viewer, q
     layer.paint((1, 30, 30), 9)
     assert layer.metadata["napari_unet_corrected_slices"] == [1, 3]
     assert [widget.slice_list.item(i).text() for i in range(widget.slice_list.count())] == \
-        ["slice 1", "slice 3"]
+        ["z 1", "z 3"]
     # undo walks back through the paint stroke and the merge, in order
     click(qtbot, widget, "Undo")
     assert not (layer.data[1] == 9).any()

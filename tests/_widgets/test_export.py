@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_unet._widgets._launch import PLUGIN
 from napari_unet.io.readers import read_image
 from napari_unet.labels import edits, statistics
 
@@ -76,7 +77,7 @@ def test_npe2_writer_via_save_layers(make_napari_viewer, tmp_path):
     _, labels = blobs((5, 24, 24))
     layer = viewer.add_labels(labels, name="labels", scale=(2.0, 0.5, 0.5))
     layer.metadata["napari_unet_unit"] = "um"
-    written = viewer.layers.save(str(tmp_path / "saved.tif"), selected=False, plugin="napari-unet")
+    written = viewer.layers.save(str(tmp_path / "saved.tif"), selected=False, plugin=PLUGIN)
     assert written
     back = read_image(tmp_path / "saved.tif")
     np.testing.assert_array_equal(back.data, labels)

@@ -194,7 +194,10 @@ def test_dock_says_which_weights_it_keeps(make_napari_viewer, qtbot, registry, m
     text = widget.weights_label.text().lower()  # now the Trainer's own account
     if keeps_best:
         assert "held out" in text and "best-scoring" in text
-        assert "best-scoring weights" in widget.status.text()
+        # which weights were kept and why, with the held-out scores of both candidates
+        status = widget.status.text()
+        assert ("start model's weights" in status or "fine-tuned weights" in status), status
+        assert "held-out" in status and "start model's" in status
     else:
         assert "last weights" in text and "held out for validation:" not in text
         assert "last weights" in widget.status.text()
@@ -333,3 +336,42 @@ def test_new_model_button_uses_the_dialog(make_napari_viewer, qtbot, registry, m
     model = registry.get(registry.current)
     assert model.spatial_dims == 2 and model.task == "foreground_boundary"
     assert model.name == "cells-model" and model.version == 0
+
+
+def test_dock_and_cli_agree(make_napari_viewer, qtbot, registry, model_3d_path, tmp_path, monkeypatch):
+    """The same corrections, iterations and seed through the Fine-tune dock and `napari-unet
+    train` give the same weights, the same choice of weights and the same words for it."""
+    import tifffile
+    import torch
+
+    from napari_unet.cli.main import main
+    from napari_unet.model.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread count: bit-identical arithmetic
+    image, labels = blobs((10, 32, 32), n=8)
+    slices = [2, 5, 8]
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="stack")
+    layer = viewer.add_labels(labels, name="stack labels")
+    layer.metadata["napari_unet_corrected_slices"] = slices
+    segment, widget = _docks(viewer)
+    segment.load_model_file(model_3d_path)
+    widget.iterations_spin.setValue(4)
+    widget.time_spin.setValue(0)
+    widget.preview_check.setChecked(True)
+    click(qtbot, widget, "Fine-tune")
+    wait_idle(qtbot, widget)
+    from_dock = registry.get(widget.result_key)
+
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    out = tmp_path / "cli.pt"
+    assert main(["train", "--image", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "labels.tif"),
+                 "--slices", "2,5,8", "--from", str(model_3d_path), "--iterations", "4", "-o", str(out)]) == 0
+    from_cli = load_checkpoint(out)
+    dock_entry, cli_entry = from_dock.history[-1], from_cli.history[-1]
+    for key in ("iterations", "kept", "decision", "postprocessing", "best_score", "start_score"):
+        assert dock_entry[key] == cli_entry[key], key
+    assert dock_entry["decision"] in widget.status.text()
+    for key, value in from_dock.network.state_dict().items():
+        assert torch.allclose(value.float(), from_cli.network.state_dict()[key].float(), atol=1e-6), key

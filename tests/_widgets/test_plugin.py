@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_unet._widgets._launch import DOCKS, PLUGIN
 from napari_unet.io.readers import read_image
 
 SAMPLES = Path(str(resources.files("napari_unet.sample_data")))
@@ -18,9 +19,9 @@ def test_manifest_is_valid_and_complete():
 
     pm = npe2.PluginManager.instance()
     pm.discover()
-    manifest = pm.get_manifest("napari-unet")
+    manifest = pm.get_manifest(PLUGIN)
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Segment", "Edit", "Fine-tune", "Export"}
+        "Segment", "Edit", "Fine-tune", "Export", "Measurements"}
     assert {s.key for s in manifest.contributions.sample_data} == {
         "em_2d", "nuclei_2d", "nuclei_3d", "cells_3d", "ct_small"}
     assert manifest.contributions.readers and manifest.contributions.writers
@@ -66,11 +67,11 @@ def test_reader_opens_big_files_and_zarr_lazily(tmp_path, monkeypatch):
 
 def test_open_and_samples_in_viewer(make_napari_viewer):
     viewer = make_napari_viewer()
-    viewer.open(str(SAMPLES / "em_2d.tif"), plugin="napari-unet")
+    viewer.open(str(SAMPLES / "em_2d.tif"), plugin=PLUGIN)
     assert viewer.layers[-1].data.shape == (512, 512)
     for key, ndim in (("em_2d", 2), ("nuclei_2d", 2), ("nuclei_3d", 3), ("cells_3d", 3),
                       ("ct_small", 3)):
-        viewer.open_sample("napari-unet", key)
+        viewer.open_sample(PLUGIN, key)
         assert viewer.layers[-1].ndim == ndim
     assert tuple(viewer.layers[-1].scale) == pytest.approx((3.0, 3.0, 3.0))
 
@@ -79,8 +80,7 @@ def test_gui_command_opens_docks_and_sample(make_napari_viewer, registry):
     from napari_unet._widgets._launch import launch
 
     viewer = launch(None, viewer=make_napari_viewer(), sample="em_2d")
-    assert {"Segment (napari-unet)", "Edit (napari-unet)", "Fine-tune (napari-unet)",
-            "Export (napari-unet)"} <= set(viewer.window.dock_widgets)
+    assert {f"{name} ({PLUGIN})" for name in DOCKS} <= set(viewer.window.dock_widgets)
     assert viewer.layers[-1].name == "em_2d"
     viewer2 = launch(SAMPLES / "nuclei_2d.tif", viewer=make_napari_viewer())
     assert viewer2.layers[-1].data.shape == (520, 696)

@@ -120,6 +120,23 @@ def test_instances_on_the_cluster_are_consistent_across_chunks(client, tmp_path)
     assert _same_partition(result.data[...], ndi.label(mask)[0])
 
 
+def test_instances_on_the_cluster_into_ome_zarr(client, tmp_path):
+    pytest.importorskip("ome_zarr")
+    from napari_unet.io.omezarr import read_ome_zarr
+
+    mask = _balls((20, 40, 40), [(10, 20, 20), (4, 6, 20), (15, 32, 7)], 4.5)
+    source = write_image_tiff(tmp_path / "mask.tif", mask, voxel_size=(2.0, 0.5, 0.5), unit="um")
+    out = tmp_path / "i.ome.zarr"
+    result = drain(cluster.predict_to_zarr_distributed(
+        client, str(source), mask_model(3), out, output="instances", tile_shape=(14, 24, 24),
+        voxel_size=(2.0, 0.5, 0.5), unit="um"))
+    assert result.n_objects == 3
+    image, labels = read_ome_zarr(out)
+    np.testing.assert_array_equal(np.asarray(image.levels[0]), mask)
+    assert image.scale == labels[0].scale == (2.0, 0.5, 0.5)
+    assert _same_partition(np.asarray(labels[0].levels[0]), ndi.label(mask)[0])
+
+
 def test_batch_folder_one_task_per_file_and_cli(client, tmp_path, capsys):
     from napari_unet.cli.main import main
 

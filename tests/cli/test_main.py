@@ -191,4 +191,4 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path, model_file, stack_file, 
                  str(model_file), "--dask"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("napari-unet: error: --dask needs the optional package 'distributed': "
-                   "pip install 'napari-unet[dask]'")
+                   "pip install 'napari-unet-loop[dask]'")

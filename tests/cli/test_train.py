@@ -107,12 +107,31 @@ def test_eval_prints_scores(data, tmp_path, capsys):
     assert code == 2 and "differs" in err
 
 
-def test_train_tunes_and_stores_post_processing(data, tmp_path, capsys):
-    # five annotated slices: one is held out, and the post-processing is tuned on it
-    out_path = tmp_path / "tuned.pt"
+def test_train_keeps_post_processing_of_too_few_held_out_objects(data, tmp_path, capsys):
+    # six annotated slices with 2 objects each: one slice is held out, too few objects to tune on
+    out_path = tmp_path / "kept.pt"
     code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
                        "--dims", "2", "--task", "foreground_boundary", *TINY, "-o", out_path)
-    assert code == 0 and "post-processing tuned on the held-out part" in out
+    assert code == 0 and "post-processing: the start model's values (the held-out part is one image" in out
+    assert load_checkpoint(out_path).postprocess == {}
+
+
+def test_train_tunes_and_stores_post_processing(tmp_path, capsys):
+    # 2D images with 36 objects each: two held-out images have enough objects to tune on
+    rng = np.random.default_rng(1)
+    labels = np.zeros((5, 96, 96), np.uint16)
+    for i in range(6):
+        for j in range(6):
+            labels[:, 4 + 16 * i:12 + 16 * i, 4 + 16 * j:12 + 16 * j] = 1 + 6 * i + j
+    image = ((labels > 0) * 100 + rng.normal(10, 3, labels.shape)).astype(np.float32)
+    data = {"stack": tmp_path / "many.tif", "stack_labels": tmp_path / "many_labels.tif"}
+    tifffile.imwrite(data["stack"], image)
+    tifffile.imwrite(data["stack_labels"], labels)
+    out_path = tmp_path / "tuned.pt"
+    code, out, _ = run(capsys, "train", "--image", data["stack"], "--labels", data["stack_labels"],
+                       "--dims", "2", "--task", "foreground_boundary", *TINY, "--validation-fraction", "0.4",
+                       "-o", out_path)
+    assert code == 0 and "post-processing re-tuned on 72 held-out objects" in out
     tuned = load_checkpoint(out_path).postprocess
     assert {"threshold", "min_size", "tuned_on", "score"} <= set(tuned)
     plain = tmp_path / "plain.pt"

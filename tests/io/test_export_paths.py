@@ -22,6 +22,7 @@ def test_probability_path():
     assert probability_path(Path("/a/x.OME.TIFF")) == Path("/a/x_probabilities.tif")
     assert probability_path(Path("/a/x.tiff")) == Path("/a/x_probabilities.tif")
     assert probability_path(Path("/a/x")) == Path("/a/x_probabilities.tif")
+    assert probability_path(Path("/a/x.ome.zarr")) == Path("/a/x_probabilities.tif")
 
 
 def test_default_and_typed_export_paths(tmp_path, monkeypatch):
@@ -39,6 +40,9 @@ def test_default_and_typed_export_paths(tmp_path, monkeypatch):
 
 def test_suffixes():
     assert check_label_suffix(Path("a.TIF")) == Path("a.TIF")
+    assert check_label_suffix(Path("a.ome.zarr")) == Path("a.ome.zarr")
+    with pytest.raises(ValueError, match=r"\.tif"):
+        check_label_suffix(Path("a.zarr"))  # a plain zarr group is not a labels export
     with pytest.raises(ValueError, match=r"\.tif"):
         check_label_suffix(Path("a.png"))
     assert checkpoint_path("m") == Path("m.pt")

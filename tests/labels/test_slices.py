@@ -42,3 +42,47 @@ def test_slice_lists_marks_and_clipping():
     assert marks_outside([1, 4, 6], range(3, 6)) == [1, 6]
     assert clip_index(-2.4, 10) == 0 and clip_index(9.7, 10) == 9 and clip_index(4.6, 10) == 5
     assert clip_point([7.0, -1.0, 3.2, 99.0], (5, 6, 7)) == (0, 3, 6)
+
+
+# --- planes: slices along z, y or x ----------------------------------------------------------
+def test_planes_are_stored_in_one_form():
+    from napari_unet.labels.slices import plane, plane_label, plane_name, slice_list, z_slices
+
+    assert plane(3) == 3 and plane((0, 3)) == 3 and plane(("y", 40)) == (1, 40)
+    assert plane([2, 7]) == (2, 7) and plane(np.int64(5)) == 5 and plane(4.0) == 4
+    assert slice_list([(2, 7), 5, (1, 40), [0, 1], 5]) == [1, 5, (1, 40), (2, 7)]
+    assert slice_list([3, 1]) == [1, 3]  # z only: a list of ints, as before
+    assert [plane_name(p) for p in [12, (1, 40), (2, 7)]] == ["z 12", "y 40", "x 7"]
+    assert [plane_label(p) for p in [12, (1, 40)]] == ["12", "y 40"]
+    assert z_slices([(1, 4), 9, 2]) == [2, 9]
+    for bad in [(3, 1), ("w", 2), "z", (1, 2, 3)]:
+        try:
+            plane(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was taken as a plane")
+
+
+def test_planes_mask_and_touched_slices_along_any_axis():
+    from napari_unet.labels.slices import planes_mask, touched_slices
+
+    mask = planes_mask((4, 5, 6), [1, (1, 2), (2, 5)])
+    expected = np.zeros((4, 5, 6), bool)
+    expected[1] = True
+    expected[:, 2] = True
+    expected[:, :, 5] = True
+    assert np.array_equal(mask, expected)
+    # a stroke in a view along y: one y index, many z and x
+    key = (np.array([0, 1, 3]), np.array([2, 2, 2]), np.array([1, 4, 5]))
+    assert touched_slices([(key, None, 1)], 3, axis=1) == {2}
+    assert touched_slices([(key, None, 1)], 3, axis=0) == {0, 1, 3}
+
+
+def test_marks_outside_an_overwritten_block():
+    from napari_unet.labels.slices import marks_outside
+
+    region = (slice(0, 4), slice(0, 10), slice(5, 10))
+    marks = [1, 6, (1, 3), (2, 2), (2, 7)]
+    # z 1 and the planes the block crosses (y 3, x 7) are overwritten; x 2 is outside it
+    assert marks_outside(marks, range(0, 4), region) == [6, (2, 2)]
+    assert marks_outside(marks, range(0, 0), region) == [1, 6, (1, 3), (2, 2), (2, 7)]

@@ -77,3 +77,29 @@ def test_write_decisions_that_ask_first():
     assert "the edits of 'stack labels'" in edits.question
     edits_2d = write_decision(OVERWRITE, "img labels", 2, [0], range(1), False)
     assert "your corrections in 'img labels'" in edits_2d.question
+
+
+def test_write_unprotected_leaves_y_and_x_planes_alone():
+    data = np.full((4, 6, 8), 9, np.uint16)
+    values = np.ones((4, 4, 8), np.uint16)
+    # the block covers y 2..5: y 3 and x 6 are corrected, z 1 too
+    assert write_unprotected(data, (slice(0, 4), slice(2, 6), slice(0, 8)), values,
+                             [1, (1, 3), (2, 6), (1, 0)])
+    assert (data[1] == 9).all() and (data[:, 3] == 9).all() and (data[:, :, 6] == 9).all()
+    assert (data[:, :2] == 9).all()  # outside the block
+    written = np.ones(data.shape, bool)
+    written[1] = written[:, 3] = written[:, :, 6] = written[:, :2] = False
+    assert (data[written] == 1).all()
+    assert (values == 1).all()  # the block itself is not changed
+
+
+def test_fresh_labels_keep_corrected_planes_and_questions_name_them():
+    old = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    new = fresh_labels(old, old.shape, np.dtype(np.uint8), [2, (1, 4), (2, 0), (1, 99)])
+    kept = np.zeros(old.shape, bool)
+    kept[2] = kept[:, 4] = kept[:, :, 0] = True
+    assert np.array_equal(new[kept], old[kept]) and not new[~kept].any()
+    decision = write_decision(OVERWRITE, "cells", 3, [(1, 4)], range(0, 4), edited=False)
+    assert decision.question is not None and "y 4" in decision.question
+    # keep mode never asks for a y plane: it is kept
+    assert write_decision(KEEP, "cells", 3, [(1, 4)], range(0, 4), edited=False).question is None

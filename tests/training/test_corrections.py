@@ -90,6 +90,10 @@ def test_parts_and_validation_expected():
 def test_list_rows():
     assert with_slice([3, 1], 5) == {1, 3, 5}
     assert corrected_rows(2, [1]) == [(WHOLE_IMAGE_ROW, None)]
-    assert corrected_rows(3, [1, 4]) == [("slice 1", 1), ("slice 4", 4)]
+    assert corrected_rows(3, [1, 4]) == [("z 1", 1), ("z 4", 4)]
+    # slices seen along y and x: (axis, index), listed after the z slices
+    assert with_slice([3, (1, 40)], (2, 7)) == {3, (1, 40), (2, 7)}
+    assert corrected_rows(3, [(2, 7), 12, (1, 40)]) == [("z 12", 12), ("y 40", (1, 40)),
+                                                        ("x 7", (2, 7))]
     rows = suggestion_rows([(7, 0.51234), (2, 0.25)], corrected=[2])
     assert rows == [("slice 7 · score 0.512", 7), ("slice 2 · score 0.250  (corrected)", 2)]

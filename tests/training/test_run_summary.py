@@ -17,7 +17,7 @@ def _stats(**kwargs):
 def test_before_the_run():
     assert run_summary.preparing_text("tiny v1", "bf16", ["a: 2 corrected slice(s)", "b"]) == \
         "Preparing fine-tuning of tiny v1 (bf16)… a: 2 corrected slice(s); b"
-    assert "best-scoring ones are kept" in run_summary.weights_plan_text(True)
+    assert "best-scoring ones are kept if they beat the start model" in run_summary.weights_plan_text(True)
     assert "the last weights are kept" in run_summary.weights_plan_text(False)
     assert run_summary.trainer_message_text("held out slice 3") == "Held out slice 3."
 

@@ -213,10 +213,12 @@ def test_fine_tuning_freezes_batch_norm_statistics():
     parent = drain(train(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)], fast()))
     means = lambda m: [v for k, v in m.network.state_dict().items() if k.endswith("running_mean")]
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(means(a), means(b)))
-    frozen = drain(train(parent, [TrainingPair(image, labels)], fast(recalibrate_norm=False)))
+    # default: frozen as they are, even on data of other intensities
+    frozen = drain(train(parent, [TrainingPair(image * 3 + 50, labels)], fast()))
     assert same(parent, frozen)
-    # default: statistics re-estimated on the new data once, then frozen during the iterations
-    short, longer = (drain(train(parent, [TrainingPair(image * 3 + 50, labels)], fast(iterations=n)))
+    # on request: statistics re-estimated on the new data once, then frozen during the iterations
+    short, longer = (drain(train(parent, [TrainingPair(image * 3 + 50, labels)],
+                                 fast(iterations=n, recalibrate_norm=True)))
                      for n in (1, 3))
     assert not same(parent, short) and same(short, longer)
     unfrozen = drain(train(parent, [TrainingPair(image, labels)], fast(freeze_norm=False)))

@@ -1,0 +1,85 @@
+"""The never-worse rules of fine-tuning.
+
+* The start model is a candidate: trained weights replace it only when they beat it on the
+  held-out part by a margin (:func:`choose_weights`).
+* Post-processing is re-tuned only on enough held-out objects, and for a 3D model only on
+  objects annotated in 3D, never from a slice (:func:`tuning_allowed`); otherwise the start
+  model's values are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from napari_unet.training.sampling import _Item
+
+#: what a fine-tuned model keeps: the start model's weights, the best-scoring trained weights,
+#: or the last ones (nothing held out to judge)
+KEPT = ("start", "best", "last")
+
+
+def choose_weights(start_score: float | None, best_score: float | None, keeps_best: bool,
+                   margin: float, fine_tune: bool) -> tuple[str, str]:
+    """Which weights the result gets, and why, in words with the numbers.
+
+    Returns
+    -------
+    kept, reason
+        ``kept`` is one of :data:`KEPT`.
+    """
+    if not keeps_best:
+        return "last", "the last weights (nothing held out to compare them with the start model)"
+    if not fine_tune or start_score is None:
+        return "best", (f"the best-scoring weights (held-out score {best_score:.3f})"
+                        if best_score is not None else "the best-scoring weights")
+    if best_score is None or not np.isfinite(best_score):
+        return "start", f"the start model's weights (no trained weights scored; start {start_score:.3f})"
+    if best_score >= start_score + margin:
+        return "best", (f"the fine-tuned weights: held-out score {best_score:.3f} against the start "
+                        f"model's {start_score:.3f} (+{best_score - start_score:.3f}, margin {margin:.3f})")
+    return "start", (f"the start model's weights: fine-tuning scored {best_score:.3f} on the held-out "
+                     f"part against the start model's {start_score:.3f}, not better by the margin "
+                     f"{margin:.3f}")
+
+
+def keep_margin(base: float, objects: int) -> float:
+    """The margin trained weights must beat the start model by on the held-out part: ``base``,
+    and at least one held-out object's worth of the score (the score averages Dice and object
+    F1, and one object more or less moves F1 by about ``1 / objects``), so that a coin flip on
+    a few objects of one slice never replaces the start model."""
+    return max(float(base), 0.5 / objects) if objects > 0 else float(base)
+
+
+def held_out_objects(views: Sequence[_Item], spatial_dims: int) -> tuple[int, bool]:
+    """Objects in the held-out part, and whether they are annotated in 3D (for a 3D model:
+    a held-out region deeper than one slice along every axis)."""
+    count = 0
+    in_3d = spatial_dims == 3
+    for item in views:
+        if item.labels is None or item.valid is None:
+            continue
+        if spatial_dims == 3:
+            extent = [int(np.count_nonzero(item.valid.any(axis=tuple(a for a in range(3) if a != axis))))
+                      for axis in range(3)]
+            in_3d = in_3d and min(extent) > 1
+        ids = np.unique(item.labels[item.valid])
+        count += int(np.count_nonzero(ids))
+    return count, in_3d and count > 0
+
+
+def tuning_allowed(views: Sequence[_Item], spatial_dims: int, min_objects: int) -> tuple[bool, str]:
+    """Whether the post-processing may be re-tuned on ``views``, and why (not)."""
+    count, in_3d = held_out_objects(views, spatial_dims)
+    if count == 0:
+        return False, "no held-out objects"
+    if spatial_dims == 3 and not in_3d:
+        return False, (f"the held-out part has {count} objects on slices only: a 3D model's "
+                       "post-processing is re-tuned only on objects annotated in 3D")
+    if spatial_dims == 2 and sum(item.labels is not None for item in views) < 2:
+        return False, (f"the held-out part is one image or slice ({count} objects): post-processing "
+                       "is never re-tuned from one slice")
+    if count < min_objects:
+        return False, f"only {count} held-out objects (at least {min_objects} needed)"
+    return True, f"{count} held-out objects"
