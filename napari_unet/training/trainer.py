@@ -14,7 +14,7 @@ from napari_unet.engine.predict import predict_probabilities
 from napari_unet.engine.threads import ThreadTuner, flush_denormals
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.precision import PrecisionPolicy, resolve_precision
-from napari_unet.model.unet import UNet
+from napari_unet.model.unet import UNet, fuse_for_inference
 from napari_unet.training.config import (
     DEFAULT_TIME_LIMIT,
     EVALUATION_SHARE,
@@ -328,11 +328,10 @@ class Trainer:
         policy = self.policy
         network.to(device, memory_format=policy.memory_format(network.spatial_dims))
         self.network = network
-        if self.fine_tune and config.distillation > 0:  # the start model, frozen
-            teacher = UNet(self.parent.network.config)
-            teacher.load_state_dict(self.parent.network.state_dict())
+        if self.fine_tune and config.distillation > 0:  # the start model, frozen, batch norm folded
+            teacher = fuse_for_inference(self.parent.network)
             teacher.to(device, memory_format=policy.memory_format(network.spatial_dims))
-            self._teacher = teacher.eval().requires_grad_(False)
+            self._teacher = teacher.requires_grad_(False)
         if config.gradient_checkpointing:
             network.gradient_checkpointing = True
         optimizer = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=1e-4)
