@@ -177,7 +177,8 @@ def prepare(trainer: Trainer, pairs: Sequence[TrainingPair]) -> tuple[list[_Item
             items[-1].labels = _pad_to(objects, patch, "constant")
     val_items, trainer.keeps_best, trainer.validation_message = split_validation(
         items, config.validation_fraction, config.validation_gap, config.seed,
-        lambda item: index_item(item, task, config.seed))
+        lambda item: index_item(item, task, config.seed),
+        cross_planes_first=task == "membranes" and dims == 3)
     for item in val_items:  # only validation scores objects: a copy of its held-out ids
         if item.labels is not None:
             item.labels = np.where(item.valid, item.labels, 0)

@@ -9,20 +9,38 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from napari_unet.training.sampling import _Item
+
+if TYPE_CHECKING:
+    from napari_unet.training.trainer import Trainer
 
 #: what a fine-tuned model keeps: the start model's weights, the best-scoring trained weights,
 #: or the last ones (nothing held out to judge)
 KEPT = ("start", "best", "last")
 
 
+#: why a 3D membrane model judged on z slices alone keeps its own weights
+BLIND_TO_Z = ("the start model's weights: the held-out part is z slices only, which cannot show "
+              "whether cells stacked in z stay apart (they merged after fine-tuning in bench_hitl); "
+              "correct a y or x slice too (Edit dock: any view) so one can be held out")
+
+
+def sees_across_z(views: Sequence[_Item]) -> bool:
+    """Whether a held-out part of a stack is a y or x plane (one that shows z)."""
+    from napari_unet.training.validation import held_out_axis
+
+    return any(item.valid is not None and item.valid.ndim == 3 and item.valid.any()
+               and held_out_axis(item.valid) != 0 for item in views)
+
+
 def choose_weights(start_score: float | None, best_score: float | None, keeps_best: bool,
-                   margin: float, fine_tune: bool) -> tuple[str, str]:
-    """Which weights the result gets, and why, in words with the numbers.
+                   margin: float, fine_tune: bool, blind_to_z: bool = False) -> tuple[str, str]:
+    """Which weights the result gets, and why, in words with the numbers. ``blind_to_z``: a
+    3D membrane model whose held-out part shows no z (see :func:`sees_across_z`).
 
     Returns
     -------
@@ -34,6 +52,9 @@ def choose_weights(start_score: float | None, best_score: float | None, keeps_be
     if not fine_tune or start_score is None:
         return "best", (f"the best-scoring weights (held-out score {best_score:.3f})"
                         if best_score is not None else "the best-scoring weights")
+    if blind_to_z:
+        return "start", BLIND_TO_Z + (f" (held-out score {best_score:.3f}, start {start_score:.3f})"
+                                      if best_score is not None else "")
     if best_score is None or not np.isfinite(best_score):
         return "start", f"the start model's weights (no trained weights scored; start {start_score:.3f})"
     if best_score >= start_score + margin:
@@ -83,3 +104,15 @@ def tuning_allowed(views: Sequence[_Item], spatial_dims: int, min_objects: int) 
     if count < min_objects:
         return False, f"only {count} held-out objects (at least {min_objects} needed)"
     return True, f"{count} held-out objects"
+
+
+def decide_weights(trainer: Trainer) -> tuple[str, str]:
+    """:func:`choose_weights` for a finished run of ``trainer``: the margin from its held-out
+    objects (:func:`keep_margin`), blind to z for a 3D membrane model judged on z slices."""
+    views = trainer._validation_views() if trainer._val_items else []
+    objects = held_out_objects(views, trainer.parent.spatial_dims)[0] if trainer.task != "semantic" else 0
+    blind = (trainer.task == "membranes" and trainer.parent.spatial_dims == 3 and bool(views)
+             and not sees_across_z(views))
+    return choose_weights(trainer.start_score, trainer._best_score, trainer.keeps_best,
+                          keep_margin(trainer.config.keep_margin, objects), trainer.fine_tune,
+                          blind_to_z=blind)

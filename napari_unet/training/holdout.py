@@ -90,8 +90,15 @@ def hold_out(items: list[_Item], part: Part) -> None:
             item.mask = full
 
 
+def crosses_z(part: Part) -> bool:
+    """Whether a part is made of y or x planes of a stack (planes that show z)."""
+    return all(k is not None and not isinstance(k, (int, np.integer)) and plane_key(k)[0] != 0
+               for _, k in part)
+
+
 def split_validation(items: list[_Item], fraction: float | None, gap: int, seed: int,
-                     reindex: Callable[[_Item], None]) -> tuple[list[_Item], bool, str]:
+                     reindex: Callable[[_Item], None], cross_planes_first: bool = False
+                     ) -> tuple[list[_Item], bool, str]:
     """Hold a part of the annotations out of training, for validation.
 
     ``fraction`` None (automatic): with two or more parts (annotated 2D images, or runs of
@@ -108,6 +115,9 @@ def split_validation(items: list[_Item], fraction: float | None, gap: int, seed:
         ``validation_fraction``, ``validation_gap`` and ``seed`` of the training config.
     reindex
         Recomputes the sampling indices of an item whose mask changed.
+    cross_planes_first
+        Hold out y or x planes when there are any (a 3D membrane model: only planes that show
+        z can show whether cells stacked in z stay apart).
 
     Returns
     -------
@@ -126,7 +136,10 @@ def split_validation(items: list[_Item], fraction: float | None, gap: int, seed:
     changed: set[int] = set()  # items whose training mask changed, besides validation items
     if len(parts) >= 2:
         n_val = min(len(parts) - 1, max(1, round(frac * len(parts))))
-        chosen = sorted(int(k) for k in rng.choice(len(parts), n_val, replace=False))
+        pool = [k for k, part in enumerate(parts) if crosses_z(part)] if cross_planes_first else []
+        if len(pool) < n_val or len(pool) == len(parts):
+            pool = list(range(len(parts)))
+        chosen = sorted(int(k) for k in rng.choice(pool, n_val, replace=False))
         for k in chosen:
             hold_out(items, parts[k])
         described = ", ".join(describe(items, parts[k]) for k in chosen)

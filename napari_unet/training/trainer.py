@@ -27,7 +27,7 @@ from napari_unet.training.config import (
 )
 from napari_unet.training.data import prepare
 from napari_unet.training.factory import new_model
-from napari_unet.training.guard import choose_weights, held_out_objects, keep_margin, tuning_allowed
+from napari_unet.training.guard import decide_weights, tuning_allowed
 from napari_unet.training.losses import LOSSES, distillation_loss, masked_loss
 from napari_unet.training.optimisation import (
     DeviceBatch,
@@ -447,10 +447,7 @@ class Trainer:
             timings["total"] = time.perf_counter() - run_start
         with self._lock:
             state = self._best_state if self._best_state is not None else _clone_state(network)
-            objects = held_out_objects(self._validation_views(), self.parent.spatial_dims)[0] \
-                if self._val_items and self.task != "semantic" else 0
-            self.kept, self.decision = choose_weights(self.start_score, self._best_score, self.keeps_best,
-                                                      keep_margin(config.keep_margin, objects), self.fine_tune)
+            self.kept, self.decision = decide_weights(self)
             if self.kept == "start":
                 state = _clone_state(self.parent.network)
             if not _finite_state(state):  # diverged, nothing good kept: the model's own weights

@@ -125,7 +125,7 @@ def _instance_options(model: SegmentationModel) -> dict:
                 voxel_size=voxel_size, **shape_settings(model, voxel_size))
 
 
-def _held_out_axis(valid: np.ndarray) -> int:
+def held_out_axis(valid: np.ndarray) -> int:
     """The axis a stack's held-out planes cut: the one along which they are thinnest."""
     extents = [int(np.count_nonzero(valid.any(axis=tuple(a for a in range(3) if a != axis))))
                for axis in range(3)]
@@ -144,8 +144,8 @@ def object_counts(item: _Item, probs: np.ndarray, task: str, **options) -> np.nd
     counts = np.zeros(3, dtype=np.int64)
     if item.image.ndim == 2:
         views = [(probs, item.labels, item.valid)]
-    elif _held_out_axis(item.valid) != 0:  # y or x planes: objects of the whole view, cut
-        axis = _held_out_axis(item.valid)
+    elif held_out_axis(item.valid) != 0:  # y or x planes: objects of the whole view, cut
+        axis = held_out_axis(item.valid)
         instances = probabilities_to_output(probs, task, "instances", **options)
         for k in np.flatnonzero(item.valid.any(axis=tuple(a for a in range(3) if a != axis))):
             cut = lambda array: np.take(array, k, axis=axis)  # noqa: E731

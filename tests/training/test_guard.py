@@ -123,3 +123,27 @@ def test_post_processing_is_never_tuned_from_slices_of_a_3d_model():
     allowed, why = tuning_allowed([_view(labels[4], one_slice[4])], 2, 30)
     assert not allowed and "never re-tuned from one slice" in why
     assert tuning_allowed([_view(labels[4], one_slice[4]), _view(labels[5], one_slice[4])], 2, 30)[0]
+
+
+def test_3d_membrane_model_judged_on_z_slices_alone_keeps_its_weights():
+    from napari_unet.training.guard import BLIND_TO_Z, sees_across_z
+
+    assert choose_weights(0.4, 0.6, True, 0.01, True, blind_to_z=True)[0] == "start"
+    labels = np.zeros((12, 24, 24), np.uint16)
+    labels[:, :12] = 1
+    labels[:, 12:] = 2
+    image = np.where(labels == 1, 50.0, 150.0).astype(np.float32)
+    parent = drain(train(new_model(3, "membranes", **TINY), [TrainingPair(image, labels)],
+                         TrainingConfig(iterations=1, batch_size=1, device="cpu")))
+    # z slices only: the held-out one cannot show z, the start model stays
+    trainer = Trainer(parent, [TrainingPair(image, labels, slices=[2, 6, 10])],
+                      TrainingConfig(iterations=2, batch_size=1, device="cpu", keep_margin=-1.0))
+    drain(trainer.run())
+    assert not sees_across_z(trainer._validation_views())
+    assert trainer.kept == "start" and trainer.decision.startswith(BLIND_TO_Z)
+    # a y plane among the corrections is the part held out, and it can judge
+    trainer = Trainer(parent, [TrainingPair(image, labels, slices=[2, 10, (1, 5)])],
+                      TrainingConfig(iterations=2, batch_size=1, device="cpu", keep_margin=-1.0))
+    drain(trainer.run())
+    assert sees_across_z(trainer._validation_views()) and "y 5" in trainer.validation_message
+    assert not trainer.decision.startswith(BLIND_TO_Z)
