@@ -232,6 +232,7 @@ class LabelsJournal:
         folder = root / "labels" / _key(str(image_path), image_hash, layer_name)
         found = cls.load(folder)
         if found is not None:
+            found.remove_leftovers()
             return found
         now = time.time()
         return cls(folder, {"format": FORMAT, "version": 1, "image_path": str(image_path),
@@ -241,8 +242,7 @@ class LabelsJournal:
 
     @classmethod
     def load(cls, folder: Path) -> "LabelsJournal | None":
-        """The journal in ``folder`` (None when there is none, or it is not valid); files that
-        its manifest does not name (a write cut short) are removed."""
+        """The journal in ``folder`` (None when there is none, or it is not valid)."""
         folder = Path(folder)
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -250,11 +250,11 @@ class LabelsJournal:
             return None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             return None
-        journal = cls(folder, manifest)
-        journal._remove_orphans()
-        return journal
+        return cls(folder, manifest)
 
-    def _remove_orphans(self) -> None:
+    def remove_leftovers(self) -> None:
+        """Delete the files the manifest does not name (a write cut short). Only the journal's
+        writer may: another process's write in progress looks the same."""
         named = {entry[0] for entry in self.manifest["files"].values()} | {MANIFEST}
         try:
             for path in self.folder.iterdir():
@@ -479,6 +479,9 @@ def prune(root: Path | None = None, max_age_days: float = MAX_AGE_DAYS,
 
 CHECKPOINT = "best.pt"
 INFO = "info.json"
+#: states of a fine-tune run whose weights are nowhere else: still training when the app died,
+#: or finished but never saved to a file
+RECOVERABLE = ("running", "finished")
 
 
 def finetune_folder(run_id: str, root: Path | None = None) -> Path:
@@ -503,7 +506,8 @@ def read_info(folder: Path) -> dict[str, Any] | None:
 
 
 def recoverable_checkpoints(root: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """Checkpoints of fine-tune runs that never finished (the app died): ``(file, info)``."""
+    """Checkpoints of fine-tune runs the app lost (died while training, or never saved):
+    ``(file, info)``, oldest first."""
     root = journal_root() if root is None else Path(root)
     parent = root / "finetune"
     if not parent.is_dir():
@@ -511,6 +515,6 @@ def recoverable_checkpoints(root: Path | None = None) -> list[tuple[Path, dict[s
     found = []
     for folder in sorted(parent.iterdir()):
         info = read_info(folder)
-        if info and info.get("state") == "running" and (folder / CHECKPOINT).is_file():
+        if info and info.get("state") in RECOVERABLE and (folder / CHECKPOINT).is_file():
             found.append((folder / CHECKPOINT, info))
     return found

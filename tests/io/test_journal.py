@@ -109,20 +109,22 @@ def test_a_write_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         journal.write(second, corrected=[1, 2])
     monkeypatch.undo()
-    reopened = LabelsJournal.load(journal.folder)
+    reopened = LabelsJournal.for_layer("/img/a.tif", "h", "L", root=tmp_path)
     np.testing.assert_array_equal(reopened.read_labels(), first)
     assert reopened.corrected == [1]
     named = {entry[0] for entry in reopened.manifest["files"].values()} | {jr.MANIFEST}
     assert {p.name for p in journal.folder.iterdir()} == named  # leftovers cleaned
 
 
-def test_leftovers_of_a_sigkill_are_removed_on_open(tmp_path):
+def test_leftovers_of_a_sigkill_are_removed_by_the_next_writer(tmp_path):
     data = _labels()
     journal = LabelsJournal.for_layer("/img/a.tif", "h", "L", root=tmp_path)
     journal.write(data)
     (journal.folder / "c0.0.0-99.z").write_bytes(b"half")
     (journal.folder / ".manifest.json.x.tmp").write_bytes(b"{")
-    reopened = LabelsJournal.load(journal.folder)
+    assert LabelsJournal.load(journal.folder) is not None
+    assert (journal.folder / "c0.0.0-99.z").exists()  # a reader leaves them (a writer may be busy)
+    reopened = LabelsJournal.for_layer("/img/a.tif", "h", "L", root=tmp_path)
     np.testing.assert_array_equal(reopened.read_labels(), data)
     assert not (journal.folder / "c0.0.0-99.z").exists()
 
@@ -173,12 +175,17 @@ def test_prune_by_age_then_size(tmp_path):
     assert removed == [folders[2]] and folders[3].exists()
 
 
-def test_finetune_checkpoints_that_never_finished(tmp_path):
+def test_finetune_checkpoints_the_app_lost(tmp_path):
     running = jr.finetune_folder("run1", tmp_path)
     (running / jr.CHECKPOINT).write_bytes(b"weights")
     jr.write_info(running, label="nuclei-3d v2", state="running", iteration=5)
     done = jr.finetune_folder("run2", tmp_path)
     (done / jr.CHECKPOINT).write_bytes(b"weights")
-    jr.write_info(done, label="nuclei-3d v3", state="finished")
+    jr.write_info(done, label="nuclei-3d v3", state="finished")  # never saved to a file
+    saved = jr.finetune_folder("run3", tmp_path)
+    (saved / jr.CHECKPOINT).write_bytes(b"weights")
+    jr.write_info(saved, label="nuclei-3d v4", state="saved")
+    jr.finetune_folder("run4", tmp_path)  # died before its first checkpoint
     found = jr.recoverable_checkpoints(tmp_path)
-    assert [(p.parent.name, info["label"]) for p, info in found] == [("run1", "nuclei-3d v2")]
+    assert [(p.parent.name, info["label"]) for p, info in found] == [("run1", "nuclei-3d v2"),
+                                                                     ("run2", "nuclei-3d v3")]
