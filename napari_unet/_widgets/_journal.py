@@ -32,6 +32,7 @@ from napari_unet._widgets._state import (
     set_corrected_slices,
 )
 from napari_unet.io import journal as jr
+from napari_unet.io import recovery as rc
 from napari_unet.io.settings import get_setting
 
 log = logging.getLogger("napari_unet")
@@ -92,7 +93,7 @@ class LayerJournals:
         for layer in list(viewer.layers):
             self._inserted(layer=layer)
         try:
-            jr.prune(max_age_days=float(get_setting(jr.MAX_AGE_KEY, jr.MAX_AGE_DAYS)),
+            rc.prune(max_age_days=float(get_setting(jr.MAX_AGE_KEY, jr.MAX_AGE_DAYS)),
                      max_mb=float(get_setting(jr.MAX_SIZE_KEY, jr.MAX_SIZE_MB)))
         except (OSError, ValueError, TypeError) as err:
             log.warning("could not prune the journals: %s", err)
@@ -317,7 +318,7 @@ class LayerJournals:
         if viewer is None or key is None or key in self._offered:
             return []
         self._offered.add(key)
-        found = [j for j in jr.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))]
+        found = [j for j in rc.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))]
         if not found:
             return []
         when = time.strftime("%H:%M", time.localtime(found[0].updated))

@@ -17,7 +17,7 @@ import uuid
 import weakref
 from typing import Any
 
-from napari_unet.io import journal as jr
+from napari_unet.io import recovery as rc
 
 log = logging.getLogger("napari_unet")
 
@@ -75,9 +75,9 @@ class FineTuneRescue:
             if state == "running" and self.final is not None:
                 return  # the run finished meanwhile: its final weights are written
             try:
-                folder = jr.finetune_folder(self.run_id)
-                save_checkpoint(model, folder / jr.CHECKPOINT)
-                jr.write_info(folder, label=model.label, base=self.base_label, state=state,
+                folder = rc.finetune_folder(self.run_id)
+                save_checkpoint(model, folder / rc.CHECKPOINT)
+                rc.write_info(folder, label=model.label, base=self.base_label, state=state,
                               pid=os.getpid(), saved=time.time())
                 self.folder = folder
                 self.saves += 1
@@ -101,8 +101,8 @@ class FineTuneRescue:
         """The finished version was saved to a file: nothing to recover any more."""
         self.wait()
         if self.folder is not None:
-            info = jr.read_info(self.folder) or {}
-            jr.write_info(self.folder, **{**info, "state": "saved"})
+            info = rc.read_info(self.folder) or {}
+            rc.write_info(self.folder, **{**info, "state": "saved"})
 
 
 def model_saved(model: Any) -> None:
@@ -123,7 +123,7 @@ def recover_models(registry: Any = None) -> list[str]:
 
         registry = get_registry()
     keys = []
-    for path, info in jr.recoverable_checkpoints():
+    for path, info in rc.recoverable_checkpoints():
         folder = str(path.parent)
         if folder in _recovered_folders or _alive_elsewhere(info.get("pid")):
             continue
@@ -135,5 +135,5 @@ def recover_models(registry: Any = None) -> list[str]:
             continue
         keys.append(registry.add_model(model, select=False, source="recovered",
                                        key=f"{model.label}{RECOVERED}"))
-        jr.write_info(path.parent, **{**info, "state": "restored"})
+        rc.write_info(path.parent, **{**info, "state": "restored"})
     return keys

@@ -9,6 +9,7 @@ import numpy as np
 import tifffile
 
 from napari_unet.io import journal as jr
+from napari_unet.io import recovery as rc
 
 from .conftest import blobs, make_tiny_model, wait_idle
 
@@ -41,7 +42,7 @@ def _read(folder):
 
 
 def _unsaved(path, image):
-    return jr.find_journals(str(path), jr.content_hash(image.data))
+    return rc.find_journals(str(path), jr.content_hash(image.data))
 
 
 def test_painting_is_journaled_and_restored_in_a_new_viewer(make_napari_viewer, qtbot, tmp_path,
@@ -147,7 +148,7 @@ def test_a_lost_fine_tune_comes_back_as_recovered(make_napari_viewer, qtbot, reg
     rescue = _rescue.FineTuneRescue("nuclei v1", interval=0.0)
     rescue.progress(FakeTrainer())
     rescue.wait()
-    assert rescue.saves == 1 and jr.read_info(rescue.folder)["state"] == "running"
+    assert rescue.saves == 1 and rc.read_info(rescue.folder)["state"] == "running"
     _rescue._RESCUES.discard(rescue)
     # "the app died": a new session's Segment dock lists the version
     viewer = make_napari_viewer()
@@ -157,7 +158,7 @@ def test_a_lost_fine_tune_comes_back_as_recovered(make_napari_viewer, qtbot, reg
     texts = [dock.model_combo.itemText(i) for i in range(dock.model_combo.count())]
     assert any("nuclei v2 (recovered)" in t for t in texts)
     assert registry.get("nuclei v2 (recovered)").version == 2
-    assert jr.recoverable_checkpoints() == []  # offered once
+    assert rc.recoverable_checkpoints() == []  # offered once
 
 
 def test_a_saved_fine_tune_is_not_recovered(tmp_path):
@@ -167,6 +168,6 @@ def test_a_saved_fine_tune_is_not_recovered(tmp_path):
     rescue = _rescue.FineTuneRescue("cells v1")
     rescue.finished(model)
     rescue.wait()
-    assert [info["label"] for _, info in jr.recoverable_checkpoints()] == [model.label]
+    assert [info["label"] for _, info in rc.recoverable_checkpoints()] == [model.label]
     _rescue.model_saved(model)
-    assert jr.recoverable_checkpoints() == []
+    assert rc.recoverable_checkpoints() == []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from napari_unet.io import journal as jr
+from napari_unet.io import recovery as rc
 from napari_unet.io.journal import LabelsJournal
 
 
@@ -144,15 +145,15 @@ def test_find_journals_by_image_and_clean_state(tmp_path):
     a.write(data)
     LabelsJournal.for_layer("/img/a.tif", "other-content", "L", root=tmp_path).write(data)
     LabelsJournal.for_layer("/img/b.tif", "h1", "L", root=tmp_path).write(data)
-    found = jr.find_journals("/img/a.tif", "h1", root=tmp_path)
+    found = rc.find_journals("/img/a.tif", "h1", root=tmp_path)
     assert [j.folder for j in found] == [a.folder]
     a.mark_clean()
-    assert jr.find_journals("/img/a.tif", "h1", root=tmp_path) == []
+    assert rc.find_journals("/img/a.tif", "h1", root=tmp_path) == []
     assert LabelsJournal.load(a.folder).clean
     # painting again makes it unsaved
     data[0, 0, 0] = 5
     a.write(data, [(0, 0, 0)])
-    assert len(jr.find_journals("/img/a.tif", "h1", root=tmp_path)) == 1
+    assert len(rc.find_journals("/img/a.tif", "h1", root=tmp_path)) == 1
 
 
 def test_prune_by_age_then_size(tmp_path):
@@ -166,26 +167,26 @@ def test_prune_by_age_then_size(tmp_path):
         stamp = now - (4 - i) * 86400
         for p in [folder, *folder.iterdir()]:
             os.utime(p, (stamp, stamp))
-    removed = jr.prune(tmp_path, max_age_days=3.5, max_mb=1e6, now=now)
+    removed = rc.prune(tmp_path, max_age_days=3.5, max_mb=1e6, now=now)
     assert removed == [folders[0]]
-    sizes = [jr.folder_size(f) for f in folders[1:]]
-    removed = jr.prune(tmp_path, max_age_days=100, max_mb=(sizes[1] + sizes[2]) / 1e6, now=now)
+    sizes = [rc.folder_size(f) for f in folders[1:]]
+    removed = rc.prune(tmp_path, max_age_days=100, max_mb=(sizes[1] + sizes[2]) / 1e6, now=now)
     assert removed == [folders[1]]
-    removed = jr.prune(tmp_path, max_age_days=100, max_mb=0, keep=[folders[3]], now=now)
+    removed = rc.prune(tmp_path, max_age_days=100, max_mb=0, keep=[folders[3]], now=now)
     assert removed == [folders[2]] and folders[3].exists()
 
 
 def test_finetune_checkpoints_the_app_lost(tmp_path):
-    running = jr.finetune_folder("run1", tmp_path)
-    (running / jr.CHECKPOINT).write_bytes(b"weights")
-    jr.write_info(running, label="nuclei-3d v2", state="running", iteration=5)
-    done = jr.finetune_folder("run2", tmp_path)
-    (done / jr.CHECKPOINT).write_bytes(b"weights")
-    jr.write_info(done, label="nuclei-3d v3", state="finished")  # never saved to a file
-    saved = jr.finetune_folder("run3", tmp_path)
-    (saved / jr.CHECKPOINT).write_bytes(b"weights")
-    jr.write_info(saved, label="nuclei-3d v4", state="saved")
-    jr.finetune_folder("run4", tmp_path)  # died before its first checkpoint
-    found = jr.recoverable_checkpoints(tmp_path)
+    running = rc.finetune_folder("run1", tmp_path)
+    (running / rc.CHECKPOINT).write_bytes(b"weights")
+    rc.write_info(running, label="nuclei-3d v2", state="running", iteration=5)
+    done = rc.finetune_folder("run2", tmp_path)
+    (done / rc.CHECKPOINT).write_bytes(b"weights")
+    rc.write_info(done, label="nuclei-3d v3", state="finished")  # never saved to a file
+    saved = rc.finetune_folder("run3", tmp_path)
+    (saved / rc.CHECKPOINT).write_bytes(b"weights")
+    rc.write_info(saved, label="nuclei-3d v4", state="saved")
+    rc.finetune_folder("run4", tmp_path)  # died before its first checkpoint
+    found = rc.recoverable_checkpoints(tmp_path)
     assert [(p.parent.name, info["label"]) for p, info in found] == [("run1", "nuclei-3d v2"),
                                                                      ("run2", "nuclei-3d v3")]
