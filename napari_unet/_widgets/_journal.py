@@ -72,6 +72,9 @@ class LayerJournals:
         self.viewer_ref = weakref.ref(viewer)
         self.tracked: dict[int, _Tracked] = {}
         self.max_lag = 0.0
+        #: what journaling costs: bytes written, writer-thread CPU seconds, main-thread seconds
+        self.stats = {"writes": 0, "bytes": 0, "writer_cpu_s": 0.0, "main_s": 0.0,
+                      "max_main_s": 0.0}
         self.last_error: str | None = None
         self._shown_error: str | None = None
         self._offered: set[tuple[str, str]] = set()
@@ -79,15 +82,14 @@ class LayerJournals:
         self._jobs: queue.Queue = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._write_loop, name="napari-unet journal",
-                                        daemon=True)
+        # the thread holds the manager weakly: it ends when the viewer (and so this) is gone
+        self._thread = threading.Thread(target=_write_loop, args=(weakref.ref(self), self._jobs),
+                                        name="napari-unet journal", daemon=True)
         self._thread.start()
-        parent = getattr(getattr(viewer, "window", None), "_qt_window", None)
-        self._timer = QTimer(parent)
+        self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.setInterval(INTERVAL_MS)
         self._timer.timeout.connect(self._tick)
-        self._timer.destroyed.connect(self._stop)
         corrections_changed.connect(self._marks_changed)
         viewer.layers.events.inserted.connect(self._inserted)
         for layer in list(viewer.layers):
@@ -244,6 +246,15 @@ class LayerJournals:
     # writing ----------------------------------------------------------------------------------
     def _tick(self) -> None:
         """Hand every layer's changes to the writer (main thread: only bookkeeping, no copy)."""
+        start = time.perf_counter()
+        try:
+            self._hand_over()
+        finally:
+            spent = time.perf_counter() - start
+            self.stats["main_s"] += spent
+            self.stats["max_main_s"] = max(self.stats["max_main_s"], spent)
+
+    def _hand_over(self) -> None:
         if self.last_error and self.last_error != self._shown_error:
             from napari.utils.notifications import show_warning
 
@@ -276,23 +287,24 @@ class LayerJournals:
         if waiting:
             self._timer.start()
 
-    def _write_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            entry, data, dirty, marks, clean, since = job
-            try:
-                entry.journal.write(data, dirty, corrected=marks, clean=clean,
-                                    extra={"pid": os.getpid(), "layer": entry.journal.layer_name})
-                self.max_lag = max(self.max_lag, time.time() - since)
-            except Exception as err:  # noqa: BLE001 - a full disk must not stop painting
-                self.last_error = str(err)
-                log.warning("could not write the recovery journal: %s", err)
-            finally:
-                entry.busy = False
-                with self._lock:
-                    self._pending -= 1
+    def _write(self, job: tuple) -> None:
+        """Writer thread: journal one layer's changes."""
+        entry, data, dirty, marks, clean, since = job
+        cpu = time.thread_time()
+        try:
+            result = entry.journal.write(data, dirty, corrected=marks, clean=clean,
+                                         extra={"pid": os.getpid()})
+            self.max_lag = max(self.max_lag, time.time() - since)
+            self.stats["writes"] += int(result.committed)
+            self.stats["bytes"] += result.nbytes
+        except Exception as err:  # noqa: BLE001 - a full disk must not stop painting
+            self.last_error = str(err)
+            log.warning("could not write the recovery journal: %s", err)
+        finally:
+            self.stats["writer_cpu_s"] += time.thread_time() - cpu
+            entry.busy = False
+            with self._lock:
+                self._pending -= 1
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write every change now and wait for the writer (tests, scripts, closing)."""
@@ -306,9 +318,6 @@ class LayerJournals:
             time.sleep(0.01)
         return False
 
-    def _stop(self, *_: Any) -> None:
-        self._jobs.put(None)
-
     # restoring --------------------------------------------------------------------------------
     def offer_restore(self, image: Any) -> list[Any]:
         """Ask to restore the unsaved labels journaled over ``image``; Yes restores them (new
@@ -318,7 +327,8 @@ class LayerJournals:
         if viewer is None or key is None or key in self._offered:
             return []
         self._offered.add(key)
-        found = [j for j in rc.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))]
+        found = [j for j in rc.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))
+                 and (j.manifest["files"] or j.manifest["corrected"])]  # (empty: nothing lost)
         if not found:
             return []
         when = time.strftime("%H:%M", time.localtime(found[0].updated))
@@ -369,6 +379,21 @@ class LayerJournals:
         if entry is not None:
             self.note_changed(layer)
         return layer
+
+
+def _write_loop(manager_ref: Callable[[], LayerJournals | None], jobs: queue.Queue) -> None:
+    while True:
+        try:
+            job = jobs.get(timeout=5.0)
+        except queue.Empty:
+            if manager_ref() is None:
+                return
+            continue
+        manager = manager_ref()
+        if manager is None:
+            return
+        manager._write(job)
+        del manager
 
 
 def _alive_elsewhere(pid: Any) -> bool:
