@@ -136,6 +136,15 @@ def child(args: argparse.Namespace) -> None:
         finetune.fine_tune()
         record(event="finetune", t=time.time())
 
+        def report() -> None:  # what the dock says, and whether its weights are kept yet
+            rescue = getattr(finetune, "rescue", None)
+            record(finetune_status=finetune.status.text(), t=time.time(),
+                   checkpoints=rescue.saves if rescue is not None else 0)
+
+        timer = QTimer(finetune)
+        timer.timeout.connect(report)
+        timer.start(1000)
+
     QApplication.processEvents()
     record(ready=time.time())
     QTimer.singleShot(0, stroke)

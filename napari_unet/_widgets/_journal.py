@@ -39,7 +39,7 @@ log = logging.getLogger("napari_unet")
 
 #: how often the main thread hands the changed chunks to the writer (the journal lags the
 #: brush by this plus the write, well under 2 s)
-INTERVAL_MS = 300
+INTERVAL_MS = 200
 
 
 def ask_restore(parent: Any, text: str) -> bool:
@@ -164,6 +164,7 @@ class LayerJournals:
         self.tracked[id(layer)] = entry
         layer.events.paint.connect(self._painted)
         layer.events.data.connect(self._replaced)
+        layer.events.name.connect(self._renamed)
         if journal.exists and not journal.clean and (key[0], key[1]) not in self._offered:
             entry.dirty, entry.changes = set(), 0  # the journal is offered, not overwritten yet
         else:
@@ -227,6 +228,20 @@ class LayerJournals:
     def _replaced(self, event: Any) -> None:
         self.note_changed(event.source)
 
+    def _renamed(self, event: Any) -> None:
+        """A renamed layer is journaled under its new name (the old journal goes)."""
+        layer = event.source
+        entry = self._entry(layer)
+        if entry is None or entry.journal.layer_name == layer.name:
+            return
+        old = entry.journal
+        entry.journal = jr.LabelsJournal.for_layer(old.manifest["image_path"],
+                                                   old.manifest["image_hash"], layer.name)
+        self._jobs.put(((lambda: old.discard()),))  # after any write of the old one
+        with self._lock:
+            self._pending += 1
+        self.note_changed(layer)
+
     def _marks_changed(self, layer: Any) -> None:
         self.note_changed(layer, chunks=set())
 
@@ -288,7 +303,14 @@ class LayerJournals:
             self._timer.start()
 
     def _write(self, job: tuple) -> None:
-        """Writer thread: journal one layer's changes."""
+        """Writer thread: journal one layer's changes (or run a task, in order)."""
+        if len(job) == 1:
+            try:
+                job[0]()
+            finally:
+                with self._lock:
+                    self._pending -= 1
+            return
         entry, data, dirty, marks, clean, since = job
         cpu = time.thread_time()
         try:

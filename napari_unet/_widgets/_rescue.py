@@ -1,7 +1,7 @@
 """A fine-tune survives a crash: its best weights so far are kept next to the labels journals.
 
 The Fine-tune dock makes a :class:`FineTuneRescue` per run and calls it from its progress
-callback; every ``CHECKPOINT_INTERVAL_S`` a thread asks the trainer for its best model so far
+callback; after the first iteration and then every ``CHECKPOINT_INTERVAL_S`` a thread asks the trainer for its best model so far
 (``Trainer.best_model()``) and saves it atomically, with an ``info.json`` saying ``running``.
 The finished version is kept too (``finished``) until it is saved to a file. A run the app
 lost comes back in the model lists as ``<name> v<N> (recovered)`` (:func:`recover_models`).
@@ -40,7 +40,7 @@ class FineTuneRescue:
         self.saves = 0
         self.final: Any = None
         self.last_error: str | None = None
-        self._last = time.monotonic()
+        self._last: float | None = None  # the first save: after the first iteration
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         _RESCUES.add(self)
@@ -50,11 +50,11 @@ class FineTuneRescue:
         ``interval`` has passed and no save is running."""
         if trainer is None or self.final is not None:
             return
-        if time.monotonic() - self._last < self.interval:
+        if self._last is not None and time.monotonic() - self._last < self.interval:
             return
         if self._thread is not None and self._thread.is_alive():
             return
-        self._last = time.monotonic()
+        self._last: float | None = None  # the first save: after the first iteration
         self._thread = threading.Thread(target=self._save_best, args=(trainer,), daemon=True,
                                         name="napari-unet fine-tune rescue")
         self._thread.start()
@@ -65,8 +65,10 @@ class FineTuneRescue:
         except Exception as err:  # noqa: BLE001 - the training goes on whatever happens here
             self.last_error = str(err)
             return
-        if model is not None:
-            self._write(model, "running")
+        if model is None:
+            self._last = None  # before the first iteration: try again at the next
+            return
+        self._write(model, "running")
 
     def _write(self, model: Any, state: str) -> None:
         from napari_unet.model.checkpoint import save_checkpoint

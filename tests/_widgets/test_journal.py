@@ -171,3 +171,18 @@ def test_a_saved_fine_tune_is_not_recovered(tmp_path):
     assert [info["label"] for _, info in rc.recoverable_checkpoints()] == [model.label]
     _rescue.model_saved(model)
     assert rc.recoverable_checkpoints() == []
+
+
+def test_a_renamed_layer_keeps_one_journal(make_napari_viewer, qtbot, tmp_path):
+    from napari_unet._widgets._journal import install_journal
+
+    path = _image_file(tmp_path)
+    viewer, image = _open(make_napari_viewer, path)
+    labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="first")
+    labels.paint((1, 5, 5), 3)
+    assert install_journal(viewer).flush()
+    labels.name = "second"
+    assert install_journal(viewer).flush()
+    found = _unsaved(path, image)
+    assert [j.layer_name for j in found] == ["second"]
+    assert _read(found[0].folder)[1, 5, 5] == 3
