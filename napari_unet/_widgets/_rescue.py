@@ -54,7 +54,7 @@ class FineTuneRescue:
             return
         if self._thread is not None and self._thread.is_alive():
             return
-        self._last: float | None = None  # the first save: after the first iteration
+        self._last = time.monotonic()
         self._thread = threading.Thread(target=self._save_best, args=(trainer,), daemon=True,
                                         name="napari-unet fine-tune rescue")
         self._thread.start()

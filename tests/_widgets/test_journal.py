@@ -186,3 +186,21 @@ def test_a_renamed_layer_keeps_one_journal(make_napari_viewer, qtbot, tmp_path):
     found = _unsaved(path, image)
     assert [j.layer_name for j in found] == ["second"]
     assert _read(found[0].folder)[1, 5, 5] == 3
+
+
+def test_the_fine_tune_is_saved_every_interval_not_every_iteration(tmp_path):
+    from napari_unet._widgets import _rescue
+
+    model = make_tiny_model(2, name="cells")
+    calls = []
+
+    class FakeTrainer:
+        def best_model(self):
+            calls.append(time.monotonic())
+            return None if len(calls) == 1 else model  # None: before the first iteration
+
+    rescue = _rescue.FineTuneRescue("cells v1", interval=3600.0)
+    for _ in range(20):
+        rescue.progress(FakeTrainer())
+        rescue.wait()
+    assert len(calls) == 2 and rescue.saves == 1  # retried once after the None, then waits
