@@ -7,7 +7,8 @@ Each trial:
    places and random times (every 30-400 ms); every third trial also runs Segment (the shipped
    nuclei-3d model, whole stack) and every third a Fine-tune, while painting goes on. Each stroke
    (its voxels, value and time) is appended to a log as napari commits it;
-2. the parent kills the child with SIGKILL at a random moment, 5-15 s after painting began;
+2. the parent kills the child with SIGKILL at a random moment, 5-15 s after painting began
+   (15-25 s in the fine-tune trials: the fine-tune's preparation takes ~10 s here);
 3. a new process opens the same image (the Segment dock open); the dock offers the unsaved
    labels (answered Yes) and restores them; it saves what it restored and the time it took.
 
@@ -231,7 +232,8 @@ def run_trial(trial: int, work: Path, rng: np.random.Generator, image: Path) -> 
             raise RuntimeError(f"trial {trial}: the child exited early ({proc.returncode})")
         time.sleep(0.1)
     ready = time.time()
-    time.sleep(float(rng.uniform(5, 15)))
+    # a fine-tune needs ~10 s to prepare here before its first weights: killed later
+    time.sleep(float(rng.uniform(5, 15)) + (10.0 if mode == "finetune" else 0.0))
     kill = time.time()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -295,6 +297,9 @@ def main() -> None:
           f"{max(r['disk'] for r in results) / 1e3:.0f} kB, writer thread "
           f"{100 * cpu / painting:.2f}% of a core, main thread {100 * main_s / painting:.3f}% "
           f"(longest tick {1e3 * max(r['max_main_s'] for r in results):.1f} ms)")
+    tuned = [r for r in results if r["mode"] == "finetune"]
+    print(f"fine-tune trials whose weights came back as a '(recovered)' model: "
+          f"{sum(bool(r['recovered_models']) for r in tuned)} of {len(tuned)}")
     print(f"trials={len(results)} lost_voxels={sum(r['lost'] for r in results)} "
           f"max_journal_lag_s={max(r['lag'] for r in results):.2f} "
           f"restore_s={max(r['restore_s'] for r in results):.2f}")
