@@ -296,7 +296,9 @@ def main() -> None:
           f"({strokes / painting * 60:.0f} strokes/min), journal on disk at most "
           f"{max(r['disk'] for r in results) / 1e3:.0f} kB, writer thread "
           f"{100 * cpu / painting:.2f}% of a core, main thread {100 * main_s / painting:.3f}% "
-          f"(longest tick {1e3 * max(r['max_main_s'] for r in results):.1f} ms)")
+          f"(longest tick {1e3 * max(r['max_main_s'] for r in results):.1f} ms); median "
+          f"journal lag {np.median([r['lag'] for r in results]):.2f} s, median restore "
+          f"{np.median([r['restore_s'] for r in results]):.2f} s")
     tuned = [r for r in results if r["mode"] == "finetune"]
     print(f"fine-tune trials whose weights came back as a '(recovered)' model: "
           f"{sum(bool(r['recovered_models']) for r in tuned)} of {len(tuned)}")
