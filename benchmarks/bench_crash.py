@@ -51,6 +51,12 @@ OLD_S = 2.0
 # the child: paint until killed
 # ----------------------------------------------------------------------------------------------
 
+def _plugin() -> str:
+    from napari_unet._widgets._launch import PLUGIN
+
+    return PLUGIN
+
+
 def _viewer_with_docks(path: Path, finetune: bool = True):
     import napari
 
@@ -79,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     rng = np.random.default_rng(args.seed)
     viewer, docks = _viewer_with_docks(args.image)
-    image = viewer.open(str(args.image), plugin="napari-unet")[0]
+    image = viewer.open(str(args.image), plugin=_plugin())[0]
     shape = image.data.shape
     labels = viewer.add_labels(np.zeros(shape, np.uint32), name=labels_name(image.name),
                                metadata={SOURCE_KEY: str(args.image)})
@@ -174,7 +180,7 @@ def restore(args: argparse.Namespace) -> None:
     viewer, docks = _viewer_with_docks(args.image, finetune=False)
     recovered = [k for k in docks["segment"].registry.keys() if k.endswith("(recovered)")]
     start = time.perf_counter()
-    image = viewer.open(str(args.image), plugin="napari-unet")[0]
+    image = viewer.open(str(args.image), plugin=_plugin())[0]
     name = labels_name(image.name)
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline:

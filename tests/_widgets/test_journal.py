@@ -8,6 +8,7 @@ import time
 import numpy as np
 import tifffile
 
+from napari_unet._widgets._launch import PLUGIN
 from napari_unet.io import journal as jr
 from napari_unet.io import recovery as rc
 
@@ -27,7 +28,7 @@ def _open(make_napari_viewer, path):
     viewer = make_napari_viewer()
     dock = EditWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Edit")
-    image = viewer.open(str(path), plugin="napari-unet")[0]
+    image = viewer.open(str(path), plugin=PLUGIN)[0]
     return viewer, image
 
 
@@ -48,7 +49,7 @@ def _unsaved(path, image):
 def test_painting_is_journaled_and_restored_in_a_new_viewer(make_napari_viewer, qtbot, tmp_path,
                                                             monkeypatch):
     from napari_unet._widgets import _journal
-    from napari_unet._widgets._state import corrected_slices
+    from napari_unet._widgets._state import corrected_slices, set_corrected_slices
 
     path = _image_file(tmp_path)
     viewer, image = _open(make_napari_viewer, path)
@@ -57,6 +58,7 @@ def test_painting_is_journaled_and_restored_in_a_new_viewer(make_napari_viewer, 
     labels.paint((3, 20, 20), 7)
     labels.paint((5, 30, 10), 9)
     assert corrected_slices(labels) == [3, 5]
+    set_corrected_slices(labels, [3, 5, (1, 20)])  # a y plane corrected too
     # journaled within 2 s of the strokes
     qtbot.waitUntil(lambda: bool(_unsaved(path, image))
                     and np.array_equal(_read(_unsaved(path, image)[0].folder), labels.data),
@@ -72,12 +74,12 @@ def test_painting_is_journaled_and_restored_in_a_new_viewer(make_napari_viewer, 
     assert len(asked) == 1 and "'stack labels'" in asked[0]
     restored = viewer2.layers["stack labels"]
     np.testing.assert_array_equal(restored.data, painted)
-    assert corrected_slices(restored) == [3, 5]
+    assert corrected_slices(restored) == [3, 5, (1, 20)]
     # the restored layer goes on being journaled
     restored.paint((6, 10, 10), 4)
     qtbot.waitUntil(lambda: _read(journal.folder)[6, 10, 10] == 4,
                     timeout=5000)
-    assert jr.LabelsJournal.load(journal.folder).corrected == [3, 5, 6]
+    assert jr.LabelsJournal.load(journal.folder).corrected == [3, 5, 6, (1, 20)]
 
 
 def test_declining_discards_and_another_image_is_not_offered(make_napari_viewer, qtbot, tmp_path,
@@ -97,7 +99,7 @@ def test_declining_discards_and_another_image_is_not_offered(make_napari_viewer,
     viewer2, _ = _open(make_napari_viewer, other)
     qtbot.wait(100)
     assert asked == []  # a different image: nothing to offer
-    viewer2.open(str(path), plugin="napari-unet")
+    viewer2.open(str(path), plugin=PLUGIN)
     qtbot.waitUntil(lambda: len(asked) == 1, timeout=10000)
     assert "mine" not in viewer2.layers
     assert _unsaved(path, image) == []  # discarded
@@ -128,7 +130,7 @@ def test_edit_operations_and_export_mark_clean(make_napari_viewer, qtbot, tmp_pa
     labels.paint((0, 1, 1), 2)
     qtbot.waitUntil(lambda: bool(_unsaved(path, image)), timeout=5000)
     viewer.layers.selection = {labels}
-    viewer.layers.save(str(tmp_path / "saved.tif"), selected=True, plugin="napari-unet")
+    viewer.layers.save(str(tmp_path / "saved.tif"), selected=True, plugin=PLUGIN)
     qtbot.waitUntil(lambda: _unsaved(path, image) == [], timeout=5000)
 
 
