@@ -143,11 +143,15 @@ class LayerJournals:
         elif isinstance(layer, Image):
             key = self._image_key(layer)
             if key is not None and key not in self._offered:
-                from qtpy.QtCore import QTimer
+                found = self._unsaved(key)  # as the image opens (not what is painted meanwhile)
+                if not found:
+                    self._offered.add(key)
+                else:
+                    from qtpy.QtCore import QTimer
 
-                # after napari has finished adding the layer (a question inside the event
-                # would block it half-way)
-                QTimer.singleShot(0, lambda: self.offer_restore(layer))
+                    # after napari has finished adding the layer (a question inside the event
+                    # would block it half-way)
+                    QTimer.singleShot(0, lambda: self.offer_restore(layer, found))
             for other in list(self.viewer_ref().layers):  # labels added before their image
                 if isinstance(other, Labels) and id(other) not in self.tracked:
                     self.track(other)
@@ -341,16 +345,21 @@ class LayerJournals:
         return False
 
     # restoring --------------------------------------------------------------------------------
-    def offer_restore(self, image: Any) -> list[Any]:
-        """Ask to restore the unsaved labels journaled over ``image``; Yes restores them (new
-        or same-named labels layers, with their corrected slices), No deletes them."""
+    def _unsaved(self, key: tuple[str, str]) -> list[jr.LabelsJournal]:
+        """Unsaved, non-empty journals over an image, of no other process running now."""
+        return [j for j in rc.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))
+                and (j.manifest["files"] or j.manifest["corrected"])]  # (empty: nothing lost)
+
+    def offer_restore(self, image: Any, found: list[jr.LabelsJournal] | None = None) -> list[Any]:
+        """Ask to restore the unsaved labels journaled over ``image`` (``found`` when it was
+        opened); Yes restores them (new or same-named labels layers, with their corrected
+        slices), No deletes them."""
         viewer = self.viewer_ref()
         key = self._image_key(image)
         if viewer is None or key is None or key in self._offered:
             return []
         self._offered.add(key)
-        found = [j for j in rc.find_journals(*key) if not _alive_elsewhere(j.manifest.get("pid"))
-                 and (j.manifest["files"] or j.manifest["corrected"])]  # (empty: nothing lost)
+        found = [j for j in (self._unsaved(key) if found is None else found) if j.exists]
         if not found:
             return []
         when = time.strftime("%H:%M", time.localtime(found[0].updated))
