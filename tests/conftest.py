@@ -45,8 +45,9 @@ def tiny_model(spatial_dims: int = 2, *, depth: int = 3, base: int = 4, task: st
 
 @pytest.fixture(autouse=True)
 def _settings_in_a_tmp_folder(tmp_path_factory, monkeypatch):
-    """Every test starts with no saved settings and never touches the user's own."""
+    """Every test starts with no saved settings or journals and never touches the user's own."""
     monkeypatch.setenv("NAPARI_UNET_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.setenv("NAPARI_UNET_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture

@@ -231,6 +231,7 @@ class ExportWidget(QWidget):
         """
         from napari.utils.notifications import show_info
 
+        from napari_unet._widgets import _journal as journal
         from napari_unet._widgets._history import history_for
 
         if self.worker is not None:
@@ -281,7 +282,10 @@ class ExportWidget(QWidget):
                 return written, summary
 
             self.status.setText(f"Writing {path.name}…")
-            self.worker = start_job(job(), on_yield=lambda _msg: None, on_return=self._on_written,
+            as_of = journal.change_count(layer)  # the journal is clean once this copy is written
+            self.worker = start_job(job(), on_yield=lambda _msg: None,
+                                    on_return=lambda r: (journal.mark_saved(layer, as_of),
+                                                         self._on_written(r)),
                                     on_error=self._on_error, on_finish=self._on_finish)
 
         def failed(err: BaseException) -> None:

@@ -33,6 +33,7 @@ from napari_unet._widgets._state import (
     install_correction_tracking,
     notify_error,
 )
+from napari_unet._widgets._rescue import FineTuneRescue, model_saved
 from napari_unet._widgets._workers import start_job
 from napari_unet.io.export_paths import checkpoint_file_name, checkpoint_path
 from napari_unet.model.checkpoint import CheckpointError, save_checkpoint
@@ -344,6 +345,7 @@ class FineTuneWidget(QWidget):
             run.preview_shape = tuple(preview_image.shape)
             self._show_preview(np.zeros((1, *preview_image.shape), np.float32))
         self._timer.start()
+        self.rescue = FineTuneRescue(model.label)  # its best weights survive a crash
         self.worker = start_job(job(), on_yield=self._on_stats, on_return=self._on_result,
                                 on_error=self._on_error, on_finish=self._on_finish)
 
@@ -365,6 +367,7 @@ class FineTuneWidget(QWidget):
             run.keeps_best = bool(stats.keeps_best)
             self.weights_label.setText(run_summary.trainer_message_text(stats.message))
         self.plot.add(stats)
+        self.rescue.progress(self.training_job)
         run.fresh = True
         if stats.preview is not None:
             self._show_preview(stats.preview)
@@ -420,6 +423,7 @@ class FineTuneWidget(QWidget):
             return
         self.progress_bar.setValue(self.progress_bar.maximum())
         self.result_key = self.registry.add_model(model, parent_key=self.base_key)
+        self.rescue.finished(model)
         self.revert_button.setEnabled(True)
         self.status.setText(run_summary.result_text(
             self.result_key, format_seconds(self._run.elapsed()), self.last_stats,
@@ -475,6 +479,7 @@ class FineTuneWidget(QWidget):
         try:
             model = self.registry.get(key or self.result_key or self.registry.current)
             written = save_checkpoint(model, path)
+            model_saved(model)  # its crash copy is no longer needed
         except (OSError, CheckpointError) as err:
             notify_error(err, "Save model")
             return None

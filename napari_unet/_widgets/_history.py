@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from napari_unet._widgets._journal import note_changed
 from napari_unet.labels.measure import labels_in_atoms, touched_labels
 from napari_unet.labels.undo_steps import (
     MAX_BYTES,
@@ -92,6 +93,7 @@ class EditHistory:
             layer.data = np.asarray(layer.data).astype(np.promote_types(dtype, after.dtype))
         layer.data[region] = after
         layer.refresh()
+        note_changed(layer, region)
         patch = Patch(region, before, after.astype(layer.data.dtype, copy=False), description)
         self._push(patch)
         self._notify(touched_labels(before, patch.after))
@@ -143,6 +145,7 @@ class EditHistory:
         layer.data[step.region] = step.values
         step.values = current
         layer.refresh()
+        note_changed(layer, step.region)
 
     def _replay(self, step: Patch | Swap, undo: bool) -> None:
         if isinstance(step, Swap):
@@ -151,6 +154,7 @@ class EditHistory:
             return
         self.layer.data[step.region] = step.before if undo else step.after
         self.layer.refresh()
+        note_changed(self.layer, step.region)
         self._notify(touched_labels(step.before, step.after))
 
     def undo(self) -> str | None:

@@ -188,6 +188,9 @@ def ome_zarr_layers(path: Path) -> list[LayerData]:
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 writer for a labels layer: calibrated, compressed, atomic TIFF."""
+    from napari_unet._widgets._journal import mark_saved_data
+
+    layer_data = data
     data = np.asarray(data)
     if data.ndim not in (2, 3):
         raise ValueError(f"labels must be 2D or 3D to write a TIFF, got {data.ndim} axes")
@@ -199,6 +202,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     unit = length_unit(metadata.get(UNIT_KEY), attributes.get("units"))
     written = write_labels_tiff(path, data, voxel_size=voxel_size, unit=unit,
                                 input_path=metadata.get(SOURCE_KEY))
+    mark_saved_data(layer_data)  # File > Save: the journal of this layer is clean
     return [str(written)]
 
 

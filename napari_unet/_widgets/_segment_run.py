@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from napari_unet._widgets._common import ChunkedWriter
+from napari_unet._widgets._journal import note_changed
 from napari_unet._widgets._state import (
     PROBABILITIES_KEY,
     corrected_slices,
@@ -217,6 +218,7 @@ class SegmentRunMixin:
         for message in result.messages:
             text += f"\n{message}"
         layer.refresh()
+        note_changed(layer, run.region.layer_region)  # the result, journaled
         self.status.setText(text)
 
     # uncertainty ------------------------------------------------------------------------------

@@ -270,6 +270,9 @@ def install_correction_tracking(viewer: Any) -> None:
 
     viewer.layers.events.inserted.connect(on_insert)
     _TRACKED_VIEWERS.add(viewer)
+    from napari_unet._widgets._journal import install_journal
+
+    install_journal(viewer)  # nothing lost: the layers are journaled (see _journal)
 
 
 # ----------------------------------------------------------------------------------------------

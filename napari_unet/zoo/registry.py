@@ -29,7 +29,7 @@ class ModelEntry:
     """One item of the model list: a shipped model, a file, or a fine-tuned version in memory."""
 
     key: str
-    source: str  # "shipped", "file", "fine-tuned" or "new" (untrained)
+    source: str  # "shipped", "file", "fine-tuned", "new" (untrained) or "recovered"
     path: Path | None = None
     model: SegmentationModel | None = None
     parent_key: str | None = None
@@ -128,9 +128,10 @@ class ModelRegistry:
         return key
 
     def add_model(self, model: SegmentationModel, parent_key: str | None = None,
-                  select: bool = True, source: str = "fine-tuned") -> str:
-        """Add a model held in memory (a fine-tuned version, or a ``new`` untrained one)."""
-        key = self._unique_key(model.label)
+                  select: bool = True, source: str = "fine-tuned", key: str | None = None) -> str:
+        """Add a model held in memory (a fine-tuned version, a ``new`` untrained one, or one
+        ``recovered`` after a crash); ``key`` defaults to its label."""
+        key = self._unique_key(key or model.label)
         self._entries[key] = ModelEntry(key, source, model=model, parent_key=parent_key)
         self.changed.emit()
         if select:
