@@ -19,6 +19,7 @@ from napari_unet.training.config import (
     DEFAULT_TIME_LIMIT,
     EVALUATION_SHARE,
     LR_FINETUNE,
+    LR_FINETUNE_2D,
     LR_SCRATCH,
     MIN_TUNING_OBJECTS,
     TrainingConfig,
@@ -154,7 +155,9 @@ class Trainer:
     def learning_rate(self) -> float:
         if self.config.learning_rate is not None:
             return float(self.config.learning_rate)
-        return LR_FINETUNE if self.fine_tune else LR_SCRATCH
+        if not self.fine_tune:
+            return LR_SCRATCH
+        return LR_FINETUNE_2D if self.parent.spatial_dims == 2 else LR_FINETUNE
 
     # -- patches ------------------------------------------------------------------------
 
