@@ -8,6 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from napari_unet._widgets._launch import PLUGIN
 from napari_unet.io.omezarr import read_ome_zarr, write_ome_zarr
 from napari_unet.progress import drain
 
@@ -40,7 +41,7 @@ def test_our_ome_zarr_opens_in_napari_ome_zarr(make_napari_viewer, tmp_path):
 def test_our_reader_opens_the_pyramid_and_labels_lazily(make_napari_viewer, tmp_path):
     path, image, labels = _ome_zarr(tmp_path)
     viewer = make_napari_viewer()
-    layers = viewer.open(str(path), plugin="napari-unet")
+    layers = viewer.open(str(path), plugin=PLUGIN)
     assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
     picture, nuclei = layers
     assert picture.name == "cells" and nuclei.name == "cells nuclei"
