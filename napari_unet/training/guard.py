@@ -38,9 +38,12 @@ def sees_across_z(views: Sequence[_Item]) -> bool:
 
 
 def choose_weights(start_score: float | None, best_score: float | None, keeps_best: bool,
-                   margin: float, fine_tune: bool, blind_to_z: bool = False) -> tuple[str, str]:
+                   margin: float, fine_tune: bool, blind_to_z: bool = False,
+                   f1: tuple[float | None, float | None] = (None, None)) -> tuple[str, str]:
     """Which weights the result gets, and why, in words with the numbers. ``blind_to_z``: a
-    3D membrane model whose held-out part shows no z (see :func:`sees_across_z`).
+    3D membrane model whose held-out part shows no z (see :func:`sees_across_z`). ``f1``: the
+    held-out object F1 of the start model and of the best weights; trained weights that lose
+    objects are not kept, however their score (which averages in the pixel Dice) rose.
 
     Returns
     -------
@@ -57,6 +60,11 @@ def choose_weights(start_score: float | None, best_score: float | None, keeps_be
                                       if best_score is not None else "")
     if best_score is None or not np.isfinite(best_score):
         return "start", f"the start model's weights (no trained weights scored; start {start_score:.3f})"
+    start_f1, best_f1 = f1
+    if start_f1 is not None and best_f1 is not None and best_f1 < start_f1:
+        return "start", (f"the start model's weights: fine-tuning scored {best_score:.3f} on the held-out "
+                         f"part against {start_score:.3f}, but its held-out object F1 fell from "
+                         f"{start_f1:.3f} to {best_f1:.3f}")
     if best_score >= start_score + margin:
         return "best", (f"the fine-tuned weights: held-out score {best_score:.3f} against the start "
                         f"model's {start_score:.3f} (+{best_score - start_score:.3f}, margin {margin:.3f})")
@@ -115,4 +123,4 @@ def decide_weights(trainer: Trainer) -> tuple[str, str]:
              and not sees_across_z(views))
     return choose_weights(trainer.start_score, trainer._best_score, trainer.keeps_best,
                           keep_margin(trainer.config.keep_margin, objects), trainer.fine_tune,
-                          blind_to_z=blind)
+                          blind_to_z=blind, f1=(trainer.start_f1, trainer.best_f1))

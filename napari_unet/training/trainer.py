@@ -104,7 +104,8 @@ class Trainer:
         self.threads_message = ""
         self._teacher: UNet | None = None
         self.best_iteration: int | None = None
-        self._last_f1: float | None = None
+        #: held-out object F1 of the last validation, of the start model and of the best weights
+        self._last_f1 = self.start_f1 = self.best_f1 = None
         self._state = {"iteration": 0, "seconds": 0.0, "loss": float("nan")}
         self._result: SegmentationModel | None = None
         self._summary: dict[str, Any] = {}
@@ -202,7 +203,7 @@ class Trainer:
             return
         if self._best_score is None or value >= self._best_score:
             with self._lock:
-                self._best_score = float(value)
+                self._best_score, self.best_f1 = float(value), self._last_f1
                 self._best_state = _clone_state(network)
                 self.best_iteration = int(iteration)
 
@@ -354,7 +355,7 @@ class Trainer:
         flush.__enter__()
         if self._val_items:  # the start model's score: it is a candidate (see start_score)
             mark = time.perf_counter()
-            self.start_score = self._validate(network)
+            self.start_score, self.start_f1 = self._validate(network), self._last_f1
             timings["validation"] += time.perf_counter() - mark
         if self._freeze_norm() and config.recalibrate_norm:
             mark = time.perf_counter()

@@ -100,6 +100,10 @@ def test_choose_weights_rules():
     assert kept == "best" and "0.830" in why and "0.800" in why
     assert choose_weights(0.80, float("nan"), True, 0.01, True)[0] == "start"
     assert choose_weights(None, 0.5, True, 0.01, False)[0] == "best"  # training from scratch
+    # the score rose (pixel Dice) but objects were lost on the held-out part: the start model stays
+    kept, why = choose_weights(0.40, 0.45, True, 0.01, True, f1=(0.42, 0.30))
+    assert kept == "start" and "object F1 fell from 0.420 to 0.300" in why
+    assert choose_weights(0.40, 0.45, True, 0.01, True, f1=(0.42, 0.42))[0] == "best"
 
 
 def _view(labels, valid):
