@@ -129,8 +129,8 @@ def test_post_processing_is_never_tuned_from_slices_of_a_3d_model():
     assert tuning_allowed([_view(labels[4], one_slice[4]), _view(labels[5], one_slice[4])], 2, 30)[0]
 
 
-def test_3d_membrane_model_judged_on_z_slices_alone_keeps_its_weights():
-    from napari_unet.training.guard import BLIND_TO_Z, sees_across_z
+def test_3d_membrane_model_judged_on_slices_keeps_its_weights():
+    from napari_unet.training.guard import SLICES_CANNOT_JUDGE, sees_across_z
 
     assert choose_weights(0.4, 0.6, True, 0.01, True, blind_to_z=True)[0] == "start"
     labels = np.zeros((12, 24, 24), np.uint16)
@@ -144,10 +144,19 @@ def test_3d_membrane_model_judged_on_z_slices_alone_keeps_its_weights():
                       TrainingConfig(iterations=2, batch_size=1, device="cpu", keep_margin=-1.0))
     drain(trainer.run())
     assert not sees_across_z(trainer._validation_views())
-    assert trainer.kept == "start" and trainer.decision.startswith(BLIND_TO_Z)
-    # a y plane among the corrections is the part held out, and it can judge
+    assert trainer.kept == "start" and trainer.decision.startswith(SLICES_CANNOT_JUDGE)
+    # a y plane among the corrections is the part held out: it shows z, but still not cells merging
+    # on either side of it, so the start model stays
     trainer = Trainer(parent, [TrainingPair(image, labels, slices=[2, 10, (1, 5)])],
                       TrainingConfig(iterations=2, batch_size=1, device="cpu", keep_margin=-1.0))
     drain(trainer.run())
     assert sees_across_z(trainer._validation_views()) and "y 5" in trainer.validation_message
-    assert not trainer.decision.startswith(BLIND_TO_Z)
+    assert trainer.kept == "start" and trainer.decision.startswith(SLICES_CANNOT_JUDGE)
+    # cells annotated in 3D (a held-out block of slices) can judge
+    annotated = np.zeros(labels.shape, bool)
+    annotated[:, :, :] = True
+    trainer = Trainer(parent, [TrainingPair(image, labels, annotated=annotated)],
+                      TrainingConfig(iterations=2, batch_size=1, device="cpu", keep_margin=-1.0,
+                                     validation_fraction=0.3))
+    drain(trainer.run())
+    assert not trainer.decision.startswith(SLICES_CANNOT_JUDGE), trainer.decision
