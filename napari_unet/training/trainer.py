@@ -349,10 +349,6 @@ class Trainer:
         class_weights = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
         time_limit, total = self.time_limit, config.iterations
         base_lr = self.learning_rate
-        warmup = 20
-        tuner = ThreadTuner([config.threads] if config.threads else None, enabled=device.type == "cpu")
-        flush = flush_denormals(device.type == "cpu")
-        flush.__enter__()
         if self._val_items:  # the start model's score: it is a candidate (see start_score)
             mark = time.perf_counter()
             self.start_score, self.start_f1 = self._validate(network), self._last_f1
@@ -376,6 +372,10 @@ class Trainer:
         iteration = 0
         ema = None
         finished = False
+        # next to the try whose finally restores them (no error may leave them changed)
+        tuner = ThreadTuner([config.threads] if config.threads else None, enabled=device.type == "cpu")
+        flush = flush_denormals(device.type == "cpu")
+        flush.__enter__()
         try:
             while True:
                 elapsed = time.perf_counter() - start
@@ -387,7 +387,7 @@ class Trainer:
                     break
                 fraction = max(iteration / total if total else 0.0,
                                elapsed / time_limit if time_limit else 0.0)
-                lr = learning_rate_at(base_lr, iteration, warmup, fraction)
+                lr = learning_rate_at(base_lr, iteration, 20, fraction)  # 20-step warm-up
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 mark = time.perf_counter()

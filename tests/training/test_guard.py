@@ -4,6 +4,7 @@ trainer's use of them: distillation, the start model as a candidate, post-proces
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_unet.model.normalization import fit_normalizer
@@ -160,3 +161,26 @@ def test_3d_membrane_model_judged_on_slices_keeps_its_weights():
                                      validation_fraction=0.3))
     drain(trainer.run())
     assert not trainer.decision.startswith(SLICES_CANNOT_JUDGE), trainer.decision
+
+
+def test_a_failing_start_validation_leaves_the_threads_as_they_were(monkeypatch):
+    image, labels = blobs((6, 32, 32), n=6, radius=4)
+    parent = drain(train(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
+                         TrainingConfig(iterations=1, batch_size=2, device="cpu")))
+    trainer = Trainer(parent, [TrainingPair(image, labels, slices=[0, 2, 4])],
+                      TrainingConfig(iterations=2, batch_size=2, device="cpu"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("napari_unet.engine.threads.thread_choices", lambda cores=None: [1, 2])
+
+    def broken(network):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(trainer, "_validate", broken)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="validation failed"):
+            drain(trainer.run())
+        assert torch.get_num_threads() == 2  # the tuner (one thread first) did not leave its mark
+    finally:
+        torch.set_num_threads(saved)
