@@ -23,6 +23,7 @@ from napari_unet._widgets._common import (
     status_label,
 )
 from napari_unet._widgets._finetune_form import TrainingData, TrainingSettings
+from napari_unet._widgets._live import KEY as LIVE_KEY, LivePanel
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet._widgets._new_model import NewModelDialog, NewModelSpec
 from napari_unet._widgets._state import (
@@ -152,6 +153,7 @@ class FineTuneWidget(QWidget):
         self.save_button = button("Save model…", "Write the selected/new model to a .pt file",
                                   self._choose_save_path)
         layout.addWidget(row(self.revert_button, self.save_button))
+        self.live = LivePanel(self, layout)  # Live mode: trains while you paint (see _live)
 
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
@@ -181,7 +183,7 @@ class FineTuneWidget(QWidget):
         connect_until_destroyed(self, self.registry.changed, self._fill_models)
         connect_until_destroyed(self, self.registry.current_changed, self._show_current)
         self._fill_models()
-        self.keys = DockKeys(self, napari_viewer, {KEY: self.fine_tune})
+        self.keys = DockKeys(self, napari_viewer, {KEY: self.fine_tune, LIVE_KEY: self.live.toggle})
         #: False once the dock's Qt objects are deleted (dock or viewer closed): the worker's
         #: last callbacks then leave the widgets alone
         self._alive = True

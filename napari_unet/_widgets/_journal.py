@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from napari_unet._widgets._state import (
     CORRECTED_KEY,
+    DERIVED_KEY,
     SOURCE_KEY,
     corrections_changed,
     set_corrected_slices,
@@ -160,6 +161,8 @@ class LayerJournals:
         """Journal ``layer`` from now on (None when no image file is known for it)."""
         if id(layer) in self.tracked:
             return self.tracked[id(layer)]
+        if layer.metadata.get(DERIVED_KEY):  # a model's output, not the user's labels
+            return None
         key = self._source_of(layer)
         if key is None:
             return None

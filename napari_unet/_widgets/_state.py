@@ -47,6 +47,9 @@ UNIT_KEY = "napari_unet_unit"
 SOURCE_KEY = "napari_unet_source_path"
 #: on a labels layer: the slices Segment suggests to correct, ``[[z, score], ...]`` best first
 SUGGESTED_KEY = "napari_unet_suggested_slices"
+#: on a layer a dock derived from a model (Live mode's prediction): not the user's labels, so
+#: never journaled
+DERIVED_KEY = "napari_unet_derived"
 
 #: errors that are the user's situation, not a bug: shown as one-line notifications
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, CheckpointError, MemoryError,
