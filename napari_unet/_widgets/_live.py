@@ -149,10 +149,17 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         return layer
 
     def _config(self, empty: bool) -> Any:
+        """The session's config from the dock's form; an empty start (a New model) learns
+        from painted voxels only, with the Background label as background."""
         from napari_unet.training.live import LiveConfig
 
         background = self.background_spin.value() or None
-        return LiveConfig(precision=self.dock.precision_combo.currentData(), sparse=empty,
+        if empty and background is None:
+            raise ValueError("an empty start (New model…) learns from what you paint: set "
+                             "Background label to the label you paint background with")
+        dock = self.dock
+        return LiveConfig(precision=dock.precision_combo.currentData(),
+                          device=dock.device_combo.currentData(), sparse=empty,
                           distillation=0.0 if empty else 1.0,
                           background_label=background if empty else None)
 
@@ -173,17 +180,17 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             image = dock.image_combo.layer()
             if image is None:
                 raise ValueError("choose an image (Training data)")
+            empty = dock.registry.entry(key).source == "new"
+            config = self._config(empty)
             labels = self._labels_for(image)
             shape = tuple(np.shape(image.data[0] if image.multiscale else image.data))
-            if tuple(labels.data.shape) != shape[-labels.ndim:] or is_lazy(labels.data):
+            if tuple(labels.data.shape) != shape or is_lazy(labels.data):
                 raise ValueError(f"{labels.name!r} does not fit {image.name!r}: Live needs "
                                  "labels of the image's shape, in memory")
         except (ValueError, CheckpointError) as err:
             notify_error(err, "Live")
             return False
         import_heavy_modules_on_main_thread()
-        empty = dock.registry.entry(key).source == "new"
-        config = self._config(empty)
         history = history_for(labels)
         run = LiveRun(image=image, labels=labels, model=model, base_key=key,
                       shape=tuple(labels.data.shape), snapshots=PlaneSnapshots(),
@@ -196,9 +203,10 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             run.waiting[version] = now
         run.view = LiveView(*view_plane(self.viewer, labels))
         data = image.data[0] if image.multiscale else image.data
+        voxel_size = tuple(float(v) for v in image.scale[-len(shape):])
 
         def job():  # the worker thread
-            session = LiveSession(model, np.asarray(data), config)
+            session = LiveSession(model, np.asarray(data), config, voxel_size=voxel_size)
             if planes:
                 session.submit_corrections(planes, version)
             session.set_view(run.view)
