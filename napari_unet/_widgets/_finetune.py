@@ -295,8 +295,8 @@ class FineTuneWidget(QWidget):
 
         from napari_unet.training.trainer import Trainer
 
-        if self.worker is not None:
-            show_info("Fine-tuning is already running; Stop it first.")
+        if self.worker is not None or self.live.running:
+            show_info("Fine-tuning or Live is already running; Stop it first.")
             return
         try:
             key = self.registry.current

@@ -20,9 +20,9 @@ def _docks():
 
 
 def _all_keys() -> list[str]:
-    from napari_unet._widgets import _edit, _export, _finetune, _segment
+    from napari_unet._widgets import _edit, _export, _finetune, _live, _segment
 
-    return [_segment.KEY, *_edit.KEYS.values(), _finetune.KEY, _export.KEY]
+    return [_segment.KEY, *_edit.KEYS.values(), _finetune.KEY, _live.KEY, _export.KEY]
 
 
 def test_keys_are_free_in_napari_and_napari_animation(make_napari_viewer):
