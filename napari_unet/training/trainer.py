@@ -29,7 +29,7 @@ from napari_unet.training.config import (
 from napari_unet.training.data import prepare
 from napari_unet.training.factory import new_model
 from napari_unet.training.guard import decide_weights, tuning_allowed
-from napari_unet.training.losses import LOSSES, distillation_loss, masked_loss
+from napari_unet.training.losses import LOSSES, training_loss
 from napari_unet.training.optimisation import (
     DeviceBatch,
     device_batch,
@@ -281,22 +281,11 @@ class Trainer:
     def _batch_loss(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
                     w: torch.Tensor | None, pos_weight: torch.Tensor | None,
                     class_weights: torch.Tensor | None) -> torch.Tensor:
-        """The configured loss of one batch; with deep supervision (``config.deep_supervision``)
-        the mean over the network's full-resolution heads (``forward_heads``)."""
-        def loss_of(logits: torch.Tensor) -> torch.Tensor:
-            return masked_loss(logits.float(), t, m, self.task, pos_weight=pos_weight,
-                               class_weights=class_weights, loss=self.config.loss, weight_map=w)
-
-        deep = getattr(network.config, "deep_supervision", False)
-        heads = network.forward_heads(x) if deep else [network(x)]
-        loss = sum(loss_of(h) for h in heads) / len(heads)
-        teacher = self._teacher
-        if teacher is not None:
-            with torch.no_grad():
-                targets = teacher.forward_heads(x) if deep else [teacher(x)]
-            loss = loss + self.config.distillation * sum(
-                distillation_loss(h.float(), g.float(), m, self.task) for h, g in zip(heads, targets)) / len(heads)
-        return loss
+        """The configured loss of one batch (:func:`losses.training_loss`, with the start
+        model as the distillation teacher when fine-tuning)."""
+        return training_loss(network, x, t, m, w, self.task, loss=self.config.loss, pos_weight=pos_weight,
+                             class_weights=class_weights, teacher=self._teacher,
+                             distillation=self.config.distillation)
 
     def _optimizer_step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: "torch.amp.GradScaler | None", batches: Sequence[DeviceBatch],
