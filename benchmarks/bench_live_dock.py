@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gui import Heartbeat, wait  # noqa: E402 - the benchmarks share bench_gui's tools
+from bench_gui import Heartbeat, tiled, wait  # noqa: E402 - the benchmarks share bench_gui's tools
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -190,6 +190,9 @@ def default_case(case: str) -> tuple[np.ndarray, np.ndarray, Any, tuple[float, .
         image = tifffile.imread(SHARED / "nuclei3d_1135" / "image.tif")
         truth = tifffile.imread(SHARED / "nuclei3d_1135" / "labels.tif")
         return image, truth, load_model("nuclei-3d"), (0.28, 0.127, 0.127)
+    if case == "nuclei3d_256":  # the 3D view size: 100x256x256 (mirrored copies)
+        image, truth, model, voxel = default_case("nuclei3d")
+        return tiled(image, (100, 256, 256)), tiled(truth, (100, 256, 256)), model, voxel
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -208,7 +211,7 @@ def start_labels_for(image: np.ndarray, model: Any, voxel_size: Any) -> np.ndarr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="nuclei2d", choices=("nuclei2d", "em2d", "nuclei3d"))
+    parser.add_argument("--case", default="nuclei2d", choices=("nuclei2d", "em2d", "nuclei3d", "nuclei3d_256"))
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--think", type=float, default=1.0,

@@ -71,8 +71,8 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             "slice on screen follows your corrections in the 'live prediction' layer", self.toggle)
         self.live_button.setCheckable(True)
         self.apply_button = button(
-            "Apply", "Segment the whole image with the live weights into your labels (corrected "
-            "slices are kept; Ctrl+Z undoes it) and add them to the model list", self.apply)
+            "Apply", "Stop training and segment the whole image with the kept weights into "
+            "your labels (corrected slices are kept; Ctrl+Z undoes it)", self.apply)
         self.apply_button.setEnabled(False)
         self.cancel_button = button("Cancel", "Stop Apply at the next tile", self.cancel_apply)
         self.cancel_button.setEnabled(False)
@@ -96,6 +96,10 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         box.addWidget(self.score_label)
         self.clock_label = status_label("")
         self.clock_label.setToolTip("Time since the live prediction was last updated")
+        # texts that change every update keep their height: nothing below them moves (no
+        # relayout and repaint of the dock, its loss plot included, while Live runs)
+        self.clock_label.setWordWrap(False)
+        self.score_label.setMinimumHeight(3 * self.score_label.fontMetrics().lineSpacing())
         box.addWidget(self.clock_label)
         self.apply_progress = ProgressBar()
         self.apply_progress.setRange(0, 1)
@@ -306,24 +310,36 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         return key
 
     def apply(self) -> bool:
-        """Segment the whole image with the live weights (corrected slices kept, one undo step)
-        and add them to the model list as a new version."""
+        """Segment the whole image with the live weights (corrected slices kept, one undo step).
+
+        Training stops first: on a small CPU a whole-image run beside the training loses
+        badly to both (their OpenMP threads wait for each other), and the weights Apply uses
+        are the ones Stop keeps (a new version). Live can be turned on again afterwards: it
+        starts from that version.
+        """
         run = self._run
-        if run is None or run.session is None or run.finished:
+        if run is None or (run.finished and run.result is None):
             notify_error(ValueError("turn Live on and let it train first"), "Apply")
             return False
         if self.applier.running:
             self.apply_status.setText("Apply is already running.")
             return False
-        model = run.session.current_model()
-        if not same_weights(model, run.applied):
-            run.applied_key, run.applied = self._add_version(model), model
-        settings = self.dock.settings
-        return self.applier.start(model, run.image, run.labels,
-                                  apply_output(model, run.snapshots.planes),
-                                  device=self.dock.device_combo.currentData(),
-                                  precision=self.dock.precision_combo.currentData(),
-                                  precision_label=settings.precision_label())
+        if not run.finished:
+            run.apply_after = True
+            self.stop()
+            self.apply_status.setText("Stopping live training, then Apply…")
+            return True
+        return self._start_apply(run)
+
+    def _start_apply(self, run: LiveRun) -> bool:
+        """Apply the weights the run kept to the whole image (see :meth:`apply`)."""
+        run.apply_after = False
+        dock = self.dock
+        return self.applier.start(run.result, run.image, run.labels,
+                                  apply_output(run.result, run.snapshots.planes),
+                                  device=dock.device_combo.currentData(),
+                                  precision=dock.precision_combo.currentData(),
+                                  precision_label=dock.settings.precision_label())
 
     def cancel_apply(self) -> None:
         self.applier.cancel()
@@ -331,15 +347,15 @@ class LivePanel(LiveEventsMixin, QGroupBox):
     # the end ----------------------------------------------------------------------------------
     def _on_result(self, model: Any) -> None:
         """Stopped: the guarded best weights become a version (unless they are the start
-        model's or the version Apply made)."""
+        model's)."""
         run = self._run
         run.ended, run.result = True, model
         if model is None or same_weights(model, run.model):
+            run.result = run.model
             text = f"Live stopped: the live weights did not beat {run.model.label}; it is kept."
-        elif same_weights(model, run.applied):
-            text = f"Live stopped: its best weights are {run.applied_key} (Apply)."
         else:
-            text = f"Live stopped: its best weights are the new version {self._add_version(model)}."
+            run.result_key = self._add_version(model)
+            text = f"Live stopped: its best weights are the new version {run.result_key}."
         if self._alive:
             self.score_label.setText(text)
 
@@ -361,11 +377,13 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             self.live_button.setText("Live")
             self.live_button.setChecked(False)
             self.live_button.setEnabled(True)
-            self.apply_button.setEnabled(False)
+            self.apply_button.setEnabled(run.result is not None)
             if run.shown_at is not None:
                 self.clock_label.setText(f"Stopped after {run.elapsed():.0f} s.")
         except RuntimeError:  # the Qt objects are gone
-            pass
+            return
+        if run.apply_after and run.result is not None:
+            self._start_apply(run)
 
     @property
     def latencies(self) -> list[float]:

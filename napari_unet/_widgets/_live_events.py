@@ -13,7 +13,12 @@ from typing import Any
 
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._live_layer import view_plane
-from napari_unet._widgets._state import corrected_slices, corrections_changed, layer_view_axis
+from napari_unet._widgets._state import (
+    corrected_slices,
+    corrections_changed,
+    layer_view_axis,
+    notify_error,
+)
 from napari_unet.labels.plane_snapshots import PlaneSnapshots
 from napari_unet.labels.slices import touched_slices
 
@@ -48,11 +53,11 @@ class LiveRun:
     latencies: list[float] = field(default_factory=list)
     #: napari paint steps seen (a history notice with the same count is not a stroke)
     paints_seen: int = 0
-    #: the version Apply made last (key, model)
-    applied_key: str | None = None
-    applied: Any = None
-    #: the model run() returned
+    #: the weights run() kept (the start model when nothing beat it), and their new version
     result: Any = None
+    result_key: str | None = None
+    #: Apply was asked for: it runs once training has stopped
+    apply_after: bool = False
     stopping: bool = False
     ended: bool = False
     finished: bool = False
@@ -62,7 +67,7 @@ class LiveRun:
 
 
 def same_weights(a: Any, b: Any) -> bool:
-    """Whether two models hold the same weights (the one Stop returned and a version made)."""
+    """Whether two models hold the same weights (what Stop kept and the start model)."""
     import torch
 
     if a is b:
@@ -146,8 +151,12 @@ class LiveEventsMixin:
         planes = run.snapshots.take(run.labels.data, corrected_slices(run.labels))
         if planes is None:
             return
+        try:
+            session.submit_corrections(planes, run.snapshots.version)
+        except ValueError as err:  # planes the session cannot use: said, the session goes on
+            notify_error(err, "Live")
+            return
         run.waiting[run.snapshots.version] = since
-        session.submit_corrections(planes, run.snapshots.version)
 
     # the view ---------------------------------------------------------------------------------
     def _view_moved(self, _event: Any = None) -> None:
