@@ -176,7 +176,8 @@ def test_stop_ends_run_and_returns_a_model_without_threads_left():
 
 def test_held_out_planes_are_chosen_at_first_sight():
     order = {p: n for n, p in enumerate([3, 9, 15, 20, 25, 30, 35, 40])}
-    assert held_out_planes(order, 5) == {15, 40}
+    assert held_out_planes(order, 5) == {25}
+    assert held_out_planes(order, 3) == {15, 30}
     assert held_out_planes(order, 0) == set()
 
 
