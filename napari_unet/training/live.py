@@ -57,7 +57,7 @@ from napari_unet.training.validation import score
 __all__ = ["LiveConfig", "LiveSession", "LiveUpdate", "LiveView"]
 
 #: training steps on a new snapshot before the view is predicted with it
-FIRST_ROUND_STEPS = 2
+FIRST_ROUND_STEPS = 1
 #: in steady rounds, training gets at least this share of the time (the rest: predicting the view)
 TRAIN_SHARE = 2 / 3
 #: the guard scores the live weights at most this often (seconds) ...
@@ -94,7 +94,8 @@ class LiveConfig:
     seed: int = 0
     augment: bool = True
     #: a 3D model's slab (planes kept around the one on screen; None: automatic) and the
-    #: context read on each side (None: the network's halo, exact)
+    #: context read on each side (None: live_view.VIEW_HALO_SHARE of the network's halo; at
+    #: most the halo, which is exact)
     view_depth: int | None = None
     view_halo: int | None = None
     #: ``instances``, ``labels`` (None: as Segment's default for the model)
