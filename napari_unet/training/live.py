@@ -15,8 +15,8 @@ c. a prediction of the region in view with the latest weights (:mod:`live_view`:
 A new snapshot or a new view ends the running round at the next step: a snapshot is trained
 on for a short round and shown at once, a new view is predicted at once.
 
-The guard is Fine-tune's (:mod:`guard`): the third corrected plane, and every
-``holdout_every``-th after it, is held out from its first appearance (never trained on); once
+The guard is Fine-tune's (:mod:`guard`): every ``holdout_every``-th corrected plane (the 5th,
+10th, ...) is held out from its first appearance (never trained on); once
 the held-out planes have ``min_heldout_objects`` objects (any held-out plane for labels
 without instances) the live weights are scored on them from time to time, and the start
 model stays a candidate: ``kept`` says which weights Apply would use.
@@ -57,7 +57,7 @@ from napari_unet.training.validation import score
 __all__ = ["LiveConfig", "LiveSession", "LiveUpdate", "LiveView"]
 
 #: training steps on a new snapshot before the view is predicted with it
-FIRST_ROUND_STEPS = 2
+FIRST_ROUND_STEPS = 1
 #: in steady rounds, training gets at least this share of the time (the rest: predicting the view)
 TRAIN_SHARE = 2 / 3
 #: the guard scores the live weights at most this often (seconds) ...
@@ -84,7 +84,7 @@ class LiveConfig:
     background_label: int | None = None
     #: the guard scores held-out planes only once they hold this many objects
     min_heldout_objects: int = 30
-    #: the third corrected plane and every ``holdout_every``-th after it are held out (0: none)
+    #: every ``holdout_every``-th corrected plane (by first appearance) is held out (0: none)
     holdout_every: int = 5
     keep_margin: float = KEEP_MARGIN
     #: seconds between two scorings of the live weights (also at most VALIDATION_SHARE of the time)
@@ -94,7 +94,8 @@ class LiveConfig:
     seed: int = 0
     augment: bool = True
     #: a 3D model's slab (planes kept around the one on screen; None: automatic) and the
-    #: context read on each side (None: the network's halo, exact)
+    #: context read on each side (None: live_view.VIEW_HALO_SHARE of the network's halo; at
+    #: most the halo, which is exact)
     view_depth: int | None = None
     view_halo: int | None = None
     #: ``instances``, ``labels`` (None: as Segment's default for the model)

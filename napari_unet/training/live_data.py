@@ -91,12 +91,13 @@ def check_planes(planes: Mapping[Any, Any], shape: Sequence[int]) -> dict[Plane 
 
 def held_out_planes(order: Mapping[Plane | None, int], every: int) -> set[Plane | None]:
     """The planes the guard holds out: by order of first appearance (``order``: plane ->
-    0, 1, 2, ...), the third and then every ``every``-th one (0 = none). The first two are
-    always trained on, and a plane is held out (or not) from its first appearance on, so
-    weights are never judged on a plane they trained on."""
-    if every < 3:
+    0, 1, 2, ...), every ``every``-th one (the 5th, 10th, ... for 5; 0 = none), as Fine-tune
+    holds out a fifth. A plane is held out (or not) from its first appearance on, so weights
+    are never judged on a plane they trained on, and the first ``every - 1`` corrections are
+    all trained on."""
+    if every < 2:
         return set()
-    return {p for p, n in order.items() if p is not WHOLE and n % every == 2}
+    return {p for p, n in order.items() if p is not WHOLE and n % every == every - 1}
 
 
 @dataclass

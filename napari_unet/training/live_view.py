@@ -8,6 +8,7 @@ own post-processing (:func:`napari_unet.engine.predict.postprocessed`), as Segme
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
@@ -23,6 +24,12 @@ from napari_unet.training.preview import preview_foreground
 
 #: a 3D model's live slab is at least this many planes deep (the plane on screen in its middle)
 MIN_SLAB_DEPTH = 8
+#: the context a 3D model's slab reads on each side, as a share of the network's (exact) halo.
+#: Measured with nuclei-3d on a 100 x 256 x 256 stack (halo 28 planes along z, bf16, 2-core CPU
+#: under load): 16 planes (0.6) changed the plane on screen by at most 0.003 in probability and
+#: no object, in half the time of the exact halo (3.3 s against 6.6 s); 12 planes changed it by
+#: 0.03, 8 planes by 0.25 (3 of 41 objects). Apply segments with the exact halo.
+VIEW_HALO_SHARE = 0.6
 
 Region = tuple[slice, ...]
 
@@ -48,8 +55,9 @@ def view_plan(shape: Sequence[int], axis: int, index: int, model: SegmentationMo
 
     A 2D image is read whole. A 2D model on a stack reads the plane. A 3D model keeps a slab
     of ``depth`` planes (default: :data:`MIN_SLAB_DEPTH` or two pooling steps, whichever is
-    more) around the plane and reads ``halo`` more on each side (default: the network's
-    halo, which makes the slab exact), starting on its pooling grid.
+    more) around the plane and reads ``halo`` more on each side (default:
+    :data:`VIEW_HALO_SHARE` of the network's halo; the whole halo makes the slab exact),
+    starting on its pooling grid.
     """
     shape = tuple(int(n) for n in shape)
     full = tuple(slice(0, n) for n in shape)
@@ -67,7 +75,8 @@ def view_plan(shape: Sequence[int], axis: int, index: int, model: SegmentationMo
     depth = min(depth, shape[axis])
     lo = int(np.clip(index - depth // 2, 0, shape[axis] - depth))
     hi = lo + depth
-    context = int(config.halo()[axis]) if halo is None else max(0, int(halo))
+    exact = int(config.halo()[axis])
+    context = math.ceil(VIEW_HALO_SHARE * exact) if halo is None else min(exact, max(0, int(halo)))
     read_lo = max(0, lo - context) // divisor * divisor
     read_hi = min(shape[axis], hi + context)
     read = tuple(slice(read_lo, read_hi) if a == axis else s for a, s in enumerate(full))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from napari_unet.labels.metrics import match_instances
 from napari_unet.training.live import LiveConfig, LiveSession, LiveUpdate, LiveView
 from napari_unet.training.live_data import LiveImage, build_data, held_out_planes
-from napari_unet.training.live_view import view_plan
+from napari_unet.training.live_view import VIEW_HALO_SHARE, view_plan
 from napari_unet.training.new_models import NewModelSpec
 from napari_unet.training.trainer import new_model
 from tests.conftest import tiny_model
@@ -119,11 +120,14 @@ def test_set_view_retargets_the_next_prediction():
 def test_view_plan_of_a_3d_model_reads_its_halo_on_the_pooling_grid():
     model = tiny_model(3, depth=3)
     halo, divisor = model.config.halo()[0], model.config.divisor()[0]
-    plan = view_plan((100, 64, 64), 0, 50, model)
+    plan = view_plan((100, 64, 64), 0, 50, model, halo=halo)
     kept = plan.region[0]
     assert kept.start <= 50 < kept.stop and kept.stop - kept.start >= 8
     assert plan.read[0].start % divisor == 0
     assert plan.read[0].start <= kept.start - halo and plan.read[0].stop >= min(100, kept.stop + halo)
+    default = view_plan((100, 64, 64), 0, 50, model)  # the live default: part of the halo
+    context = math.ceil(VIEW_HALO_SHARE * halo)
+    assert default.region == plan.region and default.read[0].stop == kept.stop + context
     # the slab is the whole stack's prediction there (exact tiling)
     from napari_unet.engine.predict import predict_probabilities
     from napari_unet.model.normalization import fit_normalizer
@@ -131,7 +135,7 @@ def test_view_plan_of_a_3d_model_reads_its_halo_on_the_pooling_grid():
     from napari_unet.training.live_view import predict_view
 
     image, _ = blobs((24, 24, 24), n=4)
-    plan = view_plan(image.shape, 0, 12, model, depth=4)
+    plan = view_plan(image.shape, 0, 12, model, depth=4, halo=halo)
     normalizer = fit_normalizer(image, model.normalization)
     whole = drain(predict_probabilities(image, model, device="cpu", precision="fp32", dtype=np.float32,
                                         normalizer=normalizer))
@@ -176,7 +180,8 @@ def test_stop_ends_run_and_returns_a_model_without_threads_left():
 
 def test_held_out_planes_are_chosen_at_first_sight():
     order = {p: n for n, p in enumerate([3, 9, 15, 20, 25, 30, 35, 40])}
-    assert held_out_planes(order, 5) == {15, 40}
+    assert held_out_planes(order, 5) == {25}
+    assert held_out_planes(order, 3) == {15, 30}
     assert held_out_planes(order, 0) == set()
 
 
