@@ -312,6 +312,19 @@ def plot(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def run_dock(args: argparse.Namespace) -> dict:
+    """One case through the real Live dock (``--dock``, see bench_live_dock.py): the user starts
+    from the shipped model's segmentation, as here, and corrects the worst slices."""
+    from bench_live_dock import run_dock_case
+
+    key = args.dock_case or next(k.strip() for k in (args.cases + "," + CASES[0]).split(",") if k.strip())
+    case = large_3d_case(args.data) if key == "nuclei-3d-256" else load_case(key, args.data)
+    model = load_model(case.model)
+    instances, _ = segment_like_the_dock(model, case)
+    return run_dock_case(case.key, case.image, case.truth, model, voxel_size=case.voxel_size,
+                         seconds=args.dock_seconds, start_labels=instances)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
@@ -325,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-seconds", type=float, default=None, help="LiveConfig.train_seconds_per_round")
     parser.add_argument("--plot", type=Path, default=None, help="F1 against wall time (PNG)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--dock", action="store_true",
+                        help="also run one case through the real dock in a napari window (under Xvfb; "
+                             "bench_live_dock.py): latency to the view on screen, longest event-loop stall")
+    parser.add_argument("--dock-case", default=None,
+                        help="the dock's case (default: the first of --cases; nuclei-3d-256: the 100x256x256 stack)")
+    parser.add_argument("--dock-seconds", type=float, default=60.0, help="the dock run's simulated user time")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"no data at {args.data}; this benchmark needs ../shared/data", file=sys.stderr)
@@ -342,11 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, args.plot)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
+    stall = math.nan
+    if args.dock:
+        stall = run_dock(args)["max_stall_ms"]
     latencies = [v for r in rows for v in r["latencies"]]
     ratios = [r["ratio"] for r in rows if r["batch_curve"]]
     ratio = max(ratios) if ratios else math.nan
-    print(f"latency_median_s={np.median(latencies):.2f} latency_p90_s={np.percentile(latencies, 90):.2f} "
-          f"max_stall_ms=nan time_to_batch_f1_ratio={ratio:.2f}")
+    print(f"latency_median_s={np.median(latencies) if latencies else math.nan:.2f} "
+          f"latency_p90_s={np.percentile(latencies, 90) if latencies else math.nan:.2f} "
+          f"max_stall_ms={stall:.0f} time_to_batch_f1_ratio={ratio:.2f}")
     return 0
 
 
