@@ -81,6 +81,20 @@ class Excluded:
         self.beat._last, self.beat._last_cpu = time.perf_counter(), time.thread_time()
 
 
+def timed(owner: Any, name: str, into: list[float]) -> None:
+    """Record the seconds of each call of ``owner.name`` (a main-thread callback of the dock)."""
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mark = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - mark)
+
+    setattr(owner, name, wrapper)
+
+
 def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *,
                   voxel_size: tuple[float, ...] | None = None, seconds: float = 90.0,
                   tile: int = 128, think: float = 1.0, round_timeout: float = 20.0,
@@ -109,6 +123,12 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
     if image.ndim == 3:
         viewer.dims.set_current_step(0, image.shape[0] // 2)
     live = dock.live
+    costs: dict[str, list[float]] = {"show": [], "submit": [], "tick": []}
+    timed(live.live_layer, "show", costs["show"])
+    for timer, slot in ((live._debounce, "_submit"), (live._clock, "_tick")):
+        timed(live, slot, costs[slot[1:]])
+        timer.timeout.disconnect()
+        timer.timeout.connect(getattr(live, slot))
     beat = Heartbeat()
     wait(app, lambda: False, 1.0)
     beat.start()
@@ -160,6 +180,8 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
         "max_stall_ms": stall, "stall_p99_ms": p99, "max_busy_ms": busy,
         "latencies": latencies, "late": shown_late,
         "max_paint_ms": 1000 * max(paints, default=0.0),
+        "callbacks_ms": {k: (round(1000 * float(np.median(v)), 1) if v else None,
+                             round(1000 * max(v), 1) if v else None) for k, v in costs.items()},
         "latency_median_s": float(np.median(latencies)) if latencies else float("nan"),
         "latency_p90_s": float(np.percentile(latencies, 90)) if latencies else float("nan"),
     }
@@ -168,6 +190,7 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
           f"latency median {result['latency_median_s']:.2f} s, p90 {result['latency_p90_s']:.2f} s; "
           f"max stall {stall:.0f} ms (p99 {p99:.0f} ms, main-thread CPU in it {busy:.0f} ms, "
           f"idle {idle:.0f} ms; longest paint call {result['max_paint_ms']:.0f} ms, left out); "
+          f"dock callbacks median/max ms {result['callbacks_ms']}; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     return result
 

@@ -19,7 +19,7 @@ and adds them to the model list as a new version; *Stop* keeps the guarded best 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Generator
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -34,7 +34,13 @@ from napari_unet._widgets._live_events import (
     LiveRun,
     same_weights,
 )
-from napari_unet._widgets._live_layer import DISPLAYS, HIDDEN, LiveLayer, view_plane
+from napari_unet._widgets._live_layer import (
+    DISPLAYS,
+    HIDDEN,
+    LiveLayer,
+    shown_values,
+    view_plane,
+)
 from napari_unet._widgets._state import (
     corrected_slices,
     import_heavy_modules_on_main_thread,
@@ -53,6 +59,20 @@ __all__ = ["LivePanel", "LiveRun", "KEY", "DEBOUNCE_MS"]
 KEY = "Alt-I"
 #: the "updated … s ago" line is redrawn this often (ms)
 CLOCK_MS = 500
+
+
+def shown(job: Generator[Any, None, Any], live_layer: LiveLayer) -> Generator[Any, None, Any]:
+    """``job``'s updates with what the live layer shows of each (its outlines are made here, in
+    the worker thread: see :func:`._live_layer.shown_values`); returns what ``job`` returns."""
+    try:
+        while True:
+            try:
+                update = next(job)
+            except StopIteration as stop:
+                return stop.value
+            yield update, shown_values(update, live_layer.display)
+    finally:
+        job.close()
 
 
 class LivePanel(LiveEventsMixin, QGroupBox):
@@ -218,9 +238,11 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             session.set_view(run.view)  # the view may have moved meanwhile
             if run.stopping:
                 session.request_stop()
-            return (yield from session.run())
+            return (yield from shown(session.run(), self.live_layer))
 
         self._run = run
+        self.live_layer.prepare(image, run.shape)
+        self.viewer.layers.selection.active = labels  # the user paints on at once
         self._hook(run)
         self.live_button.setText("Stop live")
         self.live_button.setChecked(True)
@@ -255,14 +277,15 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         self._unhook()
 
     # the view ---------------------------------------------------------------------------------
-    def _on_update(self, update: Any) -> None:
+    def _on_update(self, item: tuple[Any, Any]) -> None:
         """A prediction of the view (main thread): into the live layer, and the numbers."""
+        update, values = item
         run = self._run
         if run is None or run.finished or run.ended or not hasattr(update, "prediction"):
             return
         run.update = update
-        if update.prediction is not None and self._alive:
-            self.live_layer.show(run.image, run.shape, update.region, update.prediction)
+        if values is not None and self._alive:
+            self.live_layer.show(run.image, run.shape, update.region, values)
             now = run.shown_at = time.perf_counter()
             for version in [v for v in run.waiting if v <= update.corrections_version]:
                 run.latencies.append(now - run.waiting.pop(version))

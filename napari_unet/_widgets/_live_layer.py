@@ -14,12 +14,31 @@ import numpy as np
 
 from napari_unet._widgets._state import DERIVED_KEY, view_axis
 from napari_unet._widgets._view import region_on_screen
+from napari_unet.labels.outlines import plane_outlines
 from napari_unet.labels.slices import clip_index
 
 LIVE_LAYER = "live prediction"
-#: how the live prediction is drawn: napari's contour width and the layer's opacity
-DISPLAYS = {"contours": (2, 0.9), "translucent": (0, 0.4)}
+#: how the live prediction is drawn: the layer's opacity (contours are outlines the worker
+#: makes, see :func:`shown_values`: napari's own contours cost ~10-17 ms per redraw)
+DISPLAYS = {"contours": 0.9, "translucent": 0.4}
+CONTOURS = "contours"
 HIDDEN = "hidden"
+#: outline width (pixels) of the contours
+OUTLINE_WIDTH = 2
+
+
+def shown_values(update: Any, display: str) -> np.ndarray | None:
+    """What the live layer shows of ``update``'s prediction: its outlines in the plane on
+    screen (contours; computed here, in the worker thread) or the labels (translucent)."""
+    labels = update.prediction
+    if labels is None or display != CONTOURS:
+        return labels
+    ndim = np.ndim(labels)
+    if ndim < 3:
+        return plane_outlines(labels, (ndim - 2, ndim - 1), OUTLINE_WIDTH)
+    first = ndim - 3
+    axes = tuple(first + a for a in range(3) if a != update.view.axis)
+    return plane_outlines(labels, axes, OUTLINE_WIDTH)
 
 
 def view_plane(viewer: Any, layer: Any) -> tuple[int, int]:
@@ -68,11 +87,10 @@ class LiveLayer:
             layers.remove(layers[LIVE_LAYER])
         active = layers.selection.active
         ndim = len(shape)
-        contour, opacity = DISPLAYS.get(self.display, DISPLAYS["contours"])
         layer = self.viewer.add_labels(
             np.zeros(shape, dtype=dtype), name=LIVE_LAYER, scale=image.scale[-ndim:],
-            translate=image.translate[-ndim:], opacity=opacity, metadata={DERIVED_KEY: True})
-        layer.contour = contour
+            translate=image.translate[-ndim:], opacity=DISPLAYS.get(self.display, 0.9),
+            metadata={DERIVED_KEY: True})
         layer.visible = self.display != HIDDEN
         layer.editable = False
         if active is not None and active in layers:  # the user goes on painting where they were
@@ -80,19 +98,21 @@ class LiveLayer:
         self._layer = layer
         return layer
 
-    def show(self, image: Any, shape: tuple[int, ...], region: tuple[slice, ...],
-             prediction: np.ndarray) -> bool:
-        """Write ``prediction`` into ``region`` of the layer (made if needed); redraw it when the
-        region is on screen. Returns whether it was redrawn."""
+    def prepare(self, image: Any, shape: tuple[int, ...]) -> Any:
+        """The layer for ``image`` (made now if needed: at Live's start, not at an update)."""
         layer = self.layer()
         if layer is not None and (tuple(layer.data.shape) != tuple(shape)
                                   or not isinstance(layer.data, np.ndarray)):
             layer = None
-        dtype = layer.data.dtype if layer is not None else np.dtype(np.uint16)
-        values = live_values(prediction, dtype)
-        if layer is None:
-            layer = self._make(image, shape, dtype)
-        elif values.dtype != layer.data.dtype:  # more ids than the layer holds (rare)
+        return layer if layer is not None else self._make(image, shape, np.dtype(np.uint16))
+
+    def show(self, image: Any, shape: tuple[int, ...], region: tuple[slice, ...],
+             prediction: np.ndarray) -> bool:
+        """Write ``prediction`` (see :func:`shown_values`) into ``region`` of the layer; redraw
+        it when the region is on screen. Returns whether it was redrawn."""
+        layer = self.prepare(image, shape)
+        values = live_values(prediction, layer.data.dtype)
+        if values.dtype != layer.data.dtype:  # more ids than the layer holds (rare)
             layer.data = layer.data.astype(values.dtype)
         layer.data[region] = values
         if layer.visible and region_on_screen(self.viewer, layer, region):
@@ -109,7 +129,5 @@ class LiveLayer:
         if display == HIDDEN:
             layer.visible = False
             return
-        contour, opacity = DISPLAYS[display]
-        layer.contour = contour
-        layer.opacity = opacity
+        layer.opacity = DISPLAYS[display]
         layer.visible = True

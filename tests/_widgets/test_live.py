@@ -89,7 +89,8 @@ def test_painting_during_live_is_kept_and_enters_training(make_napari_viewer, qt
 
 
 def test_live_layer_follows_the_slice(make_napari_viewer, qtbot, registry):
-    from napari_unet._widgets._live_layer import LIVE_LAYER
+    from napari_unet._widgets._live_layer import LIVE_LAYER, OUTLINE_WIDTH
+    from napari_unet.labels.outlines import plane_outlines
 
     viewer, layer = _viewer_with_stack(make_napari_viewer)
     widget = _dock(viewer, registry, make_tiny_model(2))
@@ -104,10 +105,12 @@ def test_live_layer_follows_the_slice(make_napari_viewer, qtbot, registry):
     region = update.region
     assert region[0].start <= 4 < region[0].stop
     shown = viewer.layers[LIVE_LAYER]
-    np.testing.assert_array_equal(shown.data[region], update.prediction.astype(shown.data.dtype))
-    assert shown.contour > 0  # contours by default
+    # contours by default: the outlines in the plane on screen, made by the worker
+    outlines = plane_outlines(update.prediction, (1, 2), OUTLINE_WIDTH)
+    np.testing.assert_array_equal(shown.data[region], outlines.astype(shown.data.dtype))
     live.display_combo.setCurrentText("translucent")
-    assert shown.contour == 0 and shown.visible
+    assert shown.visible and shown.opacity < 0.5
+    _wait_update(qtbot, live, lambda u: np.array_equal(shown.data[u.region], u.prediction))
     live.display_combo.setCurrentText("hidden")
     assert not shown.visible
     _stop(qtbot, live)
