@@ -72,6 +72,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of live training")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    import os
+    import tempfile
+
+    # the run's journals and settings stay out of the user's own folders (no restore question
+    # about this run's labels next time napari-unet opens the sample)
+    scratch = tempfile.mkdtemp(prefix="napari-unet-screenshot-")
+    os.environ["NAPARI_UNET_CACHE_DIR"] = os.path.join(scratch, "cache")
+    os.environ["NAPARI_UNET_CONFIG_DIR"] = os.path.join(scratch, "config")
 
     import tifffile
     from qtpy.QtWidgets import QApplication
@@ -80,6 +88,9 @@ def main() -> None:
     from napari_unet._widgets._new_model import NewModelSpec
     from napari_unet._widgets._state import get_registry
 
+    import napari._qt.qt_main_window as main_window
+
+    main_window.SHOW_QT_WARNING = False  # no PyQt5 deprecation toast in the picture
     samples = Path(str(resources.files("napari_unet.sample_data")))
     truth = tifffile.imread(samples / "nuclei_2d_labels.tif")
     viewer = launch(None, sample="nuclei_2d")
@@ -111,6 +122,9 @@ def main() -> None:
     layer.opacity = 0.35
     viewer.layers.selection.active = layer
     finetune.parent().raise_()
+    wait(app, lambda: False, 1.0)
+    viewer.reset_view()
+    viewer.camera.zoom *= 1.25
     wait(app, lambda: False, args.seconds)
     live = finetune.live
     print(live.score_label.text(), "|", live.clock_label.text())

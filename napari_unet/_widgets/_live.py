@@ -125,6 +125,7 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         self.apply_progress.setRange(0, 1)
         self.apply_progress.setValue(0)
         self.apply_progress.setFormat("%v / %m tiles")
+        self.apply_progress.setTextVisible(False)  # until Apply runs
         box.addWidget(self.apply_progress)
         self.apply_status = status_label("")
         box.addWidget(self.apply_status)

@@ -103,6 +103,7 @@ class LiveApply(SegmentRunMixin, QObject):
                                region=region, output=output, threshold=threshold,
                                precision=precision_label or precision, mode=mode,
                                history=history, activity=f"Apply {model.label} to {image.name}")
+        self.progress_bar.setTextVisible(True)
         self.progress_bar.setRange(0, 0)
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
