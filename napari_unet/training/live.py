@@ -437,6 +437,10 @@ class LiveSession:
                         break
                 network.eval()
                 self.timings["train"] += time.perf_counter() - mark
+                if self._stop.is_set():
+                    break
+                if self._pending is not None and not fresh:
+                    continue  # a new snapshot: train on it first, then predict
                 if not self._interrupted(view):
                     self._validate(network, time.perf_counter())
                 with self._inbox:
