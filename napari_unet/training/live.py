@@ -16,30 +16,32 @@ A new snapshot or a new view ends the running round at the next step: a snapshot
 on for a short round and shown at once, a new view is predicted at once.
 
 The guard is Fine-tune's (:mod:`guard`): every ``holdout_every``-th corrected plane (the 5th,
-10th, ...) is held out from its first appearance (never trained on); once
-the held-out planes have ``min_heldout_objects`` objects (any held-out plane for labels
-without instances) the live weights are scored on them from time to time, and the start
-model stays a candidate: ``kept`` says which weights Apply would use.
+10th, ...) is held out from its first appearance (never trained on); once the held-out planes
+have ``min_heldout_objects`` objects (any held-out plane for labels without instances) the
+live weights are scored on them from time to time, and the start model stays a candidate:
+``kept`` says which weights Apply would use.
 
-Schedule (constants in :mod:`live_config`), chosen by measurement on this 2-core CPU (bf16, one torch thread, other jobs
-keeping the load at 3-5; ``benchmarks/bench_live.py`` and the stage timings in
-:attr:`LiveSession.timings`):
+Schedule (constants in :mod:`live_config`), chosen by measurement on this 2-core CPU (bf16,
+one torch thread, other jobs keeping the load at 2-7; ``benchmarks/bench_live.py`` and the
+stage timings in :attr:`LiveSession.timings`):
 
 * rebuilding the training data from a snapshot of 3 planes: 0.002-0.016 s (a 100 x 256 x 256
   stack included), so a snapshot is taken at the next step, never batched;
-* a training step: 0.12 s (EM, 2D), 0.19 s (nuclei-2d), 0.3-0.5 s (nuclei-3d, UNet++);
-* a view prediction with post-processing: 0.12 s (512 x 512 plane), 0.3 s (520 x 696 plane),
-  0.16-0.3 s (3D slab of 8 planes of 100 x 100), 2.5 s (of 256 x 256; the exact halo took
-  4.2-6.6 s, see :data:`live_view.VIEW_HALO_SHARE`).
+* a training step: 0.12-0.22 s (EM, 2D), 0.19 s (nuclei-2d), 0.27-0.5 s (nuclei-3d, UNet++);
+* a view prediction with post-processing: 0.12-0.24 s (512 x 512 plane), 0.3 s (520 x 696
+  plane), 0.16-0.3 s (3D slab of 8 planes of 100 x 100), 2.2-2.5 s (of 256 x 256; the exact
+  halo took 4.2-6.6 s, see :data:`live_view.VIEW_HALO_SHARE`).
 
 The latency of a correction is what runs when it arrives (half a step or half a prediction
 on average) + :data:`FIRST_ROUND_STEPS` step + one prediction. One step is the least that
 makes the update one trained on the correction (``trained_on_latest``); each more step adds
-0.12-0.5 s to every latency. Measured: 0.4-1.1 s in 2D and with 3D 100 x 100 views, 3-6 s with 3D 256 x 256 views (a prediction of 2.5 s that was running
-when the correction came is waited for). Steady rounds last ``train_seconds_per_round`` (0.8 s)
-or twice the last prediction, whichever is longer (:data:`TRAIN_SHARE`): training keeps 70-85 %
-of the time in 2D and two thirds with large 3D views, and the view refreshes every 0.9-1.3 s
-(about 5 s with 256 x 256 slabs), besides at once after every correction and view change.
+0.12-0.5 s to every latency. A snapshot that ends a steady round is trained on before the
+view is predicted again. Measured (bench_live, 3 corrections per case): 0.5-0.9 s in 2D and
+with 3D 100 x 100 views, 2.6-3.0 s with 3D 256 x 256 views (2.2 s of it the prediction).
+Steady rounds last ``train_seconds_per_round`` (0.8 s) or twice the last prediction,
+whichever is longer (:data:`TRAIN_SHARE`): training keeps 70-85 % of the time in 2D and two
+thirds with large 3D views, and the view refreshes every 0.9-1.3 s (about 6 s with 256 x 256
+slabs), besides at once after every correction and view change.
 """
 
 from __future__ import annotations
