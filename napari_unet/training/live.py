@@ -39,8 +39,8 @@ makes the update one trained on the correction (``trained_on_latest``); each mor
 view is predicted again. Measured (bench_live, 3 corrections per case): 0.5-0.9 s in 2D and
 with 3D 100 x 100 views, 2.6-3.0 s with 3D 256 x 256 views (2.2 s of it the prediction).
 Steady rounds last ``train_seconds_per_round`` (0.8 s) or twice the last prediction,
-whichever is longer (:data:`TRAIN_SHARE`): training keeps 70-85 % of the time in 2D and two
-thirds with large 3D views, and the view refreshes every 0.9-1.3 s (about 6 s with 256 x 256
+whichever is longer (:data:`TRAIN_SHARE`): training had 70-75 % of the time in 2D and with
+100 x 100 slabs, half with 256 x 256 slabs (a correction every 5 s), and the view refreshes every 0.9-1.3 s (about 6 s with 256 x 256
 slabs), besides at once after every correction and view change.
 """
 
