@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tail", type=float, default=10.0, help="latency-only run: seconds after the last correction")
     parser.add_argument("--latency-3d", action="store_true", help="also nuclei-3d on a 100 x 256 x 256 stack")
     parser.add_argument("--round-seconds", type=float, default=None, help="LiveConfig.train_seconds_per_round")
+    parser.add_argument("--learning-rate", type=float, default=None, help="LiveConfig.learning_rate")
     parser.add_argument("--plot", type=Path, default=None, help="F1 against wall time (PNG)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--dock", action="store_true",
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     config = LiveConfig()
     if args.round_seconds is not None:
         config.train_seconds_per_round = args.round_seconds
+    config.learning_rate = args.learning_rate
     rows: list[dict] = []
     for key in [k.strip() for k in args.cases.split(",") if k.strip()]:
         run_case(load_case(key, args.data), args, config, rows)

@@ -16,13 +16,32 @@ A new snapshot or a new view ends the running round at the next step: a snapshot
 on for a short round and shown at once, a new view is predicted at once.
 
 The guard is Fine-tune's (:mod:`guard`): every ``holdout_every``-th corrected plane (the 5th,
-10th, ...) is held out from its first appearance (never trained on); once
-the held-out planes have ``min_heldout_objects`` objects (any held-out plane for labels
-without instances) the live weights are scored on them from time to time, and the start
-model stays a candidate: ``kept`` says which weights Apply would use.
+10th, ...) is held out from its first appearance (never trained on); once the held-out planes
+have ``min_heldout_objects`` objects (any held-out plane for labels without instances) the
+live weights are scored on them from time to time, and the start model stays a candidate:
+``kept`` says which weights Apply would use.
 
-Schedule (measured on this 2-core CPU, see :data:`FIRST_ROUND_STEPS` and
-:data:`TRAIN_SHARE`): {schedule}
+Schedule (constants in :mod:`live_config`), chosen by measurement on this 2-core CPU (bf16,
+one torch thread, other jobs keeping the load at 2-7; ``benchmarks/bench_live.py`` and the
+stage timings in :attr:`LiveSession.timings`):
+
+* rebuilding the training data from a snapshot of 3 planes: 0.002-0.016 s (a 100 x 256 x 256
+  stack included), so a snapshot is taken at the next step, never batched;
+* a training step: 0.12-0.22 s (EM, 2D), 0.19 s (nuclei-2d), 0.27-0.5 s (nuclei-3d, UNet++);
+* a view prediction with post-processing: 0.12-0.24 s (512 x 512 plane), 0.3 s (520 x 696
+  plane), 0.16-0.3 s (3D slab of 8 planes of 100 x 100), 2.2-2.5 s (of 256 x 256; the exact
+  halo took 4.2-6.6 s, see :data:`live_view.VIEW_HALO_SHARE`).
+
+The latency of a correction is what runs when it arrives (half a step or half a prediction
+on average) + :data:`FIRST_ROUND_STEPS` step + one prediction. One step is the least that
+makes the update one trained on the correction (``trained_on_latest``); each more step adds
+0.12-0.5 s to every latency. A snapshot that ends a steady round is trained on before the
+view is predicted again. Measured (bench_live, 3 corrections per case): 0.5-0.9 s in 2D and
+with 3D 100 x 100 views, 2.6-3.0 s with 3D 256 x 256 views (2.2 s of it the prediction).
+Steady rounds last ``train_seconds_per_round`` (0.8 s) or twice the last prediction,
+whichever is longer (:data:`TRAIN_SHARE`): training had 70-75 % of the time in 2D and with
+100 x 100 slabs, half with 256 x 256 slabs (a correction every 5 s), and the view refreshes every 0.9-1.3 s (about 6 s with 256 x 256
+slabs), besides at once after every correction and view change.
 """
 
 from __future__ import annotations
@@ -31,7 +50,6 @@ import datetime as _dt
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Generator, Mapping, Sequence
 
 import numpy as np
@@ -44,8 +62,17 @@ from napari_unet.labels.slices import Plane
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.precision import resolve_precision
 from napari_unet.model.unet import UNet, fuse_for_inference
-from napari_unet.training.config import KEEP_MARGIN, LR_FINETUNE, LR_FINETUNE_2D, LR_SCRATCH
+from napari_unet.training.config import LR_FINETUNE, LR_SCRATCH
 from napari_unet.training.guard import choose_weights, held_out_objects, keep_margin
+from napari_unet.training.live_config import (
+    FIRST_ROUND_STEPS,
+    IDLE_WAIT,
+    TRAIN_SHARE,
+    VALIDATION_SHARE,
+    LiveConfig,
+    LiveUpdate,
+    LiveView,
+)
 from napari_unet.training.live_data import LiveData, LiveImage, build_data, check_planes, held_out_planes
 from napari_unet.training.live_view import ViewPrediction, predict_view, view_plan
 from napari_unet.training.losses import training_loss
@@ -55,80 +82,6 @@ from napari_unet.training.sampling import is_anisotropic, sample_patches
 from napari_unet.training.validation import score
 
 __all__ = ["LiveConfig", "LiveSession", "LiveUpdate", "LiveView"]
-
-#: training steps on a new snapshot before the view is predicted with it
-FIRST_ROUND_STEPS = 1
-#: in steady rounds, training gets at least this share of the time (the rest: predicting the view)
-TRAIN_SHARE = 2 / 3
-#: the guard scores the live weights at most this often (seconds) ...
-VALIDATION_INTERVAL = 5.0
-#: ... and with at most this share of the session's time
-VALIDATION_SHARE = 0.15
-#: seconds an idle session (no data yet, view unchanged) waits for news before looking again
-IDLE_WAIT = 0.25
-
-
-@dataclass
-class LiveConfig:
-    """How a live session trains, predicts and guards (``None``: automatic)."""
-
-    precision: str = "auto"
-    #: steps per steady round; None: rounds by time (``train_seconds_per_round``)
-    steps_per_round: int | None = None
-    #: the shortest steady round (seconds); a round is also at least ``TRAIN_SHARE`` of the time
-    train_seconds_per_round: float = 0.8
-    #: Learning-without-Forgetting weight on uncorrected voxels (an empty start has none)
-    distillation: float = 1.0
-    #: only painted voxels (label != 0) count, ``background_label`` meaning background
-    sparse: bool = False
-    background_label: int | None = None
-    #: the guard scores held-out planes only once they hold this many objects
-    min_heldout_objects: int = 30
-    #: every ``holdout_every``-th corrected plane (by first appearance) is held out (0: none)
-    holdout_every: int = 5
-    keep_margin: float = KEEP_MARGIN
-    #: seconds between two scorings of the live weights (also at most VALIDATION_SHARE of the time)
-    validation_interval: float = VALIDATION_INTERVAL
-    learning_rate: float | None = None
-    device: str = "auto"
-    seed: int = 0
-    augment: bool = True
-    #: a 3D model's slab (planes kept around the one on screen; None: automatic) and the
-    #: context read on each side (None: live_view.VIEW_HALO_SHARE of the network's halo; at
-    #: most the halo, which is exact)
-    view_depth: int | None = None
-    view_halo: int | None = None
-    #: ``instances``, ``labels`` (None: as Segment's default for the model)
-    output: str | None = None
-
-
-@dataclass(frozen=True)
-class LiveView:
-    """What is on screen: plane ``index`` along ``axis`` (0 = z; ignored for a 2D image)."""
-
-    axis: int = 0
-    index: int = 0
-
-
-@dataclass
-class LiveUpdate:
-    """Yielded by :meth:`LiveSession.run` after each view prediction."""
-
-    view: LiveView
-    region: tuple[slice, ...]
-    prediction: np.ndarray | None
-    probabilities: np.ndarray | None
-    iteration: int
-    corrections_version: int
-    trained_on_latest: bool
-    held_out_score: float | None
-    start_score: float | None
-    kept: str
-    loss: float | None
-    seconds: float
-    #: what the session is doing or why not (no data yet, what is held out, a refused snapshot)
-    message: str = ""
-
 
 class LiveSession:
     """Train on the user's corrections while they paint; predict the view with the latest
@@ -343,11 +296,15 @@ class LiveSession:
 
     @property
     def learning_rate(self) -> float:
+        """The configured rate, else :data:`LR_SCRATCH` for an empty start and
+        :data:`LR_FINETUNE` for every fine-tuned model. Fine-tune's 6e-4 for 2D models decays
+        to a tenth over a run; live rounds go on at one rate, and at 6e-4 the live weights
+        dipped below the start model (bench_live: EM Dice 0.821 -> 0.766 after two corrections,
+        nuclei-2d F1 0.932 -> 0.923), at 2e-4 they did not, or less (0.803; never below 0.932)
+        and ended higher (0.824 against 0.807; 0.950 against 0.943)."""
         if self.config.learning_rate is not None:
             return float(self.config.learning_rate)
-        if not self.fine_tune:
-            return LR_SCRATCH
-        return LR_FINETUNE_2D if self.parent.spatial_dims == 2 else LR_FINETUNE
+        return LR_FINETUNE if self.fine_tune else LR_SCRATCH
 
     # -- the job ------------------------------------------------------------------------
 
@@ -482,6 +439,10 @@ class LiveSession:
                         break
                 network.eval()
                 self.timings["train"] += time.perf_counter() - mark
+                if self._stop.is_set():
+                    break
+                if self._pending is not None and not fresh:
+                    continue  # a new snapshot: train on it first, then predict
                 if not self._interrupted(view):
                     self._validate(network, time.perf_counter())
                 with self._inbox:

@@ -204,8 +204,11 @@ def test_guard_keeps_the_start_model_when_live_weights_are_worse():
     session = LiveSession(start, image, config)
     job = session.run()
     next(job)
-    session.submit_corrections({1: wrong[1], 4: wrong[4], 7: labels[7]}, version=1)
-    updates = take(job, 8)
+    session.submit_corrections({1: wrong[1], 4: wrong[4]}, version=1)
+    take(job, 6)  # the live weights learn the wrong labels; nothing is held out yet
+    assert next(job).kept == "live" and session.data.held_out == []
+    session.submit_corrections({1: wrong[1], 4: wrong[4], 7: labels[7]}, version=2)
+    updates = take(job, 4)
     assert session.data.held_out == [7] and session.data.trained_planes == [1, 4]
     last = updates[-1]
     assert last.start_score is not None and last.held_out_score is not None

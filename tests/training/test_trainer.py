@@ -644,7 +644,7 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
                 trainer.network.head.weight.fill_(float("inf"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "masked_loss", diverging)
+    monkeypatch.setattr("napari_unet.training.losses.masked_loss", diverging)
     pairs = [TrainingPair(*blobs((32, 32), n=5, seed=s)) for s in range(3 if held_out else 1)]
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, pairs, fast(iterations=5, validation_interval=0.0))
@@ -671,7 +671,7 @@ def test_steps_with_non_finite_gradients_are_skipped(monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) in (2, 4) else loss
 
-    monkeypatch.setattr(trainer_module, "masked_loss", sometimes_nan)
+    monkeypatch.setattr("napari_unet.training.losses.masked_loss", sometimes_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5, seed=0))],
                       fast(iterations=6, validation_fraction=0.0))
@@ -758,7 +758,7 @@ def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
 
 
     # a per-voxel mean (no batch-wide Dice), so the mean over two halves is the whole batch's loss
-    monkeypatch.setattr(trainer_module, "masked_loss",
+    monkeypatch.setattr("napari_unet.training.losses.masked_loss",
                         lambda logits, t, m, task, **kw: F.binary_cross_entropy_with_logits(logits, t.float()))
     image, labels = blobs((48, 48), n=8)
     model = new_model(2, "foreground", **TINY)
@@ -790,7 +790,7 @@ def test_accumulation_counts_optimizer_steps_and_still_skips_bad_ones(monkeypatc
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(trainer_module, "masked_loss", third_is_nan)
+    monkeypatch.setattr("napari_unet.training.losses.masked_loss", third_is_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5))],
                       fast(iterations=3, accumulate_steps=2, validation_fraction=0.0))
