@@ -68,8 +68,10 @@ def paint(layer: Any, region: tuple[Any, ...], values: np.ndarray) -> int:
 
 
 class Excluded:
-    """The simulated user's own work (choosing where to correct, making the paint indices) is
-    left out of the heartbeat's gaps; napari's handling of the paint event is timed apart."""
+    """The simulated user's own work (choosing where to correct, making the paint indices) and
+    napari's synchronous handling of their actions (the paint call, slicing the layers at a
+    move to another slice) are left out of the heartbeat's gaps; the paint calls are timed
+    apart. What follows on the event loop (redraws, the dock's callbacks) is in."""
 
     def __init__(self, beat: Heartbeat):
         self.beat = beat
@@ -148,7 +150,8 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
             with Excluded(beat):
                 z = worst_slice(np.asarray(layer.data), truth, done)
             done.add(z)
-            viewer.dims.set_current_step(0, z)
+            with Excluded(beat):  # the user's own move: napari slices every layer there
+                viewer.dims.set_current_step(0, z)
             wait(app, lambda z=z: live._run.update is not None and live._run.update.view.index == z,
                  round_timeout)
             with Excluded(beat):
