@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gui import Heartbeat, tiled, wait  # noqa: E402 - the benchmarks share bench_gui's tools
+from bench_gui import Heartbeat, StallStacks, tiled, wait  # noqa: E402 - the benchmarks share bench_gui's tools
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -100,7 +100,8 @@ def timed(owner: Any, name: str, into: list[float]) -> None:
 def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *,
                   voxel_size: tuple[float, ...] | None = None, seconds: float = 90.0,
                   tile: int = 128, think: float = 1.0, round_timeout: float = 20.0,
-                  start_labels: np.ndarray | None = None) -> dict[str, Any]:
+                  start_labels: np.ndarray | None = None,
+                  stall_stacks: bool = False) -> dict[str, Any]:
     """One case through the real Live dock; returns the latencies and stalls (see the module)."""
     import napari
     from qtpy.QtWidgets import QApplication
@@ -141,6 +142,7 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
     ok = wait(app, lambda: live._run.shown_at is not None, 120.0)
     first_view = time.perf_counter() - t0
     beat.start()
+    stacks = StallStacks(beat) if stall_stacks else None
     end = time.perf_counter() + seconds
     rounds, done = 0, set()
     paints: list[float] = []  # seconds of each paint (napari's data_setitem and its handlers)
@@ -172,6 +174,8 @@ def run_dock_case(name: str, image: np.ndarray, truth: np.ndarray, model: Any, *
             shown_late += 1
         wait(app, lambda: False, think)
     stall = beat.stop()
+    if stacks is not None:
+        stacks.report()
     busy = beat.max_busy()
     p99 = beat.percentile(99)
     live.stop()
@@ -244,6 +248,8 @@ def main() -> None:
                         help="seconds the simulated user looks before the next correction")
     parser.add_argument("--round-timeout", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--stall-stacks", action="store_true",
+                        help="print where the main thread was during stalls (bench_gui.StallStacks)")
     args = parser.parse_args()
     import torch
 
@@ -253,7 +259,8 @@ def main() -> None:
     start = start_labels_for(image, model, voxel_size)
     result = run_dock_case(args.case, image, truth, model, voxel_size=voxel_size,
                            seconds=args.seconds, tile=args.tile, think=args.think,
-                           round_timeout=args.round_timeout, start_labels=start)
+                           round_timeout=args.round_timeout, start_labels=start,
+                           stall_stacks=args.stall_stacks)
     print(f"dock: case={args.case} latency_median_s={result['latency_median_s']:.2f} "
           f"latency_p90_s={result['latency_p90_s']:.2f} max_stall_ms={result['max_stall_ms']:.0f} "
           f"rounds={result['rounds']}")

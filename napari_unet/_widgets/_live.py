@@ -23,7 +23,14 @@ from typing import Any, Generator
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QSpinBox, QVBoxLayout
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+)
 
 from napari_unet._widgets._common import ProgressBar, ask_yes_no, button, row, status_label
 from napari_unet._widgets._history import history_for
@@ -119,6 +126,7 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         # texts that change every update keep their height: nothing below them moves (no
         # relayout and repaint of the dock, its loss plot included, while Live runs)
         self.clock_label.setWordWrap(False)
+        self.clock_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)  # nor its width
         self.score_label.setMinimumHeight(3 * self.score_label.fontMetrics().lineSpacing())
         box.addWidget(self.clock_label)
         self.apply_progress = ProgressBar()
