@@ -17,11 +17,10 @@ from napari_unet._widgets._common import (
     ask_model_file,
     button,
     connect_until_destroyed,
-    fill_model_combo,
     row,
-    select_model_in_combo,
     status_label,
 )
+from napari_unet._widgets._fields import LayerChoices, fill_model_combo, select_model_in_combo
 from napari_unet._widgets._finetune_form import TrainingData, TrainingSettings
 from napari_unet._widgets._loss_plot import LossPlot
 from napari_unet._widgets._new_model import NewModelDialog, NewModelSpec
@@ -90,7 +89,7 @@ class FineTuneRun:
         return time.perf_counter() - self.start
 
 
-class FineTuneWidget(QWidget):
+class FineTuneWidget(LayerChoices, QWidget):
     """Fine-tune the selected model on image + labels pairs (corrected slices of stacks)."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):

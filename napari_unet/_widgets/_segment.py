@@ -23,20 +23,25 @@ from qtpy.QtWidgets import (
 from napari_unet._widgets._common import (
     ChunkedWriter,
     DockKeys,
-    LayerCombo,
     ProgressBar,
     ask_model_file,
     ask_yes_no,
     button,
     connect_until_destroyed,
+    resolved_precision,
+    row,
+    status_label,
+)
+from napari_unet._widgets._fields import (
+    LayerChoices,
+    LayerCombo,
+    add_fields,
+    device_combo,
     fill_model_combo,
     is_user_choice,
     precision_combo,
     remember,
-    resolved_precision,
-    row,
     select_model_in_combo,
-    status_label,
 )
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._model_choice import note_model_used, pick_model_for
@@ -86,14 +91,13 @@ from napari_unet.model.checkpoint import CheckpointError
 KEY = "Alt-G"
 
 
-class SegmentWidget(SegmentRunMixin, QWidget):
+class SegmentWidget(SegmentRunMixin, LayerChoices, QWidget):
     """Pick a model, click Segment; the labels layer fills in tile by tile."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         from napari.layers import Image
 
-        from napari_unet.engine.devices import available_devices
 
         self.viewer = napari_viewer
         self.registry = get_registry()
@@ -116,9 +120,8 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         fields = QFormLayout()
         layout.addLayout(fields)
 
-        self.image_combo = LayerCombo(napari_viewer, (Image,),
-                                      "Image layer to segment (2D image or 3D stack)")
-        fields.addRow("Image", self.image_combo)
+        add_fields(fields, self, image_combo=LayerCombo(
+            napari_viewer, (Image,), "Image layer to segment (2D image or 3D stack)", label="Image"))
 
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model to run: shipped models, loaded files and fine-tuned "
@@ -133,20 +136,12 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self.model_info.setToolTip("What the selected model does")
         fields.addRow("", self.model_info)
 
-        found = available_devices()
-        self.device_combo = QComboBox()
-        self.device_combo.addItem(f"auto ({found[0]})", "auto")
-        for name in found:
-            self.device_combo.addItem(name, name)
-        self.device_combo.setToolTip(f"Where the model runs. Found here: {', '.join(found)}. "
-                                     "auto = the fastest one; out of GPU memory falls back to "
-                                     "smaller tiles, then to the CPU")
-        fields.addRow("Device", self.device_combo)
-        remember(self.device_combo, "device")
-        self.precision_combo = precision_combo(
+        add_fields(fields, self, device_combo=device_combo(
+            "Where the model runs. Found here: {found}. auto = the fastest one; out of GPU memory "
+            "falls back to smaller tiles, then to the CPU"), precision_combo=precision_combo(
             "Numeric precision: auto = bf16 on CPUs with native bf16 and on GPUs, fp16 on older "
-            "GPUs, else fp32; fp32 = exact")
-        fields.addRow("Precision", self.precision_combo)
+            "GPUs, else fp32; fp32 = exact"))
+        remember(self.device_combo, "device")
 
         add_run_fields(self, fields)
 
@@ -173,7 +168,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self._fill_models()
         #: the image the model was picked for (picked again when another image is chosen)
         self._picked_for: Any = None
-        self.image_combo.currentIndexChanged.connect(self.pick_model)
+        self.image_combo.changed.connect(self.pick_model)
         self.pick_model()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.segment})
         #: writes tiles and the result into the layer, a piece per event-loop pass
