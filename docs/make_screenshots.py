@@ -76,7 +76,7 @@ def main() -> None:
     finetune, export = docks[f"Fine-tune ({PLUGIN})"], docks[f"Export ({PLUGIN})"]
     measure = docks[f"Measurements ({PLUGIN})"]
     wait(app, lambda: False, 0.5)
-    fit_docks(viewer, segment.parent())  # the share of the window at its new size
+    fit_docks(viewer, [d.parent() for d in (segment, edit, finetune, export, measure)])
 
     # Segment: the 2D nuclei sample with the model the dock picked
     segment.output_combo.setCurrentText("instances")

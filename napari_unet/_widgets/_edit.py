@@ -119,9 +119,9 @@ class EditWidget(LayerChoices, QWidget):
         self.seeds_combo = LayerCombo(napari_viewer, (Points,), "Points layer with seeds for "
                                       "Split (one click per piece); (none) = automatic split",
                                       allow_none=True)
-        fields.addRow("Seeds", row(self.seeds_combo.native, button(
-            "Add seeds", "Add a points layer for split seeds and start clicking seeds",
-            self.add_seeds_layer)))
+        fields.addRow("Seeds", self.seeds_combo.native)
+        fields.addRow("", button("Add seeds", "Add a points layer for split seeds and start "
+                                 "clicking seeds", self.add_seeds_layer))
 
         ops = QGroupBox("Operations")
         grid = QGridLayout(ops)
@@ -138,15 +138,17 @@ class EditWidget(LayerChoices, QWidget):
             ("Binary → instances", "Split a binary mask into connected objects", self.to_instances),
             ("Instances → binary", "Turn all objects into foreground = 1", self.to_binary),
         ]
-        for index, (text, tip, slot) in enumerate(specs):
+        # two columns, the long names one a row: the dock stays narrow (see _launch.fit_docks)
+        places = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (5, 0), (3, 0), (4, 0)]
+        for (text, tip, slot), (grid_row, column) in zip(specs, places):
             widget = button(text, tip, slot)
             self.buttons[text] = widget
-            grid.addWidget(widget, index // 2, index % 2)
-        grid.addWidget(self.min_size_spin, 4, 0)
+            grid.addWidget(widget, grid_row, column, 1, 2 if grid_row >= 3 else 1)
+        grid.addWidget(self.min_size_spin, 2, 1)
         self.undo_button = button("Undo", "Undo the last edit or paint stroke (Ctrl+Z)", self.undo)
         self.redo_button = button("Redo", "Redo (Ctrl+Shift+Z)", self.redo)
-        grid.addWidget(self.undo_button, 5, 0)
-        grid.addWidget(self.redo_button, 5, 1)
+        grid.addWidget(self.undo_button, 6, 0)
+        grid.addWidget(self.redo_button, 6, 1)
         layout.addWidget(ops)
 
         #: the corrected and suggested slices (see :mod:`._slice_lists`)

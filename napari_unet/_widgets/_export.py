@@ -103,14 +103,14 @@ class ExportWidget(LayerChoices, QWidget):
         self.voxel_label = status_label("")
         self.voxel_label.setToolTip("Voxel size written to the file (the layer's scale)")
         fields.addRow("Voxel size", self.voxel_label)
-        add_fields(
-            fields, self,
-            probability_check=CheckBox(text="Also write the probability map", tooltip=(
-                "Writes <name>_probabilities.tif (float32) next to the labels; available after "
-                "Segment on the whole image")),
-            measure_check=CheckBox(text="Also write measurements (CSV)", tooltip=(
-                "Writes <name>_measurements.csv next to the labels: one row per object, in "
-                "calibrated units (see the Measurements dock)")))
+        self.probability_check = CheckBox(text="probability map", tooltip=(
+            "Writes <name>_probabilities.tif (float32) next to the labels; available after "
+            "Segment on the whole image")).native
+        self.measure_check = CheckBox(text="measurements (CSV)", tooltip=(
+            "Writes <name>_measurements.csv next to the labels: one row per object, in "
+            "calibrated units (see the Measurements dock)")).native
+        fields.addRow("Also write", self.probability_check)
+        fields.addRow("", self.measure_check)
         file_edit = FileEdit(mode="w", filter="TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
         file_edit.margins = (0, 0, 0, 0)
         file_edit.choose_btn.text, file_edit.choose_btn.tooltip = "Browse…", "Choose the output file"

@@ -121,7 +121,7 @@ class FineTuneWidget(LayerChoices, QWidget):
             "New model…", "Start from an untrained 2D or 3D model (foreground, foreground + "
             "boundary, membranes or classes) made for the labels layer below", self.choose_new_model)
         self.load_button = button(
-            "Load model file…", "Add a napari-unet checkpoint (.pt) or a bioimage.io package "
+            "Load file…", "Add a napari-unet checkpoint (.pt) or a bioimage.io package "
             "(.zip, rdf.yaml) made by napari-unet to the list, to fine-tune it",
             self._choose_model_file)
         fields.addRow("", row(self.new_model_button, self.load_button))

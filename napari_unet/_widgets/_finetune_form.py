@@ -61,9 +61,9 @@ class TrainingData:
             button("Remove pair", "Remove the selected pair from the list", self.remove_pair)))
         pairs_layout.addWidget(self.pair_list)
         self.corrected_only = CheckBox(
-            text="Only corrected slices (stacks)", value=True, tooltip="Train on the slices you "
-            "corrected (Edit dock list); if none are marked, on the whole stack. 2D images: whole "
-            "image").native
+            text="Only corrected slices", value=True, tooltip="Stacks: train on the slices you "
+            "corrected (Edit dock list); if none are marked, on the whole stack. 2D images: the "
+            "whole image").native
         pairs_layout.addWidget(self.corrected_only)
         layout.addWidget(pairs)
 
@@ -133,7 +133,7 @@ class TrainingSettings:
             settings, self,
             lr_spin=FloatSpinBox(label="Learning rate", max=0.1, step=0.0001, tooltip="Learning "
                                  "rate (auto = 3e-4 for fine-tuning)"),
-            validation_check=CheckBox(text="Hold out a part, keep the best weights", value=True,
+            validation_check=CheckBox(text="Validate on a held-out part", value=True,
                                       tooltip=(
                 "With 2 or more corrected slices or images, one part is kept aside to score the "
                 "weights, and Stop and the end keep the best-scoring ones; with fewer, or "
@@ -142,7 +142,7 @@ class TrainingSettings:
             precision_combo=precision_combo(
                 "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on "
                 "GPUs, fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact"),
-            preview_check=CheckBox(text="Live preview of the current slice", value=True,
+            preview_check=CheckBox(text="Live preview (current slice)", value=True,
                                    tooltip="Every few seconds re-predict the slice on screen "
                                            f"into the '{preview_layer}' layer"))
         self.lr_spin.setDecimals(5)
