@@ -20,6 +20,9 @@ OUT = Path(__file__).resolve().parent / "screenshots"
 MAX_BYTES = 300_000
 #: the window's size (the docks keep their share of it, see napari_unet/_widgets/_launch.py)
 WINDOW = (1400, 900)
+#: the Measurements dock's width in its screenshot (dragged wider, as a user would, to see more
+#: columns of the table)
+MEASURE_DOCK_WIDTH = 560
 #: seconds of fine-tuning shown (a few points of the loss curve)
 FINETUNE_SECONDS = 20
 
@@ -32,8 +35,11 @@ def wait(app, condition, timeout: float) -> None:
 
 
 def save(viewer, app, name: str) -> Path:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
     from PIL import Image
 
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # napari's start-up warnings (e.g. PyQt5 deprecated) hide the canvas
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
@@ -61,8 +67,8 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_unet._widgets._launch import PLUGIN, fit_docks, launch
-    from napari_unet._widgets._state import set_corrected_slices
-    from napari_unet.io import read_image
+    from napari_unet._widgets._state import get_registry, set_corrected_slices
+    from napari_unet.io.readers import read_image
 
     OUT.mkdir(parents=True, exist_ok=True)
     samples = Path(str(resources.files("napari_unet.sample_data")))
@@ -90,20 +96,25 @@ def main() -> None:
     wait(app, lambda: measure.worker is None and "label" in layer.features, 120)
     column = measure.model.columns.index("area")
     measure.view.sortByColumn(column, Qt.DescendingOrder)  # the largest objects first
+    show(measure)
+    window.resizeDocks([measure.parent()], [MEASURE_DOCK_WIDTH], Qt.Horizontal)  # more columns
+    viewer.camera.zoom *= 2
     measure.view.selectRow(0)
     measure.go_to_row(0)
-    show(measure)
     save(viewer, app, "measure")
+    fit_docks(viewer, [d.parent() for d in (segment, edit, finetune, export, measure)])
 
     # Edit: a stack with ground-truth labels, a few corrected slices, seeds for a split
     viewer.layers.clear()
     stack = read_image(samples / "nuclei_3d.tif")
     labels = read_image(samples / "nuclei_3d_labels.tif").data
-    viewer.add_image(stack.data, name="nuclei_3d", scale=stack.voxel_size)
-    layer = viewer.add_labels(labels, name="nuclei_3d labels", scale=stack.voxel_size)
+    scale = stack.voxel_size or (1.0,) * stack.data.ndim
+    viewer.add_image(stack.data, name="nuclei_3d", scale=scale)
+    layer = viewer.add_labels(labels, name="nuclei_3d labels", scale=scale)
+    viewer.reset_view()
     middle = labels.shape[0] // 2
     set_corrected_slices(layer, [middle - 10, middle, middle + 10])
-    viewer.dims.set_point(0, middle * stack.voxel_size[0])
+    viewer.dims.set_point(0, middle * scale[0])
     edit.labels_combo.set_layer(layer)
     points = edit.add_seeds_layer()
     ids = np.unique(labels[middle])[1:]
@@ -114,7 +125,9 @@ def main() -> None:
     show(edit)
     save(viewer, app, "edit")
 
-    # Fine-tune: a few seconds on the corrected slices, with the live loss curve and preview
+    # Fine-tune: the 3D nuclei model, a few seconds on the corrected slices, with the live loss
+    # curve and preview
+    get_registry().current = "nuclei-3d"
     finetune.image_combo.setCurrentText("nuclei_3d")
     finetune.labels_combo.setCurrentText("nuclei_3d labels")
     finetune.time_spin.setValue(FINETUNE_SECONDS)

@@ -11,12 +11,15 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -81,6 +84,24 @@ def status_label(text: str = "") -> QLabel:
     label.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
     label.setToolTip("What the dock did last")
     return label
+
+
+def scrolled(*widgets: QWidget, min_height: int = 60) -> QScrollArea:
+    """``widgets`` at the top of a frameless scroll area (vertical only) that takes the space
+    given to it: long status text scrolls instead of squeezing the form above it."""
+    holder = QWidget()
+    layout = QVBoxLayout(holder)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for widget in widgets:
+        layout.addWidget(widget)
+    layout.addStretch(1)
+    area = QScrollArea()
+    area.setWidget(holder)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    area.setMinimumHeight(min_height)
+    return area
 
 
 def form(parent: QWidget) -> QFormLayout:

@@ -18,6 +18,7 @@ from napari_unet._widgets._common import (
     button,
     connect_until_destroyed,
     row,
+    scrolled,
     status_label,
 )
 from napari_unet._widgets._fields import LayerChoices, fill_model_combo, select_model_in_combo
@@ -163,12 +164,11 @@ class FineTuneWidget(LayerChoices, QWidget):
         self.weights_label = status_label("")
         self.weights_label.setToolTip("Which weights the new version gets: the best-scoring ones "
                                       "(a part is held out) or the last ones")
-        layout.addWidget(self.weights_label)
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
-        layout.addWidget(self.status)
-        # the free space stays below the status line: a status that wraps to more lines moves
-        # nothing above it (no relayout and repaint of the whole dock)
-        layout.addStretch(1)
+        # the free space goes to the status lines, which scroll: a status that wraps to more
+        # lines moves nothing above it (no relayout of the whole dock) and, in a narrow and short
+        # dock, does not squeeze the form
+        layout.addWidget(scrolled(self.weights_label, self.status), 1)
 
         # the view (status, progress, loss curve) is redrawn by this timer, not per iteration;
         # it ticks twice per PLOT_INTERVAL: the dock, then napari's activity bar (see _refresh_view)
