@@ -120,3 +120,16 @@ def to_image(values: np.ndarray, windows: Sequence[AxisWindow]) -> np.ndarray:
             index[axis] = slice(start, start + window.write.stop - window.write.start)
             values = values[tuple(index)]
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def scale_for_model(model: object, voxel_size: Sequence[float] | None,
+                    size: tuple[float, str | None] | None = None
+                    ) -> tuple[tuple[float, ...] | None, str]:
+    """:func:`~napari_unet.labels.object_size.network_scale` for ``model`` (its stored object
+    size and voxel size) on an image with ``voxel_size``: ``(zoom per model axis or None, where
+    it comes from)``."""
+    from napari_unet.labels.object_size import network_scale
+
+    dims = int(getattr(model, "spatial_dims"))
+    return network_scale(getattr(model, "object_size", None), getattr(model, "voxel_size", None),
+                         dims, voxel_size, size)
