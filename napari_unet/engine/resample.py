@@ -47,12 +47,12 @@ class AxisWindow:
     def input_positions(self) -> np.ndarray:
         """Image coordinates of the window's network samples."""
         j = np.arange(self.network.start, self.network.stop, dtype=np.float64)
-        return (j + 0.5) * self.length / self.network_length - 0.5
+        return _position(j, self.network_length, self.length)
 
     def output_positions(self) -> np.ndarray:
         """Network coordinates of the core's image voxels."""
         i = np.arange(self.write.start, self.write.stop, dtype=np.float64)
-        return (i + 0.5) * self.network_length / self.length - 0.5
+        return _position(i, self.length, self.network_length)
 
 
 def axis_window(write: slice, length: int, scale: float, net_halo: int,
@@ -63,16 +63,25 @@ def axis_window(write: slice, length: int, scale: float, net_halo: int,
         start = max(0, (write.start - net_halo) // net_divisor * net_divisor)
         read = slice(start, min(length, write.stop + net_halo))
         return AxisWindow(read, read, write, length, m, False)
-    ratio = m / length
-    low = min(m - 1, max(0, math.floor((write.start + 0.5) * ratio - 0.5)))
-    high = min(m - 1, max(0, math.floor((write.stop - 0.5) * ratio - 0.5) + 1))
+    # the samples the linear interpolation touches (positions clamped as in _interpolate)
+    low = math.floor(_clamp(_position(write.start, length, m), m))
+    high = min(m - 1, math.floor(_clamp(_position(write.stop - 1, length, m), m)) + 1)
     j0 = max(0, (low - net_halo) // net_divisor * net_divisor)
     j1 = min(m, high + 1 + net_halo)
-    first = (j0 + 0.5) / ratio - 0.5
-    last = (j1 - 0.5) / ratio - 0.5
-    a = min(length - 1, max(0, math.floor(first)))
-    b = min(length - 1, max(0, math.floor(last) + 1))
+    a = math.floor(_clamp(_position(j0, m, length), length))
+    b = min(length - 1, math.floor(_clamp(_position(j1 - 1, m, length), length)) + 1)
     return AxisWindow(slice(a, b + 1), slice(j0, j1), write, length, m, True)
+
+
+def _position(index, length: int, other: int):
+    """Coordinate on a grid of ``other`` samples of sample ``index`` of a grid of ``length``
+    (both spanning the same extent, centres aligned); one formula for scalars and arrays, so
+    that planned windows and interpolation agree to the last bit."""
+    return (index + 0.5) * other / length - 0.5
+
+
+def _clamp(position: float, length: int) -> float:
+    return min(length - 1.0, max(0.0, position))
 
 
 def tile_windows(write: Sequence[slice], spatial: Sequence[int], scale: Sequence[float],
