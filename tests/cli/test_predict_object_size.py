@@ -1,0 +1,65 @@
+"""``predict --object-size``: the image zoomed per tile to the model's training object size."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unet.cli.main import main
+from napari_unet.engine.predict import segment
+from napari_unet.io.readers import read_image
+from napari_unet.model.checkpoint import load_checkpoint, save_checkpoint
+from napari_unet.progress import drain
+
+from ..conftest import tiny_model
+
+
+@pytest.fixture
+def sized_model(tmp_path):
+    model = tiny_model(2, depth=2, base=2)
+    model.object_size = {"diameter_voxels": 20.0, "volume_voxels": 314.0, "diameter_um": None}
+    return save_checkpoint(model, tmp_path / "tiny.pt")
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    yy, xx = np.indices((48, 56))
+    image = (((yy - 20) ** 2 + (xx - 25) ** 2 < 80) * 900 + 50).astype(np.uint16)
+    path = tmp_path / "image.tif"
+    tifffile.imwrite(path, image)
+    return path
+
+
+def test_object_size_writes_the_zoomed_engine_result(tmp_path, sized_model, image_file, capsys):
+    out = tmp_path / "out.tif"
+    assert main(["predict", str(image_file), "-o", str(out), "--model", str(sized_model),
+                 "--device", "cpu", "--output", "probabilities", "--object-size", "10px"]) == 0
+    assert "resampling tiles x(2, 2)" in capsys.readouterr().err
+    written = read_image(out).data
+    image = read_image(image_file).data
+    model = load_checkpoint(sized_model)
+    expected = drain(segment(image, model, output="probabilities", device="cpu",
+                             scale=(2.0, 2.0))).data[0]
+    plain = drain(segment(image, model, output="probabilities", device="cpu")).data[0]
+    assert written.shape == image.shape
+    np.testing.assert_allclose(written, expected, atol=1e-6)
+    assert np.abs(written - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "positive"), ("-4", "positive"), ("twelve", "like 12, 12px or 12um"),
+    ("12mm", "like 12, 12px or 12um"), ("inf", "positive")])
+def test_bad_object_sizes_exit_2_in_one_line(tmp_path, sized_model, image_file, value, message,
+                                             capsys):
+    assert main(["predict", str(image_file), "-o", str(tmp_path / "o.tif"), "--model",
+                 str(sized_model), f"--object-size={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_object_size_needs_what_it_refers_to(tmp_path, image_file, capsys):
+    plain = save_checkpoint(tiny_model(2, depth=2, base=2), tmp_path / "plain.pt")
+    assert main(["predict", str(image_file), "-o", str(tmp_path / "o.tif"), "--model",
+                 str(plain), "--object-size", "12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not store the size" in err
