@@ -63,3 +63,21 @@ def test_object_size_needs_what_it_refers_to(tmp_path, image_file, capsys):
                  str(plain), "--object-size", "12"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not store the size" in err
+
+
+def test_suggest_takes_the_object_size(tmp_path, sized_model, capsys):
+    from napari_unet.engine.uncertainty import suggest
+
+    rng = np.random.default_rng(0)
+    stack = (rng.random((6, 40, 44)) * 1000).astype(np.uint16)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    assert main(["suggest", str(path), "--model", str(sized_model), "-n", "2", "--device", "cpu",
+                 "--object-size", "40px"]) == 0
+    captured = capsys.readouterr()
+    assert "resampling tiles x(0.5, 0.5)" in captured.err
+    printed = [int(line.split("\t")[0]) for line in captured.out.strip().splitlines()[1:]]
+    model = load_checkpoint(sized_model)
+    expected = drain(suggest(stack, model, 2, device="cpu", scale=(0.5, 0.5)))
+    assert printed == [z for z, _ in expected.slices]
+    assert main(["suggest", str(path), "--model", str(sized_model), "--object-size", "x"]) == 2
