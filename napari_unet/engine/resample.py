@@ -27,8 +27,10 @@ def network_length(length: int, scale: float) -> int:
 
 def image_halo(net_halo: int, net_divisor: int, length: int, scale: float) -> int:
     """Image voxels each side of a core that hold every voxel its network window reads."""
+    # left: (halo + divisor) / ratio + 1; right: (halo + 1.5) / ratio + 1 (the core's last
+    # sample can be clamped half a sample up); both with room to spare
     ratio = network_length(length, scale) / length
-    return int(math.ceil((net_halo + net_divisor) / ratio)) + 2
+    return int(math.ceil((net_halo + net_divisor + 2) / ratio)) + 2
 
 
 @dataclass(frozen=True)

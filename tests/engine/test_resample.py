@@ -44,7 +44,7 @@ def reference(image, model, scale):
     return to_image(p, windows)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(length=st.integers(1, 300), scale=st.floats(0.2, 5.0), halo=st.sampled_from([0, 8, 56]),
        divisor=st.sampled_from([1, 4, 8]), start=st.integers(0, 299), size=st.integers(1, 80))
 def test_window_reads_within_the_planned_halo(length, scale, halo, divisor, start, size):
