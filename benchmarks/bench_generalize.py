@@ -11,6 +11,8 @@ training or validation data) is scored unchanged and
   the training size (the object size read from the voxel size when the model has one, else
   given as the model's diameter x factor in px, as a user who knows it would); ``auto`` the
   object size estimated on each image (``--object-size auto``);
+  the 2.5x rows of the 3D models see the central half in y and x only, and are compared with
+  the unchanged central half (its own row);
 * with gamma 0.5 and 2 (intensities min-max scaled to 0..1, raised, scaled back);
 * with Gaussian noise of 10 % of the 1-99.8 percentile range added (seed 0);
 * for nuclei-2d / nuclei-3d, the ``stardist_samples`` image of their kind.
@@ -58,6 +60,7 @@ KEYS = {"em-membranes-2d": "em", "nuclei-2d": "nuclei2d", "nuclei-3d": "nuclei3d
         "cells-3d": "cells3d"}
 SUBSAMPLE = {"nuclei2d": [0, 5, 10, 15], "em": [0, 3]}
 FACTORS = (0.4, 2.5)
+CENTRAL = " (central half in y, x)"
 
 
 def _rescale(image: np.ndarray, truth: np.ndarray, factor: float, axes: int
@@ -136,12 +139,15 @@ def variants(name: str):
     base = tuple(spec.voxel_size) if getattr(spec, "voxel_size", None) else (1.0,) * axes
     known = getattr(spec, "voxel_size", None) is not None
     yield "unchanged", images, truths, base if known else None, 1.0
+    if axes == 3:  # the reference of the 2.5x row, which sees only the central half
+        yield (f"unchanged{CENTRAL}", [_central_half(i) for i in images],
+               [_central_half(t) for t in truths], base if known else None, 1.0)
     for factor in FACTORS:
         source = zip(images, truths)
         if factor > 1 and axes == 3:
             source = ((_central_half(i), _central_half(t)) for i, t in source)
         pairs = [_rescale(i, t, factor, axes) for i, t in source]
-        crop = " (central half in y, x)" if factor > 1 and axes == 3 else ""
+        crop = CENTRAL if factor > 1 and axes == 3 else ""
         yield (f"rescaled {factor}x{crop}", [p[0] for p in pairs], [p[1] for p in pairs],
                tuple(v / factor for v in base), factor)
     for gamma in (0.5, 2.0):
@@ -233,13 +239,14 @@ def main() -> int:
     for name in args.models:
         model = load_model(name)
         metric = "Dice" if not SPECS[KEYS[name]].instances else "F1"
-        reference = None
+        references: dict[bool, float] = {}  # whole, central half: the unchanged scores
         for row, images, truths, voxel_size, factor in variants(name):
             if args.rows and not any(row.startswith(r) for r in args.rows):
                 continue
             t0 = time.perf_counter()
             value = score(model, images, truths, voxel_size, factor, args.zoom)
-            reference = value if reference is None else reference
+            references.setdefault(CENTRAL in row, value)
+            reference = references.get(CENTRAL in row, references[False])
             print(f"| {name} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
                   f"{value - reference:+.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     if args.stitch:
