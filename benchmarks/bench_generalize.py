@@ -49,7 +49,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import DATA, SPECS, load_splits  # noqa: E402
 
-from napari_unet.engine.estimate import estimate_object_size  # noqa: E402
+from napari_unet.engine.estimate import estimate_object_size, zoom_from_estimate  # noqa: E402
 from napari_unet.engine.predict import predict_probabilities, probabilities_to_output, segment  # noqa: E402
 from napari_unet.engine.resample import scale_for_model  # noqa: E402
 from napari_unet.labels.metrics import match_instances  # noqa: E402
@@ -95,7 +95,7 @@ def zoom_for(model, image: np.ndarray, voxel_size, factor: float, mode: str):
         return None
     if mode == "auto":
         diameter = drain(estimate_object_size(image, model, voxel_size=voxel_size, device="cpu"))
-        return scale_for_model(model, voxel_size, (diameter, "px"))[0]
+        return zoom_from_estimate(model, voxel_size, diameter)[0]
     if model.voxel_size is not None and voxel_size is not None:
         return scale_for_model(model, voxel_size)[0]  # read from the voxel size
     return scale_for_model(model, voxel_size, (model.object_size["diameter_voxels"] * factor, "px"))[0]

@@ -91,7 +91,7 @@ class ObjectSizeRow(QWidget):
 
     def estimate(self) -> None:
         """Estimate the object size of the chosen image with the chosen model (in a worker)."""
-        from napari_unet.engine.estimate import estimate_object_size
+        from napari_unet.engine.estimate import estimate_object_size, zoom_from_estimate
         from napari_unet.model.checkpoint import CheckpointError
 
         if self.worker is not None:
@@ -112,17 +112,18 @@ class ObjectSizeRow(QWidget):
                                    precision=self.dock.precision_combo.currentData())
         self.estimate_button.setEnabled(False)
         self.note.setText(f"Estimating the object size of {image.name} with {model.label}…")
-        own = (getattr(model, "object_size", None) or {}).get("diameter_voxels")
 
         def found(diameter: float) -> None:
+            scale, source = zoom_from_estimate(model, voxel_size, diameter)
             self.spin.blockSignals(True)
             self.unit_combo.blockSignals(True)
             self.unit_combo.setCurrentText("px")
-            self.spin.setValue(diameter)
+            # close to the model's own size: auto (no resampling unless the voxel sizes say so)
+            self.spin.setValue(diameter if scale is not None else 0.0)
             self.spin.blockSignals(False)
             self.unit_combo.blockSignals(False)
-            theirs = f" (the model's: {own:.3g} px)" if own else ""
-            self.note.setText(f"Estimated: {diameter:.3g} px in the centre of {image.name}{theirs}.")
+            self.note.setText(f"Estimated in the centre of {image.name}: {source}"
+                              f"{'' if scale is not None else ': object size left at auto'}.")
 
         def failed(error: BaseException) -> None:
             self.note.setText(f"Estimate failed: {error}")

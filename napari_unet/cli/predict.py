@@ -119,19 +119,20 @@ def _object_scale(args: argparse.Namespace, model, data, voxel_size) -> tuple[fl
         return None
     try:
         if size == "auto":
-            from napari_unet.engine.estimate import estimate_object_size
+            from napari_unet.engine.estimate import estimate_object_size, zoom_from_estimate
 
             diameter = drain(estimate_object_size(data, model, voxel_size=voxel_size,
                                                   device=args.device, precision=args.precision))
-            print(f"napari-unet: estimated object diameter {diameter:g} px (the model's: "
-                  f"{model.object_size['diameter_voxels']:g} px)", file=sys.stderr)
-            size = (diameter, "px")
-        scale, source = scale_for_model(model, voxel_size, size)
+            scale, source = zoom_from_estimate(model, voxel_size, diameter)
+        else:
+            scale, source = scale_for_model(model, voxel_size, size)
     except ValueError as err:
         raise UsageError(f"--object-size: {err}") from None
     if scale is not None:
         shown = ", ".join(f"{s:.3g}" for s in scale)
         print(f"napari-unet: resampling tiles x({shown}) for the model: {source}", file=sys.stderr)
+    elif size is not None:
+        print(f"napari-unet: no resampling: {source}", file=sys.stderr)
     return scale
 
 

@@ -56,10 +56,10 @@ def test_object_size_resamples_as_the_core(make_napari_viewer, qtbot, registry):
 def test_estimate_measures_the_objects(make_napari_viewer, qtbot, registry):
     from napari_unet.model.checkpoint import list_pretrained
 
-    yy, xx = np.indices((200, 200))
-    truth = np.zeros((200, 200), np.int32)
-    for k, (y, x) in enumerate([(40, 40), (40, 120), (110, 70), (150, 150), (160, 40)], 1):
-        truth[(yy - y) ** 2 + (xx - x) ** 2 < 18 ** 2] = k
+    yy, xx = np.indices((220, 220))
+    truth = np.zeros((220, 220), np.int32)
+    for k, (y, x) in enumerate([(40, 40), (40, 130), (110, 80), (160, 160), (170, 40)], 1):
+        truth[(yy - y) ** 2 + (xx - x) ** 2 < 22 ** 2] = k
     image = ndi.gaussian_filter((truth > 0).astype(np.float32), 1.5) * 100 + 10
     viewer, widget = _dock(make_napari_viewer, image, "nuclei")
     assert widget.load_model_file(list_pretrained()["nuclei-2d"])

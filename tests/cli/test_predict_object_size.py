@@ -81,3 +81,19 @@ def test_suggest_takes_the_object_size(tmp_path, sized_model, capsys):
     expected = drain(suggest(stack, model, 2, device="cpu", scale=(0.5, 0.5)))
     assert printed == [z for z, _ in expected.slices]
     assert main(["suggest", str(path), "--model", str(sized_model), "--object-size", "x"]) == 2
+
+
+def test_auto_estimates_then_zooms(tmp_path, capsys):
+    from scipy import ndimage as ndi
+
+    from ..engine.test_resample import nuclei
+
+    image, _ = nuclei((300, 300), 60, 13)
+    path = tmp_path / "large.tif"
+    tifffile.imwrite(path, ndi.zoom(image, 2.0, order=1).astype(np.float32))
+    out = tmp_path / "out.tif"
+    assert main(["predict", str(path), "-o", str(out), "--model", "nuclei-2d", "--device", "cpu",
+                 "--output", "instances", "--object-size", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "resampling tiles x(0." in err and "estimated object diameter" in err
+    assert read_image(out).data.shape == (600, 600)
