@@ -16,9 +16,14 @@ AUTO = "auto"
 
 
 def calibrated_voxel_size(layer: Any, ndim: int) -> tuple[float, ...] | None:
-    """The layer's voxel size when it has one (a scale other than napari's default 1)."""
+    """The layer's voxel size in µm when it has one (a scale other than napari's default 1)."""
+    from napari_unet._widgets._state import layer_unit
+    from napari_unet.io.formats import voxel_size_um
+
     scale = tuple(float(s) for s in layer.scale[-ndim:])
-    return None if all(s == 1.0 for s in scale) else scale
+    if all(s == 1.0 for s in scale):
+        return None
+    return voxel_size_um(scale, layer_unit(layer))
 
 
 class ObjectSizeRow(QWidget):

@@ -390,12 +390,14 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
     from napari_unet.io.writers import write_image_tiff, write_labels_tiff
 
     from napari_unet.engine.resample import scale_for_model
+    from napari_unet.io.formats import voxel_size_um
 
     model = _worker_model(weights)
     output = options.get("output", "labels")
 
-    def zoom(voxel_size: Any) -> Any:  # each file's own, from its voxel size
-        return scale_for_model(model, voxel_size, options.get("object_size"))[0]
+    def zoom(voxel_size: Any, unit: Any) -> Any:  # each file's own, from its voxel size (µm)
+        return scale_for_model(model, voxel_size_um(voxel_size, unit),
+                               options.get("object_size"))[0]
 
     if target.lower().endswith(".zarr"):
         from napari_unet.bigdata.streaming import predict_to_zarr
@@ -409,7 +411,8 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
                               precision=options.get("precision", "auto"),
                               tile_shape=options.get("tile_shape"), input_path=source,
                               overwrite=options.get("overwrite", False),
-                              tta=options.get("tta", False), scale=zoom(image.voxel_size)))
+                              tta=options.get("tta", False),
+                              scale=zoom(image.voxel_size, image.unit)))
         return target
     image = read_image(source, allow_channels=model.config.in_channels > 1)
     result = drain(segment(image.data, model, output=output, device=options.get("device", "cpu"),
@@ -417,7 +420,7 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
                            tile_shape=options.get("tile_shape"), threshold=options.get("threshold"),
                            min_size=options.get("min_size"), voxel_size=image.voxel_size,
                            dtype=np.float32, tta=options.get("tta", False),
-                           scale=zoom(image.voxel_size)))
+                           scale=zoom(image.voxel_size, image.unit)))
     if output == "probabilities":
         data = result.data if result.data.shape[0] > 1 else result.data[0]
         axes = ("C" if data.ndim > image.data.ndim else "") + image.spatial_axes

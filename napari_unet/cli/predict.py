@@ -107,9 +107,14 @@ def _object_size(text: str) -> tuple[float, str | None] | str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _object_scale(args: argparse.Namespace, model, data, voxel_size) -> tuple[float, ...] | None:
-    """The zoom of ``--object-size`` (or its default) for ``model`` on ``data``; says which."""
+def _object_scale(args: argparse.Namespace, model, data, voxel_size, unit
+                  ) -> tuple[float, ...] | None:
+    """The zoom of ``--object-size`` (or its default) for ``model`` on ``data`` with
+    ``voxel_size`` in ``unit``; says which."""
     from napari_unet.engine.resample import scale_for_model
+    from napari_unet.io.formats import voxel_size_um
+
+    voxel_size = voxel_size_um(voxel_size, unit)  # sizes are compared in µm
 
     size = getattr(args, "object_size", None)
     if size is not None and getattr(model, "foreign", False):
@@ -165,7 +170,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     nonfinite = _check_image_values(image, model)
     warnings.filterwarnings("ignore", category=NonFiniteValuesWarning)  # counted exactly above
     normalizer = fit_normalizer(image.data, args.hu_window) if args.hu_window else None
-    scale = _object_scale(args, model, image.data, image.voxel_size)
+    scale = _object_scale(args, model, image.data, image.voxel_size, image.unit)
     # a Zoo model made elsewhere runs with blended tiles
     from napari_unet.zoo.predict import segment_model
 
@@ -365,7 +370,8 @@ def _run_predict_big(args: argparse.Namespace) -> int:
             if args.max_tile_gb is not None:
                 options["max_tile_bytes"] = _max_tile_bytes(args)
             image = open_lazy(source, allow_channels=allow_channels)
-            options["scale"] = _object_scale(args, model, image.data, image.voxel_size)
+            options["scale"] = _object_scale(args, model, image.data, image.voxel_size,
+                                             image.unit)
             if client is not None:
                 job = predict_to_zarr_distributed(client, str(source), model, target,
                                                   voxel_size=image.voxel_size, unit=image.unit,

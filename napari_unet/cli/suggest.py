@@ -70,7 +70,7 @@ def _run_suggest(args: argparse.Namespace) -> int:
     if args.exclude and set(range(depth)) <= set(args.exclude):
         raise UsageError(f"no slices left to suggest: --exclude covers all {depth} slices of "
                          f"{Path(args.input).name}; exclude fewer slices")
-    scale = _object_scale(args, model, image.data, image.voxel_size)
+    scale = _object_scale(args, model, image.data, image.voxel_size, image.unit)
     job = suggest(image.data, model, args.n, tta=args.tta, min_gap=args.min_gap,
                   exclude=args.exclude or (), threshold=args.threshold, device=args.device,
                   precision=args.precision, tile_shape=args.tile, scale=scale)

@@ -93,6 +93,8 @@ def object_radius(object_size: dict[str, Any] | None, sampling: Sequence[float] 
 SIZE_UNITS = ("px", "um")
 #: a default scale from voxel sizes closer to 1 than this is not worth resampling for
 SCALE_TOLERANCE = 0.05
+#: zooms beyond this factor (either way) are refused: a typo, or data the model cannot serve
+MAX_ZOOM = 16.0
 
 
 def parse_object_size(text: str | float) -> tuple[float, str | None]:
@@ -179,7 +181,12 @@ def network_scale(object_size: dict[str, Any] | None, model_voxel_size: Sequence
 
 
 def _rounded(scale: np.ndarray) -> tuple[float, ...]:
-    return tuple(round(float(s), 6) for s in scale)
+    zoom = tuple(round(float(s), 6) for s in scale)
+    if any(not (1 / MAX_ZOOM <= s <= MAX_ZOOM) for s in zoom):
+        shown = ", ".join(f"{s:.3g}" for s in zoom)
+        raise ValueError(f"that object size means resampling the image by ({shown}), beyond "
+                         f"1/{MAX_ZOOM:g}..{MAX_ZOOM:g}: check the size and its unit (px or um)")
+    return zoom
 
 
 def scaled_volume(object_size: dict[str, Any] | None, scale: Sequence[float]) -> float | None:

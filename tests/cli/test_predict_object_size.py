@@ -47,7 +47,8 @@ def test_object_size_writes_the_zoomed_engine_result(tmp_path, sized_model, imag
 
 @pytest.mark.parametrize("value, message", [
     ("0", "positive"), ("-4", "positive"), ("twelve", "like 12, 12px or 12um"),
-    ("12mm", "like 12, 12px or 12um"), ("inf", "positive")])
+    ("12mm", "like 12, 12px or 12um"), ("inf", "positive"), ("0.5px", "beyond 1/16..16"),
+    ("1000", "beyond 1/16..16")])
 def test_bad_object_sizes_exit_2_in_one_line(tmp_path, sized_model, image_file, value, message,
                                              capsys):
     assert main(["predict", str(image_file), "-o", str(tmp_path / "o.tif"), "--model",
@@ -97,3 +98,26 @@ def test_auto_estimates_then_zooms(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resampling tiles x(0." in err and "estimated object diameter" in err
     assert read_image(out).data.shape == (600, 600)
+
+
+def test_default_zoom_comes_from_voxel_sizes_in_um(tmp_path, capsys):
+    from napari_unet.io.writers import write_image_tiff
+
+    model = tiny_model(3, depth=2, base=2)
+    model.voxel_size = [0.5, 0.2, 0.2]
+    model.object_size = {"diameter_voxels": 10.0, "diameter_um": 2.5, "volume_voxels": 520.0}
+    path = save_checkpoint(model, tmp_path / "tiny3d.pt")
+    stack = (np.random.default_rng(1).random((12, 40, 40)) * 1000).astype(np.float32)
+    expected = drain(segment(stack, load_checkpoint(path), output="probabilities", device="cpu",
+                             scale=(2.0, 1.0, 2.0))).data[0]
+    for unit, sizes in (("um", (1.0, 0.2, 0.4)), ("mm", (0.001, 0.0002, 0.0004))):
+        image = tmp_path / f"stack_{unit}.tif"
+        write_image_tiff(image, stack, voxel_size=sizes, unit=unit)
+        out = tmp_path / f"out_{unit}.tif"
+        assert main(["predict", str(image), "-o", str(out), "--model", str(path), "--device",
+                     "cpu", "--output", "probabilities"]) == 0
+        assert "resampling tiles x(2, 1, 2) for the model: the image's voxel size" in \
+            capsys.readouterr().err
+        written = read_image(out).data
+        assert written.shape == stack.shape
+        np.testing.assert_allclose(written, expected, atol=1e-6)
