@@ -13,6 +13,8 @@ training or validation data) is scored unchanged and
   object size estimated on each image (``--object-size auto``);
   the 2.5x rows of the 3D models see the central half in y and x only, and are compared with
   the unchanged central half (its own row);
+* for a 3D model with a training voxel size, z alone rescaled by 0.5x and 2x (voxel size to
+  match; with ``--zoom given`` the zoom comes from the voxel sizes, per axis);
 * with gamma 0.5 and 2 (intensities min-max scaled to 0..1, raised, scaled back);
 * with Gaussian noise of 10 % of the 1-99.8 percentile range added (seed 0);
 * for nuclei-2d / nuclei-3d, the ``stardist_samples`` image of their kind.
@@ -60,6 +62,7 @@ KEYS = {"em-membranes-2d": "em", "nuclei-2d": "nuclei2d", "nuclei-3d": "nuclei3d
         "cells-3d": "cells3d"}
 SUBSAMPLE = {"nuclei2d": [0, 5, 10, 15], "em": [0, 3]}
 FACTORS = (0.4, 2.5)
+Z_FACTORS = (0.5, 2.0)
 CENTRAL = " (central half in y, x)"
 
 
@@ -150,6 +153,12 @@ def variants(name: str):
         crop = CENTRAL if factor > 1 and axes == 3 else ""
         yield (f"rescaled {factor}x{crop}", [p[0] for p in pairs], [p[1] for p in pairs],
                tuple(v / factor for v in base), factor)
+    if axes == 3 and known:  # anisotropy: z alone rescaled, the voxel size set to match
+        for factor in Z_FACTORS:
+            zoom = (factor, 1.0, 1.0)
+            yield (f"z rescaled {factor}x", [ndi.zoom(i.astype(np.float32), zoom, order=1) for i in images],
+                   [ndi.zoom(t, zoom, order=0) for t in truths],
+                   (base[0] / factor, *base[1:]), factor)
     for gamma in (0.5, 2.0):
         yield (f"gamma {gamma}", [_gamma(i, gamma) for i in images], truths,
                base if known else None, 1.0)
