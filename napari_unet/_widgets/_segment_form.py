@@ -8,6 +8,7 @@ from typing import Any
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox
 
 from napari_unet._widgets._common import remember
+from napari_unet._widgets._object_size import ObjectSizeRow
 from napari_unet.engine.regions import SLICE, VISIBLE, WHOLE
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
@@ -27,7 +28,7 @@ WRITE_MODES = {"keep corrected slices": KEEP, NEW_LAYER: "new", "overwrite all":
 def add_run_fields(widget: Any, fields: QFormLayout) -> None:
     """Add the run options to ``fields`` as attributes of ``widget`` (``output_combo``,
     ``scope_combo``, ``write_combo``, ``threshold_spin``, ``min_size_spin``, ``stitch_spin``,
-    ``tta_check``, ``uncertainty_check``); edits of threshold or minimum size call
+    ``object_size`` (:class:`ObjectSizeRow`), ``tta_check``, ``uncertainty_check``); edits of threshold or minimum size call
     ``widget._postprocess_edited``."""
     widget.output_combo = QComboBox()
     widget.output_combo.addItems(list(OUTPUTS))
@@ -80,6 +81,8 @@ def add_run_fields(widget: Any, fields: QFormLayout) -> None:
                                   "slices overlapping with at least this IoU are one object "
                                   "(0 = per slice). 3D models ignore it")
     fields.addRow("Stitch z", widget.stitch_spin)
+    widget.object_size = ObjectSizeRow(widget)  # resampling per tile (as Cellpose's diameter)
+    fields.addRow("Object size", widget.object_size)
     widget.tta_check = QCheckBox("Test-time augmentation")
     widget.tta_check.setToolTip("Average the model over 8 flips and rotations of the image: "
                                 "smoother, often slightly better results, 8x slower")
