@@ -45,6 +45,7 @@ from napari_unet._widgets._fields import (
 )
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._model_choice import note_model_used, pick_model_for
+from napari_unet._widgets._object_size import calibrated_voxel_size
 from napari_unet._widgets._segment_form import NEW_LAYER, OUTPUTS, SCOPES, WRITE_MODES, add_run_fields
 from napari_unet._widgets._segment_run import SegmentRun, SegmentRunMixin, spatial_shape
 from napari_unet._widgets._state import (
@@ -371,6 +372,7 @@ class SegmentWidget(SegmentRunMixin, LayerChoices, QWidget):
                 raise ValueError(f"{model.label} is a 3D model and {image.name!r} is a 2D image; "
                                  "pick a 2D model")
             precision_label = resolved_precision(precision, device)
+            zoom = self.object_size.zoom(model, calibrated_voxel_size(image, len(shape)))
         except (ValueError, MemoryError) as err:
             self._refused(notify_error(err, f"Segment {image.name!r} with {model.label}"), shown=True)
             return
@@ -396,7 +398,8 @@ class SegmentWidget(SegmentRunMixin, LayerChoices, QWidget):
                       min_size=self.min_size_spin.value() if self.postprocess_edited else None,
                       voxel_size=voxel_size, start_at=region.start_at(view_point(self.viewer, image)),
                       tta=tta, tta_spread=uncertain.spread if uncertain else None,
-                      stitch_threshold=self.stitch_spin.value(), **self.predict_options.kwargs())
+                      stitch_threshold=self.stitch_spin.value(), scale=zoom,
+                      **self.predict_options.kwargs())
 
         created = layer is None
         dtype = labels_dtype(output, len(model.class_names))

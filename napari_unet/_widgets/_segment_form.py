@@ -9,6 +9,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 from qtpy.QtWidgets import QFormLayout
 
 from napari_unet._widgets._fields import add_fields, remember
+from napari_unet._widgets._object_size import ObjectSizeRow
 from napari_unet.engine.regions import SLICE, VISIBLE, WHOLE
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
 from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD
@@ -28,8 +29,8 @@ WRITE_MODES = {"keep corrected slices": KEEP, NEW_LAYER: "new", "overwrite all":
 def add_run_fields(widget: Any, fields: QFormLayout) -> None:
     """Add the run options to ``fields`` as attributes of ``widget`` (``output_combo``,
     ``scope_combo``, ``write_combo``, ``threshold_spin``, ``min_size_spin``, ``stitch_spin``,
-    ``tta_check``, ``uncertainty_check``); edits of threshold or minimum size call
-    ``widget._postprocess_edited``."""
+    ``object_size`` (:class:`ObjectSizeRow`), ``tta_check``, ``uncertainty_check``); edits of
+    threshold or minimum size call ``widget._postprocess_edited``."""
     add_fields(
         fields, widget,
         output_combo=ComboBox(label="Output", choices=list(OUTPUTS), tooltip=(
@@ -52,7 +53,11 @@ def add_run_fields(widget: Any, fields: QFormLayout) -> None:
         stitch_spin=FloatSpinBox(label="Stitch z", max=0.95, step=0.05,
                                  value=DEFAULT_STITCH_THRESHOLD, tooltip=(
             "Instances of a 2D model on a stack: objects of neighbouring slices overlapping with "
-            "at least this IoU are one object (0 = per slice). 3D models ignore it")),
+            "at least this IoU are one object (0 = per slice). 3D models ignore it")))
+    widget.object_size = ObjectSizeRow(widget)  # resampling per tile (as Cellpose's diameter)
+    fields.addRow("Object size", widget.object_size)
+    add_fields(
+        fields, widget,
         tta_check=CheckBox(text="Test-time augmentation", tooltip=(
             "Average the model over 8 flips and rotations of the image: smoother, often slightly "
             "better results, 8x slower")),
