@@ -69,6 +69,14 @@ def _data(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+def table_unit(layer: Any) -> str:
+    """The length unit of a labels layer's measurements: its own, else ``px`` for an
+    uncalibrated layer (scale 1), else ``um`` (a scale set without a unit)."""
+    unit = layer_unit(layer, default="")
+    if unit:
+        return unit
+    return "um" if any(float(s) != 1.0 for s in layer.scale) else "px"
+
 class MeasureWidget(LayerChoices, QWidget):
     """The measurement table of a labels layer: click a row to go to the object."""
 
@@ -243,7 +251,7 @@ class MeasureWidget(LayerChoices, QWidget):
 
     def _show(self, layer: Any, table: dict[str, np.ndarray]) -> None:
         ndim = layer.ndim
-        unit = layer_unit(layer)
+        unit = table_unit(layer)
         self.model.set_table(table, column_units(ndim, unit, "mean_intensity" in table))
         size = table["volume" if ndim == 3 else "area"]
         self.status.setText(f"{len(table['label'])} objects in {layer.name}; total "
@@ -292,7 +300,7 @@ class MeasureWidget(LayerChoices, QWidget):
             notify_error(ValueError("nothing measured yet: choose a labels layer"), "Save CSV")
             return None
         try:
-            written = write_csv(path, table, column_units(layer.ndim, layer_unit(layer),
+            written = write_csv(path, table, column_units(layer.ndim, table_unit(layer),
                                                           "mean_intensity" in table))
         except OSError as err:
             notify_error(err, "Save CSV")

@@ -405,7 +405,11 @@ class SegmentWidget(SegmentRunMixin, LayerChoices, QWidget):
         dtype = labels_dtype(output, len(model.class_names))
         if created:
             layer = self._new_layer(image, shape, dtype)
-        layer.metadata[UNIT_KEY] = layer_unit(image)
+        unit = layer_unit(image, default="")  # none for an uncalibrated image (pixels)
+        if unit:
+            layer.metadata[UNIT_KEY] = unit
+        else:
+            layer.metadata.pop(UNIT_KEY, None)
         layer.metadata[MODEL_KEY] = model.label
         if image.source.path:
             layer.metadata[SOURCE_KEY] = str(image.source.path)
