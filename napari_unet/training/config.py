@@ -105,6 +105,13 @@ class TrainingConfig:
     #: fine-tuning: weight of the distillation term (:func:`losses.distillation_loss`) that
     #: keeps the start model's output on the voxels nobody annotated; 0 = off
     distillation: float = 1.0
+    #: predict the distillation teacher's output once for the training images before training
+    #: (see :mod:`napari_unet.training.teacher`) instead of running it on every patch: a third
+    #: less work per 3D UNet++ step, but the target is the start model's whole-image output of
+    #: the clean image, not its output of the augmented patch, and in a side-by-side bench_hitl
+    #: (nuclei-3d, fixed iterations) the fine-tunes it kept were slightly worse (Dice -0.004 and
+    #: -0.006, one nucleus lost) where the per-patch teacher's gained: off by default
+    predict_teacher: bool = False
     #: fine-tuning with a held-out part: the trained weights replace the start model only when
     #: they score at least this much better on it (one held-out slice is a noisy judge)
     keep_margin: float = KEEP_MARGIN

@@ -336,7 +336,8 @@ class Trainer:
         timings = self.timings = dict.fromkeys(
             ("sample", "step", "validation", "preview", "recalibration", "teacher", "total"), 0.0)
         if self.fine_tune and config.distillation > 0:  # the start model's output, kept where unannotated
-            self._teacher = start_teacher(self.parent.network, self._items, self.task, policy, device)
+            self._teacher = start_teacher(self.parent.network, self._items, self.task, policy, device,
+                                          budget=None if config.predict_teacher else 0)
             timings["teacher"] = time.perf_counter() - run_start
         pos_weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=device)
         class_weights = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)

@@ -57,7 +57,8 @@ def test_start_teacher_predicts_within_budget_runs_per_step_beyond_and_skips_whe
     image, labels = _corrected_stack()
     parent = new_model(3, "foreground", inplane_only_levels=(0,), **TINY)
     parent.version = 1  # a trained model: fine-tuning distils
-    config = TrainingConfig(iterations=1, device="cpu", precision="fp32", validation_fraction=0)
+    config = TrainingConfig(iterations=1, device="cpu", precision="fp32", validation_fraction=0,
+                            predict_teacher=True)
     trainer = Trainer(parent, [TrainingPair(image, labels, slices=[2, 6])], config)
     (item,) = trainer._items
     teacher = start_teacher(parent.network, trainer._items, "foreground", FP32, CPU)
@@ -71,6 +72,14 @@ def test_start_teacher_predicts_within_budget_runs_per_step_beyond_and_skips_whe
     # a run predicts the maps at its start (timed) and drops them at its end
     drain(trainer.run())
     assert trainer.timings["teacher"] > 0 and item.teacher is None
+    # by default the teacher runs per patch: no maps
+    seen = []
+    default = Trainer(parent, [TrainingPair(image, labels, slices=[2, 6])],
+                      TrainingConfig(iterations=2, device="cpu", precision="fp32", validation_fraction=0))
+    real = default._batch_loss
+    default._batch_loss = lambda *a, **k: seen.append((default._teacher.predicted, a[-1])) or real(*a, **k)
+    drain(default.run())
+    assert seen == [(False, None), (False, None)]
 
 
 def teacher_network(parent: SegmentationModel) -> UNet:
@@ -117,8 +126,7 @@ def test_predicted_and_per_step_teachers_agree_when_the_patch_is_the_image():
         teacher.targets(x, None)
 
 
-def test_distillation_with_predicted_and_per_step_teachers_keeps_the_output_alike(monkeypatch):
-    from napari_unet.training import teacher as teacher_module
+def test_distillation_with_predicted_and_per_step_teachers_keeps_the_output_alike():
     image, labels = blobs((48, 48), n=8, radius=5)
     parent = drain(train(new_model(2, "foreground", **TINY), [TrainingPair(image, labels)],
                          TrainingConfig(iterations=40, batch_size=4, device="cpu", learning_rate=3e-3)))
@@ -129,10 +137,10 @@ def test_distillation_with_predicted_and_per_step_teachers_keeps_the_output_alik
     config = TrainingConfig(iterations=60, batch_size=4, device="cpu", learning_rate=3e-3, seed=1,
                             validation_fraction=0, augment=False, precision="fp32")
     outputs = {}
-    for budget in (teacher_module.PREDICTED_VOXELS, 0):
-        monkeypatch.setattr(teacher_module, "PREDICTED_VOXELS", budget)
+    for predicted in (True, False):
+        config.predict_teacher = predicted
         tuned = drain(train(parent, [TrainingPair(image, wrong, annotated=annotated)], config))
-        outputs[budget] = _output(tuned, image)
+        outputs[predicted] = _output(tuned, image)
     # the same patches (same seed) and, the patch being the whole image, the same targets
     # whether predicted once or run per step: the same fine-tuned output
-    assert np.abs(outputs[0] - outputs[teacher_module.PREDICTED_VOXELS]).max() < 0.01
+    assert np.abs(outputs[True] - outputs[False]).max() < 0.01
