@@ -4,10 +4,11 @@ nobody annotated (Learning without Forgetting, :func:`losses.distillation_loss`)
 By default the teacher (the start model, batch norm folded) runs on every training patch, as
 the student sees it. With ``TrainingConfig.predict_teacher``, as Li and Hoiem (2016) do (they
 record the old network's responses on the new task's images once, before training), and when
-the training items are small enough (:data:`PREDICTED_VOXELS`), the start model's probabilities of every training head are predicted once for the whole items,
-tiled and exact (:func:`teacher_maps`), and each patch cuts them out with the same flips,
-rotations and elastic field as its labels (:func:`sampling.sample_patches`). No teacher forward
-runs per step (it was a third of a 3D UNet++ step). The target is the start model's
+the training items are small enough (:data:`PREDICTED_VOXELS`), the start model's probabilities
+of every training head are predicted once for the whole items, tiled and exact
+(:func:`teacher_maps`), and each patch cuts them out with the same flips, rotations and elastic
+field as its labels (:func:`sampling.sample_patches`). No teacher forward runs per step (it was
+a third of a 3D UNet++ step). The target is then the start model's
 prediction of the image as the user saw it segmented, whole (not a patch's view of it, whose
 borders lack context):
 
