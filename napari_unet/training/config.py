@@ -109,8 +109,8 @@ class TrainingConfig:
     #: (see :mod:`napari_unet.training.teacher`) instead of running it on every patch: a third
     #: less work per 3D UNet++ step, but the target is the start model's whole-image output of
     #: the clean image, not its output of the augmented patch, and in a side-by-side bench_hitl
-    #: (nuclei-3d, fixed iterations) the fine-tunes it kept were slightly worse (Dice -0.004 and
-    #: -0.006, one nucleus lost) where the per-patch teacher's gained: off by default
+    #: A/B (nuclei-3d, 3 slice choices x 4 seeds, 60 iterations) the 3 fine-tunes it kept were
+    #: worse (F1 -0.036, -0.004; Dice -0.006) where the per-patch teacher's 2 gained: off by default
     predict_teacher: bool = False
     #: fine-tuning with a held-out part: the trained weights replace the start model only when
     #: they score at least this much better on it (one held-out slice is a noisy judge)

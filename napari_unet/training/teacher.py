@@ -18,12 +18,12 @@ borders lack context):
   noisy patch would ask the student to repeat the teacher's own errors under that noise.)
 
 Larger items fall back to the teacher network run on every patch (:class:`Teacher`). Measured
-(bench_hitl's nuclei-3d loop, 60 iterations, same seeds, validation at the end): the predicted
-target differs from the per-patch one by 0.10 on average on the unannotated voxels of augmented
-patches (0.05 without augmentation: the patch's borders lack context), so it pulls the weights
-from the first step, and the two fine-tunes the guard kept with it were slightly worse than the
-start model (Dice -0.004 and -0.006), where the per-patch teacher's kept one gained (F1 0.933 ->
-0.966). Hence it is off by default.
+(bench_hitl's nuclei-3d loop, 3 slice choices x 4 seeds, 60 iterations, validation at the end):
+the predicted target differs from the per-patch one by 0.10 on average on the unannotated voxels
+of augmented patches (0.05 without augmentation: the patch's borders lack context), so it pulls
+the weights from the first step, and the 3 fine-tunes the guard kept with it were worse than the
+start model (F1 -0.036 and -0.004, Dice -0.006), where the per-patch teacher's 2 kept ones gained
+(F1 0.933 -> 0.966 both). Hence it is off by default.
 """
 
 from __future__ import annotations
