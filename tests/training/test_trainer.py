@@ -726,7 +726,8 @@ def test_boundary_weight_maps_move_with_the_targets():
     assert trainer._sample_batch(np.random.default_rng(0))[0].shape == (8, 1, 32, 32)
     rng = np.random.default_rng(1)
     for _ in range(3):
-        images, targets, masks, maps = trainer._sample_patches(rng)
+        images, targets, masks, maps, teachers = trainer._sample_patches(rng)
+        assert teachers is None  # nothing distilled: trained from scratch
         assert maps.shape == masks.shape and maps.dtype == np.float32
         inside = (targets[:, 0] == 1) & (targets[:, 1] == 0)
         assert np.all(maps[inside] == w_obj) and np.all(maps[~inside] != w_obj)
@@ -766,7 +767,7 @@ def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
                       fast(batch_size=2, precision="fp32", freeze_norm=True, patch_shape=(32, 32)))
     rng = np.random.default_rng(0)
     halves = [trainer._sample_patches(rng), trainer._sample_patches(rng)]
-    whole = tuple(np.concatenate([a, b]) for a, b in zip(*[h[:3] for h in halves])) + (None,)
+    whole = tuple(np.concatenate([a, b]) for a, b in zip(*[h[:3] for h in halves])) + (None, None)
     grads, losses = {}, {}
     for name, batches in {"accumulated": halves, "whole": [whole]}.items():
         network = copy.deepcopy(model.network)
@@ -845,7 +846,7 @@ def test_deep_supervision_averages_the_loss_over_the_heads():
     model = SegmentationModel(network=UNet(config), task="foreground", version=0)
     trainer = Trainer(model, [TrainingPair(image, labels)], fast(precision="fp32", validation_fraction=0.0))
     network = model.network.train()
-    x, t, m, w = trainer._device_batch(trainer._sample_patches(np.random.default_rng(0)))
+    x, t, m, w, _ = trainer._device_batch(trainer._sample_patches(np.random.default_rng(0)))
     with torch.no_grad():
         heads = network.forward_heads(x)
         assert len(heads) == 2
