@@ -273,3 +273,26 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, annotated: t
         term = F.binary_cross_entropy_with_logits(student, target, reduction="none")
         channels = student.shape[1]
     return (term * keep).sum() / (count * channels)
+
+
+def training_loss(network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
+                  w: torch.Tensor | None, task: str, *, loss: str = "bce_dice",
+                  pos_weight: torch.Tensor | None = None, class_weights: torch.Tensor | None = None,
+                  teacher: torch.nn.Module | None = None, distillation: float = 0.0) -> torch.Tensor:
+    """The loss of one batch: :func:`masked_loss` on the annotated voxels ``m`` and, with a
+    ``teacher`` (the start model), ``distillation`` times :func:`distillation_loss` on the
+    others. With deep supervision (the network's ``config.deep_supervision``) the mean over
+    its full-resolution heads (``forward_heads``)."""
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return masked_loss(logits.float(), t, m, task, pos_weight=pos_weight,
+                           class_weights=class_weights, loss=loss, weight_map=w)
+
+    deep = getattr(network.config, "deep_supervision", False)
+    heads = network.forward_heads(x) if deep else [network(x)]
+    value = sum(loss_of(h) for h in heads) / len(heads)
+    if teacher is not None and distillation > 0:
+        with torch.no_grad():
+            targets = teacher.forward_heads(x) if deep else [teacher(x)]
+        value = value + distillation * sum(
+            distillation_loss(h.float(), g.float(), m, task) for h, g in zip(heads, targets)) / len(heads)
+    return value
