@@ -244,8 +244,10 @@ class Bench:
     def run_segment(self, case: str, image_name: str, model, output: str) -> float | None:
         """Segment ``image_name`` (cancelled after --segment-seconds); returns the first-labels time."""
         seg = self.segment
-        self.registry.current = self.registry.add_model(model)
+        # the image first: selecting it picks a fitting model (the last one used for this kind
+        # of data), which the benchmark then overrides with its own
         seg.image_combo.setCurrentText(image_name)
+        self.registry.current = self.registry.add_model(model)
         seg.output_combo.setCurrentText(output)
         seg.write_combo.setCurrentText("new labels layer")
         draws = self.draw_counter()
@@ -268,7 +270,8 @@ class Bench:
               f"click handler {click_ms:.0f} ms (main-thread CPU {click_cpu:.0f} ms, then "
               f"{settle:.0f} ms to the next event-loop pass), max stall {stall:.0f} ms "
               f"(main-thread CPU {self.beat.max_busy():.0f} ms), "
-              f"p99 {self.beat.percentile(99):.0f} ms, canvas draws {draws()}", flush=True)
+              f"p99 {self.beat.percentile(99):.0f} ms, canvas draws {draws()}; {seg._run.model.label}: {seg._run.plan}",
+              flush=True)
         layer = seg.labels_layer
         if layer is not None and layer in self.viewer.layers:
             self.viewer.layers.remove(layer)

@@ -2,8 +2,9 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py
 
-Writes docs/screenshots/{segment,edit,finetune,export}.png (each < 300 KB). Uses the shipped
-models when installed, else a small untrained network (the docks look the same).
+Opens the window as ``napari-unet gui`` does (the docks tabbed, the canvas the largest part) at
+1400 x 900 and writes docs/screenshots/{segment,measure,edit,finetune,export}.png (each
+< 300 KB). Uses the shipped models (the model Segment picks for each sample).
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from __future__ import annotations
 import time
 from importlib import resources
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "screenshots"
 MAX_BYTES = 300_000
+#: the window's size (the docks keep their share of it, see napari_unet/_widgets/_launch.py)
+WINDOW = (1400, 900)
+#: the Measurements dock's width in its screenshot (dragged wider, as a user would, to see more
+#: columns of the table)
+MEASURE_DOCK_WIDTH = 560
+#: seconds of fine-tuning shown (a few points of the loss curve)
+FINETUNE_SECONDS = 20
 
 
 def wait(app, condition, timeout: float) -> None:
@@ -26,8 +35,11 @@ def wait(app, condition, timeout: float) -> None:
 
 
 def save(viewer, app, name: str) -> Path:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
     from PIL import Image
 
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # napari's start-up warnings (e.g. PyQt5 deprecated) hide the canvas
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
@@ -41,86 +53,99 @@ def save(viewer, app, name: str) -> Path:
         if path.stat().st_size < MAX_BYTES or scale < 0.4:
             break
         scale *= 0.85
-    print(f"{path} {path.stat().st_size // 1000} KB")
+    print(f"{path} {image.width}x{image.height} {path.stat().st_size // 1000} KB")
     return path
 
 
+def show(dock) -> None:
+    """Bring a tabbed dock to the front."""
+    dock.parent().raise_()
+
+
 def main() -> None:
-    import napari
+    from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
 
-    from napari_unet.checkpoint import SegmentationModel, list_pretrained, load_model
-    from napari_unet.io import read_image
-    from napari_unet.models import UNet, UNetConfig
-    from napari_unet._widgets._launch import PLUGIN, launch
-    from napari_unet._widgets._state import get_registry
+    from napari_unet._widgets._launch import PLUGIN, fit_docks, launch
+    from napari_unet._widgets._state import get_registry, set_corrected_slices
+    from napari_unet.io.readers import read_image
 
     OUT.mkdir(parents=True, exist_ok=True)
     samples = Path(str(resources.files("napari_unet.sample_data")))
-    viewer = launch(None, sample="nuclei_2d")
-    viewer.window._qt_window.resize(1500, 900)
+    viewer = launch(None, sample="nuclei_2d", show=False)
+    window = viewer.window._qt_window
+    window.resize(*WINDOW)
+    window.show()
     app = QApplication.instance()
     docks = viewer.window.dock_widgets
-    registry = get_registry()
-    if "nuclei-2d" in list_pretrained():
-        registry.current = "nuclei-2d"
-    else:
-        network = UNet(UNetConfig(spatial_dims=2, out_channels=2, base_channels=8, depth=3)).eval()
-        registry.add_model(SegmentationModel(network, task="foreground_boundary", name="demo"))
-    load_model  # noqa: B018 - imported for readers of this script
+    segment, edit = docks[f"Segment ({PLUGIN})"], docks[f"Edit ({PLUGIN})"]
+    finetune, export = docks[f"Fine-tune ({PLUGIN})"], docks[f"Export ({PLUGIN})"]
+    measure = docks[f"Measurements ({PLUGIN})"]
+    wait(app, lambda: False, 0.5)
+    fit_docks(viewer, [d.parent() for d in (segment, edit, finetune, export, measure)])
 
-    # Segment: mid-run on the 2D nuclei image
-    segment = docks[f"Segment ({PLUGIN})"]
+    # Segment: the 2D nuclei sample with the model the dock picked
     segment.output_combo.setCurrentText("instances")
     segment.segment()
     wait(app, lambda: segment.worker is None, 300)
-    docks[f"Segment ({PLUGIN})"].parent().raise_()
+    show(segment)
     save(viewer, app, "segment")
+
+    # Measurements: the table of the result, sorted by area, one object selected
+    layer = viewer.layers["nuclei_2d labels"]
+    wait(app, lambda: measure.worker is None and "label" in layer.features, 120)
+    column = measure.model.columns.index("area")
+    measure.view.sortByColumn(column, Qt.DescendingOrder)  # the largest objects first
+    show(measure)
+    window.resizeDocks([measure.parent()], [MEASURE_DOCK_WIDTH], Qt.Horizontal)  # more columns
+    viewer.camera.zoom *= 2
+    measure.view.selectRow(0)
+    measure.go_to_row(0)
+    save(viewer, app, "measure")
+    fit_docks(viewer, [d.parent() for d in (segment, edit, finetune, export, measure)])
 
     # Edit: a stack with ground-truth labels, a few corrected slices, seeds for a split
     viewer.layers.clear()
     stack = read_image(samples / "nuclei_3d.tif")
     labels = read_image(samples / "nuclei_3d_labels.tif").data
-    viewer.add_image(stack.data, name="nuclei_3d", scale=stack.voxel_size)
-    layer = viewer.add_labels(labels, name="nuclei_3d labels", scale=stack.voxel_size)
-    layer.metadata["napari_unet_corrected_slices"] = [20, 45, 60]
-    viewer.dims.set_point(0, 45 * stack.voxel_size[0])
-    edit = docks[f"Edit ({PLUGIN})"]
+    scale = stack.voxel_size or (1.0,) * stack.data.ndim
+    viewer.add_image(stack.data, name="nuclei_3d", scale=scale)
+    layer = viewer.add_labels(labels, name="nuclei_3d labels", scale=scale)
+    viewer.reset_view()
+    middle = labels.shape[0] // 2
+    set_corrected_slices(layer, [middle - 10, middle, middle + 10])
+    viewer.dims.set_point(0, middle * scale[0])
     edit.labels_combo.set_layer(layer)
-    edit._fill_slices()
     points = edit.add_seeds_layer()
-    ids = np.unique(labels[45])[1:]
+    ids = np.unique(labels[middle])[1:]
     if ids.size:
-        ys, xs = np.nonzero(labels[45] == ids[len(ids) // 2])
-        points.add([[45, ys.min() + 2, xs.mean()], [45, ys.max() - 2, xs.mean()]])
+        ys, xs = np.nonzero(labels[middle] == ids[len(ids) // 2])
+        points.add([[middle, ys.min() + 2, xs.mean()], [middle, ys.max() - 2, xs.mean()]])
     viewer.layers.selection.active = layer
-    edit.parent().raise_()
+    show(edit)
     save(viewer, app, "edit")
 
-    # Fine-tune: a few seconds on the corrected slices, with the live loss curve and preview
-    finetune = docks[f"Fine-tune ({PLUGIN})"]
-    if "nuclei-3d" in list_pretrained():
-        registry.current = "nuclei-3d"
-    else:
-        network = UNet(UNetConfig(spatial_dims=3, out_channels=2, base_channels=4, depth=2)).eval()
-        registry.add_model(SegmentationModel(network, task="foreground_boundary", name="demo-3d"))
+    # Fine-tune: the 3D nuclei model, a few seconds on the corrected slices, with the live loss
+    # curve and preview
+    get_registry().current = "nuclei-3d"
     finetune.image_combo.setCurrentText("nuclei_3d")
     finetune.labels_combo.setCurrentText("nuclei_3d labels")
-    finetune.time_spin.setValue(25)
+    finetune.time_spin.setValue(FINETUNE_SECONDS)
     finetune.validation_check.setChecked(True)
-    finetune.parent().raise_()
+    show(finetune)
     finetune.fine_tune()
     wait(app, lambda: finetune.worker is None, 300)
     save(viewer, app, "finetune")
 
-    # Export: the labels written as a calibrated TIFF
-    export = docks[f"Export ({PLUGIN})"]
-    export.labels_combo.set_layer(layer)
-    export.path_edit.setText(str(Path("/tmp") / "nuclei_3d_labels_export.tif"))
-    export.parent().raise_()
-    export.export()
-    wait(app, lambda: export.worker is None, 120)
-    save(viewer, app, "export")
+    # Export: the labels written as a calibrated TIFF with the measurements next to it
+    with TemporaryDirectory() as folder:
+        export.labels_combo.set_layer(layer)
+        export.measure_check.setChecked(True)
+        export.path_edit.setText(str(Path(folder) / "nuclei_3d_labels.tif"))
+        show(export)
+        export.export()
+        wait(app, lambda: export.worker is None, 120)
+        save(viewer, app, "export")
     viewer.close()
 
 

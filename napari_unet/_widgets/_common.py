@@ -9,129 +9,31 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
-    QSpinBox,
+    QVBoxLayout,
     QWidget,
 )
 
-from napari_unet._widgets._state import connect_layer_list
 from napari_unet.progress import drain
 
 #: file dialog filter of "Load model file…" (Segment and Fine-tune)
 MODEL_FILE_FILTER = ("Models (*.pt *.pth *.zip *.yaml *.yml);;napari-unet checkpoints (*.pt *.pth);;"
                      "bioimage.io packages (*.zip rdf.yaml *.yaml);;All files (*)")
-#: Qt property set on a combo box whose choice came from the user (or their saved settings):
-#: a dock's automatic choice (e.g. the output a model suggests) leaves it alone
-USER_CHOICE = "napari_unet_user_choice"
 
 
 def ask_model_file(parent: QWidget) -> str | None:
     """Ask for a model file: a napari-unet checkpoint or a bioimage.io package."""
     path, _ = QFileDialog.getOpenFileName(parent, "Load a model file", "", MODEL_FILE_FILTER)
     return path or None
-
-
-def remember(widget: QWidget, key: str) -> None:
-    """Restore ``widget``'s value from the saved settings (:mod:`napari_unet.settings`) and save
-    what the user picks from now on.
-
-    Combo boxes store the item data (else the text) of an item the user activated; spin boxes
-    their value. A saved value the widget does not offer (a device not found here) is ignored.
-    """
-    from napari_unet.io.settings import get_setting, save_settings
-
-    value = get_setting(key)
-    if isinstance(widget, QComboBox):
-        if value is not None:
-            index = widget.findData(value)
-            if index < 0:
-                index = widget.findText(str(value))
-            if index >= 0:
-                widget.setCurrentIndex(index)
-                widget.setProperty(USER_CHOICE, True)
-
-        def save_choice(index: int) -> None:
-            widget.setProperty(USER_CHOICE, True)
-            data = widget.itemData(index)
-            save_settings(**{key: data if data is not None else widget.itemText(index)})
-
-        widget.activated.connect(save_choice)
-    elif isinstance(widget, (QSpinBox, QDoubleSpinBox)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if widget.minimum() <= value <= widget.maximum():
-                widget.setValue(int(value) if isinstance(widget, QSpinBox) else float(value))
-        widget.valueChanged.connect(lambda number: save_settings(**{key: number}))
-    else:
-        raise TypeError(f"cannot remember a {type(widget).__name__}")
-
-
-def is_user_choice(widget: QWidget) -> bool:
-    """Whether the user (or their saved settings) chose ``widget``'s value."""
-    return bool(widget.property(USER_CHOICE))
-
-
-class LayerCombo(QComboBox):
-    """A combo box of the viewer's layers of some types, kept up to date, selection kept."""
-
-    def __init__(self, viewer: Any, layer_types: tuple[type, ...], tooltip: str,
-                 parent: QWidget | None = None, allow_none: bool = False):
-        super().__init__(parent)
-        self._viewer = viewer
-        self._types = layer_types
-        self._allow_none = allow_none
-        self.setToolTip(tooltip)
-        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.setMinimumContentsLength(12)
-        connect_layer_list(viewer, self.refresh)
-        self.refresh()
-
-    def layers(self) -> list[Any]:
-        return [layer for layer in self._viewer.layers if isinstance(layer, self._types)]
-
-    def refresh(self, event: Any = None) -> None:
-        try:
-            current = self.currentText()
-        except RuntimeError:  # the Qt object is gone (dock closed)
-            return
-        names = [layer.name for layer in self.layers()]
-        if self._allow_none:
-            names = ["(none)"] + names
-        if names == [self.itemText(i) for i in range(self.count())]:
-            return
-        self.blockSignals(True)
-        self.clear()
-        self.addItems(names)
-        if current in names:
-            self.setCurrentText(current)
-        else:
-            active = self._viewer.layers.selection.active
-            if active is not None and active.name in names:
-                self.setCurrentText(active.name)
-            elif names:
-                # newest layer of this type is the most likely target
-                self.setCurrentIndex(len(names) - 1)
-        self.blockSignals(False)
-        self.currentIndexChanged.emit(self.currentIndex())
-
-    def layer(self) -> Any | None:
-        name = self.currentText()
-        for layer in self.layers():
-            if layer.name == name:
-                return layer
-        return None
-
-    def set_layer(self, layer: Any) -> None:
-        self.refresh()
-        self.setCurrentText(layer.name)
 
 
 class ProgressBar(QProgressBar):
@@ -158,40 +60,6 @@ class ProgressBar(QProgressBar):
             self.setUpdatesEnabled(True)  # schedules update() (no immediate repaint)
 
 
-def fill_model_combo(combo: QComboBox, registry: Any, placeholder: str | None = None) -> bool:
-    """List the registry's models (display text, key as item data) without emitting signals.
-
-    Returns False when the combo is gone (its dock was closed).
-    """
-    try:
-        combo.blockSignals(True)
-    except RuntimeError:
-        return False
-    combo.clear()
-    for entry in registry.entries():
-        combo.addItem(entry.display, entry.key)
-    if placeholder and not len(registry):
-        combo.addItem(placeholder, None)
-    combo.blockSignals(False)
-    return True
-
-
-def select_model_in_combo(combo: QComboBox, key: str) -> bool:
-    """Show model ``key`` as the combo's current item without emitting signals.
-
-    Returns False when the combo is gone (its dock was closed).
-    """
-    try:
-        index = combo.findData(key) if key else -1
-    except RuntimeError:
-        return False
-    if index >= 0 and index != combo.currentIndex():
-        combo.blockSignals(True)
-        combo.setCurrentIndex(index)
-        combo.blockSignals(False)
-    return True
-
-
 def button(text: str, tooltip: str, slot: Any = None, parent: QWidget | None = None) -> QPushButton:
     widget = QPushButton(text, parent)
     widget.setToolTip(tooltip)
@@ -216,6 +84,24 @@ def status_label(text: str = "") -> QLabel:
     label.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
     label.setToolTip("What the dock did last")
     return label
+
+
+def scrolled(*widgets: QWidget, min_height: int = 60) -> QScrollArea:
+    """``widgets`` at the top of a frameless scroll area (vertical only) that takes the space
+    given to it: long status text scrolls instead of squeezing the form above it."""
+    holder = QWidget()
+    layout = QVBoxLayout(holder)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for widget in widgets:
+        layout.addWidget(widget)
+    layout.addStretch(1)
+    area = QScrollArea()
+    area.setWidget(holder)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    area.setMinimumHeight(min_height)
+    return area
 
 
 def form(parent: QWidget) -> QFormLayout:
@@ -245,17 +131,6 @@ def ask_yes_no(parent: QWidget, title: str, text: str) -> bool:
     answer = QMessageBox.question(parent, title, text, QMessageBox.Yes | QMessageBox.No,
                                   QMessageBox.No)
     return answer == QMessageBox.Yes
-
-
-def precision_combo(tooltip: str) -> QComboBox:
-    """The Precision choice shared by Segment and Fine-tune (item data = the name)."""
-    from napari_unet.model.precision import PRECISIONS
-
-    combo = QComboBox()
-    for name in PRECISIONS:
-        combo.addItem(name, name)
-    combo.setToolTip(tooltip)
-    return combo
 
 
 def resolved_precision(precision: str, device: str) -> str:

@@ -7,25 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, LineEdit
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
     QFileDialog,
     QFormLayout,
-    QLineEdit,
     QMessageBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_unet._widgets._common import (
-    DockKeys,
-    LayerCombo,
-    MainThreadSteps,
-    button,
-    row,
-    status_label,
-)
+from napari_unet._widgets._common import DockKeys, MainThreadSteps, button, status_label
+from napari_unet._widgets._fields import LayerChoices, LayerCombo, add_fields
 from napari_unet._widgets._measure import intensity_data
 from napari_unet._widgets._state import (
     PROBABILITIES_KEY,
@@ -82,7 +74,7 @@ def image_for_labels(viewer: Any, shape: tuple[int, ...]) -> Any:
     return None
 
 
-class ExportWidget(QWidget):
+class ExportWidget(LayerChoices, QWidget):
     """Write a labels layer as a calibrated, compressed TIFF."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
@@ -98,42 +90,43 @@ class ExportWidget(QWidget):
         layout = QVBoxLayout(self)
         fields = QFormLayout()
         layout.addLayout(fields)
-        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Labels layer to export")
-        fields.addRow("Labels", self.labels_combo)
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(list(MODES))
-        self.mode_combo.setToolTip("as in the layer: the ids as they are (instances stay "
-                                   "instances, classes stay classes); instances: a binary mask is "
-                                   "also split into objects; binary: foreground = 1")
-        fields.addRow("Write as", self.mode_combo)
-        self.unit_edit = QLineEdit("um")
-        self.unit_edit.setToolTip("Unit of the voxel size (the layer's scale), e.g. um, nm, mm")
-        fields.addRow("Unit", self.unit_edit)
+        add_fields(
+            fields, self,
+            labels_combo=LayerCombo(napari_viewer, (Labels,), "Labels layer to export",
+                                    label="Labels"),
+            mode_combo=ComboBox(label="Write as", choices=list(MODES), tooltip=(
+                "as in the layer: the ids as they are (instances stay instances, classes stay "
+                "classes); instances: a binary mask is also split into objects; binary: "
+                "foreground = 1")),
+            unit_edit=LineEdit(label="Unit", value="um", tooltip="Unit of the voxel size (the "
+                               "layer's scale), e.g. um, nm, mm"))
         self.voxel_label = status_label("")
         self.voxel_label.setToolTip("Voxel size written to the file (the layer's scale)")
         fields.addRow("Voxel size", self.voxel_label)
-        self.probability_check = QCheckBox("Also write the probability map")
-        self.probability_check.setToolTip("Writes <name>_probabilities.tif (float32) next to the "
-                                          "labels; available after Segment on the whole image")
-        fields.addRow("", self.probability_check)
-        self.measure_check = QCheckBox("Also write measurements (CSV)")
-        self.measure_check.setToolTip("Writes <name>_measurements.csv next to the labels: one row "
-                                      "per object, in calibrated units (see the Measurements dock)")
+        self.probability_check = CheckBox(text="probability map", tooltip=(
+            "Writes <name>_probabilities.tif (float32) next to the labels; available after "
+            "Segment on the whole image")).native
+        self.measure_check = CheckBox(text="measurements (CSV)", tooltip=(
+            "Writes <name>_measurements.csv next to the labels: one row per object, in "
+            "calibrated units (see the Measurements dock)")).native
+        fields.addRow("Also write", self.probability_check)
         fields.addRow("", self.measure_check)
-        self.path_edit = QLineEdit()
+        file_edit = FileEdit(mode="w", filter="TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
+        file_edit.margins = (0, 0, 0, 0)
+        file_edit.choose_btn.text, file_edit.choose_btn.tooltip = "Browse…", "Choose the output file"
+        self.path_edit = file_edit.line_edit.native
         self.path_edit.setPlaceholderText("labels.tif")
         self.path_edit.setToolTip("Output file: .tif, or .ome.zarr (OME-Zarr: the image with the "
                                   "labels under labels/, multiscale); written atomically, never "
                                   "over the input")
-        fields.addRow("File", row(self.path_edit, button("Browse…", "Choose the output file",
-                                                          self._choose_path)))
+        fields.addRow("File", file_edit.native)
         self.export_button = button("Export", f"Write the TIFF ({KEY.replace('-', '+')})",
                                     self.export)
         layout.addWidget(self.export_button)
         self.status = status_label("Choose a labels layer and a file, then click Export.")
         layout.addWidget(self.status)
         layout.addStretch(1)
-        self.labels_combo.currentIndexChanged.connect(self._layer_changed)
+        self.labels_combo.changed.connect(self._layer_changed)
         self._layer_changed()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.export})
 
@@ -156,12 +149,6 @@ class ExportWidget(QWidget):
     def _default_path(layer: Any) -> Path:
         """The file an export of ``layer`` suggests: its name, next to its image."""
         return default_export_path(layer.name, layer.metadata.get(SOURCE_KEY))
-
-    def _choose_path(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export labels", self.path_edit.text(),
-                                              "TIFF (*.tif *.tiff);;OME-Zarr (*.ome.zarr)")
-        if path:
-            self.path_edit.setText(path)
 
     def _refuse(self, message: str) -> None:
         """An export that does not start: one line in the status line (nothing written)."""

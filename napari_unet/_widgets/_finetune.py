@@ -17,11 +17,11 @@ from napari_unet._widgets._common import (
     ask_model_file,
     button,
     connect_until_destroyed,
-    fill_model_combo,
     row,
-    select_model_in_combo,
+    scrolled,
     status_label,
 )
+from napari_unet._widgets._fields import LayerChoices, fill_model_combo, select_model_in_combo
 from napari_unet._widgets._finetune_form import TrainingData, TrainingSettings
 from napari_unet._widgets._live import KEY as LIVE_KEY, LivePanel
 from napari_unet._widgets._loss_plot import LossPlot
@@ -91,7 +91,7 @@ class FineTuneRun:
         return time.perf_counter() - self.start
 
 
-class FineTuneWidget(QWidget):
+class FineTuneWidget(LayerChoices, QWidget):
     """Fine-tune the selected model on image + labels pairs (corrected slices of stacks)."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
@@ -123,7 +123,7 @@ class FineTuneWidget(QWidget):
             "New model…", "Start from an untrained 2D or 3D model (foreground, foreground + "
             "boundary, membranes or classes) made for the labels layer below", self.choose_new_model)
         self.load_button = button(
-            "Load model file…", "Add a napari-unet checkpoint (.pt) or a bioimage.io package "
+            "Load file…", "Add a napari-unet checkpoint (.pt) or a bioimage.io package "
             "(.zip, rdf.yaml) made by napari-unet to the list, to fine-tune it",
             self._choose_model_file)
         fields.addRow("", row(self.new_model_button, self.load_button))
@@ -166,12 +166,11 @@ class FineTuneWidget(QWidget):
         self.weights_label = status_label("")
         self.weights_label.setToolTip("Which weights the new version gets: the best-scoring ones "
                                       "(a part is held out) or the last ones")
-        layout.addWidget(self.weights_label)
         self.status = status_label("Correct some slices (Edit dock), then click Fine-tune.")
-        layout.addWidget(self.status)
-        # the free space stays below the status line: a status that wraps to more lines moves
-        # nothing above it (no relayout and repaint of the whole dock)
-        layout.addStretch(1)
+        # the free space goes to the status lines, which scroll: a status that wraps to more
+        # lines moves nothing above it (no relayout of the whole dock) and, in a narrow and short
+        # dock, does not squeeze the form
+        layout.addWidget(scrolled(self.weights_label, self.status), 1)
 
         # the view (status, progress, loss curve) is redrawn by this timer, not per iteration;
         # it ticks twice per PLOT_INTERVAL: the dock, then napari's activity bar (see _refresh_view)
@@ -290,7 +289,6 @@ class FineTuneWidget(QWidget):
 
     def fine_tune(self) -> None:
         """Start fine-tuning in a worker; the new version is added to the model list."""
-        from napari.utils import progress
         from napari.utils.notifications import show_info
 
         from napari_unet.training.trainer import Trainer
@@ -336,16 +334,16 @@ class FineTuneWidget(QWidget):
             return result
 
         self.plot.clear(time_limit=config.time_limit, iterations=config.iterations)
-        self._pbar = progress(total=1000, desc=f"Fine-tune {model.label}")
+        self._pbar = None  # napari's activity bar (~75 ms): made by the timer, not in the click
         self.progress_bar.setValue(0)
         self.finetune_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.revert_button.setEnabled(False)
         self.status.setText(run_summary.preparing_text(model.label, precision_label, notes))
         self.weights_label.setText(run_summary.weights_plan_text(self.validation_expected(pairs)))
-        if preview_image is not None:  # the preview layer exists from the start
+        if preview_image is not None:  # the preview layer appears at the next event-loop pass
             run.preview_shape = tuple(preview_image.shape)
-            self._show_preview(np.zeros((1, *preview_image.shape), np.float32))
+            self._first_preview(run)
         self._timer.start()
         self.rescue = FineTuneRescue(model.label)  # its best weights survive a crash
         self.worker = start_job(job(), on_yield=self._on_stats, on_return=self._on_result,
@@ -393,8 +391,17 @@ class FineTuneWidget(QWidget):
                 self.status.setText(run_summary.progress_text(
                     stats, run.precision, format_seconds(stats.elapsed)))
             self.plot.draw()
-        elif self._pbar is not None and int(1000 * fraction) != self._pbar.n:
+        elif self._pbar is None:
+            from napari.utils import progress
+
+            self._pbar = progress(total=1000, desc=f"Fine-tune {run.model.label}")
+        elif int(1000 * fraction) != self._pbar.n:
             self._pbar.update(int(1000 * fraction) - self._pbar.n)
+
+    def _first_preview(self, run: FineTuneRun) -> None:
+        """An empty preview layer (adding a layer costs ~100 ms: not in the click handler)."""
+        if self._alive and run is self._run and not run.ended and PREVIEW_LAYER not in self.viewer.layers:
+            self._show_preview(np.zeros((1, *run.preview_shape), np.float32))
 
     def _show_preview(self, probabilities: np.ndarray) -> None:
         run = self._run

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from magicgui.widgets import CheckBox, FloatSpinBox
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QListWidget,
@@ -17,13 +15,13 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from napari_unet._widgets._common import (
+from napari_unet._widgets._common import button, resolved_precision, row
+from napari_unet._widgets._fields import (
     LayerCombo,
-    button,
+    add_fields,
+    device_combo,
     precision_combo,
     remember,
-    resolved_precision,
-    row,
 )
 from napari_unet._widgets._state import corrected_slices, notify_error
 from napari_unet.training.config import TrainingConfig, TrainingPair
@@ -47,11 +45,12 @@ class TrainingData:
         self.viewer = viewer
         pairs = QGroupBox("Training data")
         pairs_layout = QVBoxLayout(pairs)
-        self.image_combo = LayerCombo(viewer, (Image,), "Image the labels belong to")
-        self.labels_combo = LayerCombo(viewer, (Labels,), "Corrected labels for the image")
         pair_form = QFormLayout()
-        pair_form.addRow("Image", self.image_combo)
-        pair_form.addRow("Labels", self.labels_combo)
+        add_fields(pair_form, self,
+                   image_combo=LayerCombo(viewer, (Image,), "Image the labels belong to",
+                                          label="Image"),
+                   labels_combo=LayerCombo(viewer, (Labels,), "Corrected labels for the image",
+                                           label="Labels"))
         pairs_layout.addLayout(pair_form)
         self.pair_list = QListWidget()
         self.pair_list.setToolTip("Image + labels pairs to train on. Empty: the pair chosen above")
@@ -61,10 +60,10 @@ class TrainingData:
                    self.add_pair),
             button("Remove pair", "Remove the selected pair from the list", self.remove_pair)))
         pairs_layout.addWidget(self.pair_list)
-        self.corrected_only = QCheckBox("Only corrected slices (stacks)")
-        self.corrected_only.setChecked(True)
-        self.corrected_only.setToolTip("Train on the slices you corrected (Edit dock list); if none "
-                                       "are marked, on the whole stack. 2D images: whole image")
+        self.corrected_only = CheckBox(
+            text="Only corrected slices", value=True, tooltip="Stacks: train on the slices you "
+            "corrected (Edit dock list); if none are marked, on the whole stack. 2D images: the "
+            "whole image").native
         pairs_layout.addWidget(self.corrected_only)
         layout.addWidget(pairs)
 
@@ -115,9 +114,9 @@ class TrainingSettings:
     precision, live preview."""
 
     def __init__(self, layout: QVBoxLayout, preview_layer: str):
-        from napari_unet.engine.devices import available_devices
-
         settings = QFormLayout()
+        # Qt spin boxes: magicgui's integer SpinBox (superqt's QLargeIntSpinBox) has no suffix
+        # (" s") and does not show a special value text ("auto" at 0), see docs/CONTRIBUTING.md
         self.time_spin = QSpinBox()
         self.time_spin.setRange(0, 24 * 3600)
         self.time_spin.setValue(60)
@@ -127,42 +126,28 @@ class TrainingSettings:
         remember(self.time_spin, "time_limit")
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(0, 1_000_000)
-        self.iterations_spin.setValue(0)
         self.iterations_spin.setSpecialValueText("auto")
         self.iterations_spin.setToolTip("Stop after this many iterations (auto = by time limit)")
         settings.addRow("Iterations", self.iterations_spin)
-        self.lr_spin = QDoubleSpinBox()
+        add_fields(
+            settings, self,
+            lr_spin=FloatSpinBox(label="Learning rate", max=0.1, step=0.0001, tooltip="Learning "
+                                 "rate (auto = 3e-4 for fine-tuning)"),
+            validation_check=CheckBox(text="Validate on a held-out part", value=True,
+                                      tooltip=(
+                "With 2 or more corrected slices or images, one part is kept aside to score the "
+                "weights, and Stop and the end keep the best-scoring ones; with fewer, or "
+                "unchecked, the last weights are kept")),
+            device_combo=device_combo("Where training runs. Found here: {found}"),
+            precision_combo=precision_combo(
+                "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on "
+                "GPUs, fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact"),
+            preview_check=CheckBox(text="Live preview (current slice)", value=True,
+                                   tooltip="Every few seconds re-predict the slice on screen "
+                                           f"into the '{preview_layer}' layer"))
         self.lr_spin.setDecimals(5)
-        self.lr_spin.setRange(0.0, 0.1)
-        self.lr_spin.setSingleStep(0.0001)
-        self.lr_spin.setValue(0.0)
         self.lr_spin.setSpecialValueText("auto")
-        self.lr_spin.setToolTip("Learning rate (auto = 3e-4 for fine-tuning)")
-        settings.addRow("Learning rate", self.lr_spin)
-        self.validation_check = QCheckBox("Hold out a part, keep the best weights")
-        self.validation_check.setChecked(True)
-        self.validation_check.setToolTip("With 2 or more corrected slices or images, one part is "
-                                         "kept aside to score the weights, and Stop and the end "
-                                         "keep the best-scoring ones; with fewer, or unchecked, "
-                                         "the last weights are kept")
-        settings.addRow("", self.validation_check)
-        self.device_combo = QComboBox()
-        found = available_devices()
-        self.device_combo.addItem(f"auto ({found[0]})", "auto")
-        for name in found:
-            self.device_combo.addItem(name, name)
-        self.device_combo.setToolTip(f"Where training runs. Found here: {', '.join(found)}")
-        settings.addRow("Device", self.device_combo)
         remember(self.device_combo, "device")
-        self.precision_combo = precision_combo(
-            "Numeric precision of training: auto = bf16 on CPUs with native bf16 and on GPUs, "
-            "fp16 (with loss scaling) on older GPUs, else fp32; fp32 = exact")
-        settings.addRow("Precision", self.precision_combo)
-        self.preview_check = QCheckBox("Live preview of the current slice")
-        self.preview_check.setChecked(True)
-        self.preview_check.setToolTip("Every few seconds re-predict the slice on screen into the "
-                                      f"'{preview_layer}' layer")
-        settings.addRow("", self.preview_check)
         layout.addLayout(settings)
 
     def precision_label(self) -> str:

@@ -49,13 +49,13 @@ def launch(path: str | Path | None = None, *, viewer: Any = None, sample: str = 
     if docks:
         QApplication.processEvents()  # the docks are tabified on the next pass of the event loop
         docks[0].raise_()
-        fit_docks(viewer, docks[0])
+        fit_docks(viewer, docks)
     return viewer
 
 
 #: the most of the window's width the plugin's tabbed docks and napari's layer docks take
-#: (more where their contents need it)
-DOCK_FRACTIONS = {"plugin": 0.28, "layers": 0.2}
+#: (more where their contents need it): in a 1100 px window the canvas keeps more than half
+DOCK_FRACTIONS = {"plugin": 0.21, "layers": 0.2}
 #: napari's layer list and layer controls shrink to this width (their buttons and sliders fit)
 LAYER_DOCKS_MIN_WIDTH = 225
 #: margins inside the plugin's docks (Qt's default is 9-11 px)
@@ -64,7 +64,8 @@ MARGIN = 4
 
 def narrow_forms(docks: list[Any]) -> None:
     """Make the docks narrow: a form puts a field under its label when it is narrow (Qt's
-    ``WrapLongRows``), margins are small, and a dock is as narrow as its contents allow."""
+    ``WrapLongRows``) and margins are small (:func:`fit_docks` then lets each dock be as narrow
+    as its contents allow)."""
     from qtpy.QtWidgets import QFormLayout, QGroupBox
 
     for dock in docks:
@@ -77,21 +78,17 @@ def narrow_forms(docks: list[Any]) -> None:
             if holder.layout() is not None:
                 holder.layout().setContentsMargins(MARGIN, MARGIN, MARGIN, MARGIN)
         widget.updateGeometry()
-        # the dock's layout keeps the minimum of the form before; use the form's own now
-        dock.setMinimumWidth(widget.minimumSizeHint().width())
 
 
-def fit_docks(viewer: Any, plugin_dock: Any) -> None:
+def fit_docks(viewer: Any, plugin_docks: list[Any]) -> None:
     """Give the tabbed docks and napari's layer list/controls :data:`DOCK_FRACTIONS` of the
     window's width (or what their contents need, if more), the canvas the rest."""
     from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFormLayout
-
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtWidgets import QApplication, QFormLayout
 
     window = viewer.window._qt_window
     qt_viewer = viewer.window._qt_viewer
-    docks, fractions = [plugin_dock], [DOCK_FRACTIONS["plugin"]]
+    docks, fractions = [plugin_docks[0]], [DOCK_FRACTIONS["plugin"]]
     for name in ("dockLayerList", "dockLayerControls"):
         dock = getattr(qt_viewer, name, None)
         if dock is not None and dock.isVisible():
@@ -101,6 +98,9 @@ def fit_docks(viewer: Any, plugin_dock: Any) -> None:
             docks.append(dock)
             fractions.append(DOCK_FRACTIONS["layers"])
     QApplication.processEvents()  # the wrapped forms' minimum widths take effect
+    for dock in plugin_docks:  # the dock's layout keeps the minimum of the form before wrapping
+        if dock.widget() is not None:
+            dock.setMinimumWidth(dock.widget().minimumSizeHint().width())
     window.resizeDocks(docks, [int(f * window.width()) for f in fractions], Qt.Horizontal)
 
 

@@ -42,6 +42,7 @@ class LossPlot:
         self.canvas.mpl_connect("draw_event", self._on_full_draw)
         self._drawn_axes: tuple[Any, ...] | None = None
         self.clear()
+        self._full_redraw()
         # the layout is computed once; constrained layout on every full redraw costs ~0.3 s
         self.figure.set_layout_engine("none")
 
@@ -73,7 +74,9 @@ class LossPlot:
         self.ax.set_xlabel("seconds" if curve.by_time else "iteration", fontsize=8)
         self.ax.set_xlim(0, curve.x_max)
         self.ax.set_ylim(0, curve.y_max)
-        self._full_redraw()
+        # a full matplotlib draw takes ~50 ms: the timer's next draw() does it in its own
+        # event-loop pass, not in the click (which also paints the new preview layer)
+        self._background = None
 
     def _full_redraw(self) -> None:
         self._set_lines()
@@ -98,7 +101,7 @@ class LossPlot:
     def draw(self) -> None:
         """Show new points (called by a timer, at most every PLOT_INTERVAL)."""
         curve = self.curve
-        if not curve.taken():
+        if not curve.taken() and self._background is not None:
             return
         rescale = False
         if curve.grow_y():

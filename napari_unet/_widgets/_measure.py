@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from magicgui.widgets import CheckBox
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
     QFileDialog,
     QFormLayout,
     QTableView,
@@ -25,7 +25,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_unet._widgets._common import LayerCombo, button, row, status_label
+from napari_unet._widgets._common import button, row, status_label
+from napari_unet._widgets._fields import LayerChoices, LayerCombo, add_fields
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._measure_table import MeasurementModel
 from napari_unet._widgets._state import SOURCE_KEY, layer_unit, notify_error
@@ -68,7 +69,15 @@ def _data(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
-class MeasureWidget(QWidget):
+def table_unit(layer: Any) -> str:
+    """The length unit of a labels layer's measurements: its own, else ``px`` for an
+    uncalibrated layer (scale 1), else ``um`` (a scale set without a unit)."""
+    unit = layer_unit(layer, default="")
+    if unit:
+        return unit
+    return "um" if any(float(s) != 1.0 for s in layer.scale) else "px"
+
+class MeasureWidget(LayerChoices, QWidget):
     """The measurement table of a labels layer: click a row to go to the object."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
@@ -84,16 +93,16 @@ class MeasureWidget(QWidget):
         layout = QVBoxLayout(self)
         fields = QFormLayout()
         layout.addLayout(fields)
-        self.labels_combo = LayerCombo(napari_viewer, (Labels,), "Labels layer to measure")
-        fields.addRow("Labels", self.labels_combo)
-        self.image_combo = LayerCombo(napari_viewer, (Image,), "Image for the intensity columns "
-                                      "(same shape as the labels)", allow_none=True)
-        fields.addRow("Intensity", self.image_combo)
-        self.auto_check = QCheckBox("Update after edits")
-        self.auto_check.setChecked(True)
-        self.auto_check.setToolTip("Measure again after Segment and each edit (only the objects "
-                                   "an edit touched), in the background")
-        fields.addRow("", self.auto_check)
+        add_fields(
+            fields, self,
+            labels_combo=LayerCombo(napari_viewer, (Labels,), "Labels layer to measure",
+                                    label="Labels"),
+            image_combo=LayerCombo(napari_viewer, (Image,), "Image for the intensity columns "
+                                   "(same shape as the labels)", allow_none=True,
+                                   label="Intensity"),
+            auto_check=CheckBox(text="Update after edits", value=True, tooltip=(
+                "Measure again after Segment and each edit (only the objects an edit touched), "
+                "in the background")))
         self.measure_button = button("Measure", "Measure every object again", self.measure)
         self.save_button = button("Save CSV…", "Write the table as CSV (units in the header)",
                                   self._choose_csv)
@@ -115,8 +124,8 @@ class MeasureWidget(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DELAY_MS)
         self._timer.timeout.connect(self._start)
-        self.labels_combo.currentIndexChanged.connect(self._labels_changed)
-        self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self.labels_combo.changed.connect(self._labels_changed)
+        self.image_combo.changed.connect(self._image_changed)
         self._labels_changed()
 
     # which layer ------------------------------------------------------------------------------
@@ -131,9 +140,8 @@ class MeasureWidget(QWidget):
             self.status.setText("Choose a labels layer.")
             return
         image = image_for(self.viewer, layer)
-        self.image_combo.blockSignals(True)
-        self.image_combo.setCurrentText(image.name if image is not None else "(none)")
-        self.image_combo.blockSignals(False)
+        with self.image_combo.changed.blocked():
+            self.image_combo.set_layer(image)
         history = history_for(layer)
         ref = weakref.WeakMethod(self._edited)
 
@@ -243,7 +251,7 @@ class MeasureWidget(QWidget):
 
     def _show(self, layer: Any, table: dict[str, np.ndarray]) -> None:
         ndim = layer.ndim
-        unit = layer_unit(layer)
+        unit = table_unit(layer)
         self.model.set_table(table, column_units(ndim, unit, "mean_intensity" in table))
         size = table["volume" if ndim == 3 else "area"]
         self.status.setText(f"{len(table['label'])} objects in {layer.name}; total "
@@ -292,7 +300,7 @@ class MeasureWidget(QWidget):
             notify_error(ValueError("nothing measured yet: choose a labels layer"), "Save CSV")
             return None
         try:
-            written = write_csv(path, table, column_units(layer.ndim, layer_unit(layer),
+            written = write_csv(path, table, column_units(layer.ndim, table_unit(layer),
                                                           "mean_intensity" in table))
         except OSError as err:
             notify_error(err, "Save CSV")

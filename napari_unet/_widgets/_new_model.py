@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from magicgui.widgets import ComboBox, LineEdit, SpinBox
 from qtpy.QtWidgets import (
-    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFormLayout,
     QLabel,
-    QLineEdit,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
+
+from napari_unet._widgets._fields import add_fields
 
 from napari_unet.model.config import inplane_only_levels_for
 from napari_unet.training.new_models import (
@@ -70,78 +70,58 @@ class NewModelDialog(QDialog):
         layout.addLayout(fields)
         ndim = labels_layer.ndim if labels_layer is not None else 2
 
-        self.dims_combo = QComboBox()
-        self.dims_combo.addItem("2D (images, or a stack slice by slice)", 2)
-        self.dims_combo.addItem("3D (stacks)", 3)
-        self.dims_combo.setCurrentIndex(1 if ndim >= 3 else 0)
-        self.dims_combo.setToolTip("2D models see one slice at a time; 3D models see the stack")
-        fields.addRow("Dimensions", self.dims_combo)
-
-        self.task_combo = QComboBox()
-        self.task_combo.addItems(list(TASK_CHOICES))
-        self.task_combo.setCurrentText("foreground + boundary")
-        self.task_combo.setToolTip("foreground: one mask; foreground + boundary: touching objects "
-                                   "(nuclei) are separated; membranes: cell boundaries (EM, "
-                                   "membrane stains); classes: one class per label id (organs)")
-        fields.addRow("Task", self.task_combo)
-
         self.layer_names = layer_class_names(labels_layer) if labels_layer is not None else {}
-        self.classes_edit = QLineEdit()
+        add_fields(
+            fields, self,
+            dims_combo=ComboBox(label="Dimensions", value=3 if ndim >= 3 else 2, choices=[
+                ("2D (images, or a stack slice by slice)", 2), ("3D (stacks)", 3)],
+                tooltip="2D models see one slice at a time; 3D models see the stack"),
+            task_combo=ComboBox(label="Task", choices=list(TASK_CHOICES),
+                                value="foreground + boundary", tooltip=(
+                "foreground: one mask; foreground + boundary: touching objects (nuclei) are "
+                "separated; membranes: cell boundaries (EM, membrane stains); classes: one class "
+                "per label id (organs)")),
+            classes_edit=LineEdit(label="Class names", value=", ".join(
+                class_list(self.layer_names)[1:]) if self.layer_names else "", tooltip=(
+                "Classes only: the names of label ids 1, 2, … separated by commas. Filled from "
+                "the labels layer's features when it has names")))
         self.classes_edit.setPlaceholderText("names for ids 1, 2, … e.g. liver, spleen")
-        self.classes_edit.setToolTip("Classes only: the names of label ids 1, 2, … separated by "
-                                     "commas. Filled from the labels layer's features when it "
-                                     "has names")
-        if self.layer_names:
-            self.classes_edit.setText(", ".join(class_list(self.layer_names)[1:]))
-        fields.addRow("Class names", self.classes_edit)
         source = (f"{len(self.layer_names)} names from {labels_layer.name!r}" if self.layer_names
                   else "type them (the layer has no names)")
         self.classes_info = QLabel(source)
         fields.addRow("", self.classes_info)
 
-        self.base_spin = QSpinBox()
-        self.base_spin.setRange(4, 64)
-        self.base_spin.setValue(16)
-        self.base_spin.setToolTip("Channels of the first level (larger = slower, more capacity)")
-        fields.addRow("Base channels", self.base_spin)
-        self.architecture_combo = QComboBox()
-        for text, architecture in ARCHITECTURE_CHOICES.items():
-            self.architecture_combo.addItem(text, architecture)
-        self.architecture_combo.setToolTip(
-            "UNet: the classic; Residual UNet: residual blocks; Attention UNet: attention gates "
-            "on the skip connections; UNet++: nested dense skips (more memory and time)")
-        fields.addRow("Architecture", self.architecture_combo)
-        self.depth_spin = QSpinBox()
-        self.depth_spin.setRange(2, 6)
-        self.depth_spin.setValue(4)
-        self.depth_spin.setToolTip("Resolution levels of the UNet")
-        fields.addRow("Depth", self.depth_spin)
-
         self.voxel_size: tuple[float, ...] | None = None
         if labels_layer is not None:
             self.voxel_size = tuple(float(s) for s in labels_layer.scale[-min(3, ndim):])
-        self.aniso_spin = QSpinBox()
-        self.aniso_spin.setRange(0, 5)
-        self.aniso_spin.setToolTip("3D only: pooling levels that pool y-x only, for stacks whose "
-                                   "z spacing is coarser than in-plane (from the layer's scale)")
-        auto = len(inplane_only_levels_for(self.voxel_size, self.depth_spin.value()))
-        self.aniso_spin.setValue(auto)
-        fields.addRow("In-plane-only levels", self.aniso_spin)
+        depth = 4
+        auto = len(inplane_only_levels_for(self.voxel_size, depth))
+        add_fields(
+            fields, self,
+            base_spin=SpinBox(label="Base channels", min=4, max=64, value=16, tooltip=(
+                "Channels of the first level (larger = slower, more capacity)")),
+            architecture_combo=ComboBox(label="Architecture", choices=list(
+                ARCHITECTURE_CHOICES.items()), tooltip=(
+                "UNet: the classic; Residual UNet: residual blocks; Attention UNet: attention "
+                "gates on the skip connections; UNet++: nested dense skips (more memory and "
+                "time)")),
+            depth_spin=SpinBox(label="Depth", min=2, max=6, value=depth,
+                               tooltip="Resolution levels of the UNet"),
+            aniso_spin=SpinBox(label="In-plane-only levels", max=5, value=auto, tooltip=(
+                "3D only: pooling levels that pool y-x only, for stacks whose z spacing is "
+                "coarser than in-plane (from the layer's scale)")))
         scale_text = ("voxel size " + " × ".join(f"{s:g}" for s in self.voxel_size)
                       if self.voxel_size else "no voxel size")
         self.aniso_info = QLabel(f"{scale_text}: {auto} level(s) pool in-plane only")
         fields.addRow("", self.aniso_info)
-
-        self.norm_combo = QComboBox()
-        self.norm_combo.addItems(list(NORMALIZATIONS))
-        self.norm_combo.setToolTip("How intensities are scaled: percentiles of each image "
-                                   "(microscopy), or a fixed Hounsfield window (CT)")
-        fields.addRow("Normalisation", self.norm_combo)
-
-        self.name_edit = QLineEdit(model_name(f"{labels_layer.name}-model") if labels_layer is not None
-                                   else "model")
-        self.name_edit.setToolTip("Name of the new model (its versions are name v1, v2, …)")
-        fields.addRow("Name", self.name_edit)
+        add_fields(
+            fields, self,
+            norm_combo=ComboBox(label="Normalisation", choices=list(NORMALIZATIONS), tooltip=(
+                "How intensities are scaled: percentiles of each image (microscopy), or a fixed "
+                "Hounsfield window (CT)")),
+            name_edit=LineEdit(label="Name", value=model_name(f"{labels_layer.name}-model")
+                               if labels_layer is not None else "model",
+                               tooltip="Name of the new model (its versions are name v1, v2, …)"))
 
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         buttons.accepted.connect(self.accept)

@@ -23,23 +23,29 @@ from qtpy.QtWidgets import (
 from napari_unet._widgets._common import (
     ChunkedWriter,
     DockKeys,
-    LayerCombo,
     ProgressBar,
     ask_model_file,
     ask_yes_no,
     button,
     connect_until_destroyed,
+    resolved_precision,
+    row,
+    status_label,
+)
+from napari_unet._widgets._fields import (
+    LayerChoices,
+    LayerCombo,
+    add_fields,
+    device_combo,
     fill_model_combo,
     is_user_choice,
     precision_combo,
     remember,
-    resolved_precision,
-    row,
     select_model_in_combo,
-    status_label,
 )
 from napari_unet._widgets._history import history_for
 from napari_unet._widgets._model_choice import note_model_used, pick_model_for
+from napari_unet._widgets._object_size import calibrated_voxel_size
 from napari_unet._widgets._segment_form import NEW_LAYER, OUTPUTS, SCOPES, WRITE_MODES, add_run_fields
 from napari_unet._widgets._segment_run import SegmentRun, SegmentRunMixin, spatial_shape
 from napari_unet._widgets._state import (
@@ -86,14 +92,13 @@ from napari_unet.model.checkpoint import CheckpointError
 KEY = "Alt-G"
 
 
-class SegmentWidget(SegmentRunMixin, QWidget):
+class SegmentWidget(SegmentRunMixin, LayerChoices, QWidget):
     """Pick a model, click Segment; the labels layer fills in tile by tile."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         from napari.layers import Image
 
-        from napari_unet.engine.devices import available_devices
 
         self.viewer = napari_viewer
         self.registry = get_registry()
@@ -116,9 +121,8 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         fields = QFormLayout()
         layout.addLayout(fields)
 
-        self.image_combo = LayerCombo(napari_viewer, (Image,),
-                                      "Image layer to segment (2D image or 3D stack)")
-        fields.addRow("Image", self.image_combo)
+        add_fields(fields, self, image_combo=LayerCombo(
+            napari_viewer, (Image,), "Image layer to segment (2D image or 3D stack)", label="Image"))
 
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model to run: shipped models, loaded files and fine-tuned "
@@ -133,20 +137,12 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self.model_info.setToolTip("What the selected model does")
         fields.addRow("", self.model_info)
 
-        found = available_devices()
-        self.device_combo = QComboBox()
-        self.device_combo.addItem(f"auto ({found[0]})", "auto")
-        for name in found:
-            self.device_combo.addItem(name, name)
-        self.device_combo.setToolTip(f"Where the model runs. Found here: {', '.join(found)}. "
-                                     "auto = the fastest one; out of GPU memory falls back to "
-                                     "smaller tiles, then to the CPU")
-        fields.addRow("Device", self.device_combo)
-        remember(self.device_combo, "device")
-        self.precision_combo = precision_combo(
+        add_fields(fields, self, device_combo=device_combo(
+            "Where the model runs. Found here: {found}. auto = the fastest one; out of GPU memory "
+            "falls back to smaller tiles, then to the CPU"), precision_combo=precision_combo(
             "Numeric precision: auto = bf16 on CPUs with native bf16 and on GPUs, fp16 on older "
-            "GPUs, else fp32; fp32 = exact")
-        fields.addRow("Precision", self.precision_combo)
+            "GPUs, else fp32; fp32 = exact"))
+        remember(self.device_combo, "device")
 
         add_run_fields(self, fields)
 
@@ -173,7 +169,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
         self._fill_models()
         #: the image the model was picked for (picked again when another image is chosen)
         self._picked_for: Any = None
-        self.image_combo.currentIndexChanged.connect(self.pick_model)
+        self.image_combo.changed.connect(self.pick_model)
         self.pick_model()
         self.keys = DockKeys(self, napari_viewer, {KEY: self.segment})
         #: writes tiles and the result into the layer, a piece per event-loop pass
@@ -376,6 +372,7 @@ class SegmentWidget(SegmentRunMixin, QWidget):
                 raise ValueError(f"{model.label} is a 3D model and {image.name!r} is a 2D image; "
                                  "pick a 2D model")
             precision_label = resolved_precision(precision, device)
+            zoom = self.object_size.zoom(model, calibrated_voxel_size(image, len(shape)))
         except (ValueError, MemoryError) as err:
             self._refused(notify_error(err, f"Segment {image.name!r} with {model.label}"), shown=True)
             return
@@ -401,13 +398,18 @@ class SegmentWidget(SegmentRunMixin, QWidget):
                       min_size=self.min_size_spin.value() if self.postprocess_edited else None,
                       voxel_size=voxel_size, start_at=region.start_at(view_point(self.viewer, image)),
                       tta=tta, tta_spread=uncertain.spread if uncertain else None,
-                      stitch_threshold=self.stitch_spin.value(), **self.predict_options.kwargs())
+                      stitch_threshold=self.stitch_spin.value(), scale=zoom,
+                      **self.predict_options.kwargs())
 
         created = layer is None
         dtype = labels_dtype(output, len(model.class_names))
         if created:
             layer = self._new_layer(image, shape, dtype)
-        layer.metadata[UNIT_KEY] = layer_unit(image)
+        unit = layer_unit(image, default="")  # none for an uncalibrated image (pixels)
+        if unit:
+            layer.metadata[UNIT_KEY] = unit
+        else:
+            layer.metadata.pop(UNIT_KEY, None)
         layer.metadata[MODEL_KEY] = model.label
         if image.source.path:
             layer.metadata[SOURCE_KEY] = str(image.source.path)

@@ -39,7 +39,8 @@ class SliceLists:
         self.current_layer = current_layer
         self.say = say
 
-        corrections = QGroupBox("Corrected slices (training data for Fine-tune)")
+        corrections = QGroupBox("Corrected slices")
+        corrections.setToolTip("The slices you corrected: the training data for Fine-tune")
         box = QVBoxLayout(corrections)
         self.slice_list = QListWidget()
         self.slice_list.setToolTip("Slices you corrected, seen along z, y or x (painting marks the "
@@ -51,7 +52,8 @@ class SliceLists:
         self.unmark_button = button("Unmark", "Remove the selected slices from the list",
                                     self.unmark_selected)
         self.goto_button = button("Go to", "Show the selected slice", self.goto_selected)
-        box.addWidget(row(self.mark_button, self.unmark_button, self.goto_button))
+        box.addWidget(row(self.mark_button, self.unmark_button))  # two a row: a narrow dock
+        box.addWidget(self.goto_button)
         layout.addWidget(corrections)
 
         suggestions = QGroupBox("Suggested slices to correct")

@@ -188,7 +188,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
                  tile_shape: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                  normalizer: Normalizer | None = None,
                  max_tile_bytes: float | None = DEFAULT_MAX_TILE_BYTES, dtype: Any = np.float32,
-                 client: Any = None, tta: bool = False) -> Any:
+                 client: Any = None, tta: bool = False,
+                 scale: Sequence[float] | None = None) -> Any:
     """Lazy prediction of a dask array with :func:`dask.array.map_overlap`.
 
     The input is rechunked so chunks are tile cores (multiples of the network's divisor,
@@ -198,6 +199,8 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
     whole (subsampled) array. With a ``client`` the weights are scattered to every worker
     once; otherwise they travel as one shared ``dask.delayed`` object. ``tta``: test-time
     augmentation in every block (8 times the work), equal to the in-memory TTA result.
+    ``scale``: the per-tile zoom of :func:`~napari_unet.engine.predict.predict_probabilities`
+    (blocks overlap by the enlarged halo; equal to the in-memory result).
 
     Returns
     -------
@@ -213,7 +216,7 @@ def predict_dask(image: Any, model: SegmentationModel, *, output: str = "probabi
                          "cross-chunk merge of predict_to_zarr_distributed")
     image = image if isinstance(image, da.Array) else da.from_array(image)
     plan = make_plan(image, model, device=device, precision=precision, tile_shape=tile_shape,
-                     halo=halo, max_bytes=max_tile_bytes)
+                     halo=halo, max_bytes=max_tile_bytes, scale=scale)
     normalizer = normalizer or fit_normalizer(image, model.normalization)
     # map_overlap needs chunks at least as thick as the overlap: cores of at least the halo
     cores = tuple(max(c, -(-h // d) * d) for c, h, d in zip(plan.core, plan.halo, plan.divisor))
@@ -255,15 +258,22 @@ def _predict_block(block: np.ndarray, *, weights: dict[str, Any], plan: TilePlan
     location = block_info[None]["chunk-location"]
     spatial_location = location[-len(chunks_per_axis):]
     spatial_shape = block.shape[1:] if plan.has_channels else block.shape
-    write = []
+    write, origin = [], []
     for index, chunks, pad in zip(spatial_location, chunks_per_axis, halo_depth):
         low = pad if index > 0 else 0
         write.append(slice(low, low + chunks[index]))
+        origin.append(sum(chunks[:index]) - low)
     tile = Tile(tuple(slice(0, n) for n in spatial_shape), tuple(write))
     block_plan = dataclasses.replace(plan, spatial=tuple(spatial_shape), batch_size=1)
+    if plan.scale is not None:  # the zoom's grid is the whole image's: global coordinates
+        tile = Tile(tuple(slice(o, o + n) for o, n in zip(origin, spatial_shape)),
+                    tuple(slice(o + w.start, o + w.stop) for o, w in zip(origin, write)))
+        block_plan = dataclasses.replace(plan, batch_size=1)
+    else:
+        origin = None
     runner = TileRunner(block, network, Normalizer(**_normalizer_from_json(normalizer)),
                         torch_device, resolve_precision(precision, torch_device), model.task,
-                        block_plan, tta=tta)
+                        block_plan, tta=tta, origin=origin)
     core = runner.predict_core(tile)
     if kind == "labels":
         return instances.to_semantic(core, model.task, threshold=threshold).astype(np.uint8)
@@ -320,13 +330,14 @@ def predict_to_zarr_distributed(
     allow_channels: bool = False,
     tta: bool = False,
     stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
+    scale: Sequence[float] | None = None,
 ) -> Generator[Progress, None, StreamResult]:
     """:func:`napari_unet.bigdata.streaming.predict_to_zarr` on a dask cluster, one task per tile.
 
     ``image`` is a path (TIFF, zarr, OME-Zarr; every worker opens it lazily, once) or an array
     that pickles (numpy, zarr; scattered once). ``path`` must be on storage every worker can
     write (a shared file system on a cluster). Same output, same resume, same parameters
-    (``tta`` is stored with the output, and the workers read it from there).
+    (``tta`` and ``scale`` are stored with the output, and the workers read them from there).
     """
     input_path = Path(image).expanduser().resolve() if isinstance(image, (str, os.PathLike)) else None
     local_image = _open_input(str(input_path), allow_channels) if input_path is not None else image
@@ -336,7 +347,7 @@ def predict_to_zarr_distributed(
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, overwrite=overwrite, input_path=input_path,
                        stitch_threshold=stitch_threshold,
-                       tta=tta)
+                       tta=tta, scale=scale)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
@@ -378,8 +389,16 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
     from napari_unet.io.readers import read_image
     from napari_unet.io.writers import write_image_tiff, write_labels_tiff
 
+    from napari_unet.engine.resample import scale_for_model
+    from napari_unet.io.formats import voxel_size_um
+
     model = _worker_model(weights)
     output = options.get("output", "labels")
+
+    def zoom(voxel_size: Any, unit: Any) -> Any:  # each file's own, from its voxel size (µm)
+        return scale_for_model(model, voxel_size_um(voxel_size, unit),
+                               options.get("object_size"))[0]
+
     if target.lower().endswith(".zarr"):
         from napari_unet.bigdata.streaming import predict_to_zarr
         from napari_unet.io.lazy import open_lazy
@@ -392,14 +411,16 @@ def _file_task(source: str, target: str, *, weights: dict[str, Any], options: di
                               precision=options.get("precision", "auto"),
                               tile_shape=options.get("tile_shape"), input_path=source,
                               overwrite=options.get("overwrite", False),
-                              tta=options.get("tta", False)))
+                              tta=options.get("tta", False),
+                              scale=zoom(image.voxel_size, image.unit)))
         return target
     image = read_image(source, allow_channels=model.config.in_channels > 1)
     result = drain(segment(image.data, model, output=output, device=options.get("device", "cpu"),
                            precision=options.get("precision", "auto"),
                            tile_shape=options.get("tile_shape"), threshold=options.get("threshold"),
                            min_size=options.get("min_size"), voxel_size=image.voxel_size,
-                           dtype=np.float32, tta=options.get("tta", False)))
+                           dtype=np.float32, tta=options.get("tta", False),
+                           scale=zoom(image.voxel_size, image.unit)))
     if output == "probabilities":
         data = result.data if result.data.shape[0] > 1 else result.data[0]
         axes = ("C" if data.ndim > image.data.ndim else "") + image.spatial_axes
@@ -445,7 +466,8 @@ def predict_batch(files: Sequence[str | Path], model: SegmentationModel, out_dir
 
     Each output is ``out_dir/<name><suffix>`` (``.tif``: in memory per file; ``.zarr``:
     streamed). ``options``: ``output``, ``threshold``, ``min_size``, ``device``,
-    ``precision``, ``tile_shape``, ``overwrite``, ``tta``. Returns the written paths, in input
+    ``precision``, ``tile_shape``, ``overwrite``, ``tta``, ``object_size`` (``(diameter,
+    unit)``: each file is zoomed by its own voxel size). Returns the written paths, in input
     order.
     """
     out_dir = Path(out_dir)

@@ -52,6 +52,8 @@ class StreamSettings:
     stitch_threshold: float = DEFAULT_STITCH_THRESHOLD
     #: test-time augmentation (:func:`napari_unet.engine.tta.tta_transforms`) for every tile
     tta: bool = False
+    #: zoom per model axis before the network (:mod:`napari_unet.engine.resample`; None: none)
+    object_scale: tuple[float, ...] | None = None
 
     def arrays(self) -> list[str]:
         names = []

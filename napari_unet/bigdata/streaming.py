@@ -25,7 +25,12 @@ from napari_unet.bigdata.store import (
 )
 from napari_unet.engine.devices import select_device
 from napari_unet.engine.planning import make_plan
-from napari_unet.engine.predict import OUTPUTS, postprocess_settings, shape_settings
+from napari_unet.engine.predict import (
+    OUTPUTS,
+    model_scale,
+    postprocess_settings,
+    shape_settings,
+)
 from napari_unet.engine.runner import TileRunner, _to_output_dtype, prepare_network
 from napari_unet.engine.tiling import Tile, TilePlan
 from napari_unet.engine.tta import tta_transforms
@@ -153,6 +158,7 @@ def predict_to_zarr(
     start_at: Sequence[int] | None = None,
     tta: bool = False,
     stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
+    scale: Sequence[float] | None = None,
 ) -> Generator[Progress, None, StreamResult]:
     """Predict a (lazy) image tile by tile straight into a zarr group; resumable.
 
@@ -193,6 +199,9 @@ def predict_to_zarr(
         ``instances`` of a 2D model on a stack: made per slice and joined through z where
         neighbouring objects overlap with IoU at least this (within and across chunks); 0
         keeps them per slice.
+    scale : sequence of float, optional
+        Zoom per model axis before the network, as for
+        :func:`napari_unet.engine.predict.predict_probabilities` (part of the stored settings).
 
     Yields
     ------
@@ -209,7 +218,8 @@ def predict_to_zarr(
                        method=method, voxel_size=voxel_size, unit=unit, device=device,
                        precision=precision, tile_shape=tile_shape, halo=halo,
                        max_tile_bytes=max_tile_bytes, normalizer=normalizer, overwrite=overwrite,
-                       input_path=input_path, tta=tta, stitch_threshold=stitch_threshold)
+                       input_path=input_path, tta=tta, stitch_threshold=stitch_threshold,
+                       scale=scale)
     group, plan, result = run.group, run.plan, run.result
     if run.complete:
         return result
@@ -271,7 +281,8 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
                  halo: Sequence[int] | None, max_tile_bytes: float | None,
                  normalizer: Normalizer | None = None, overwrite: bool = False,
                  input_path: str | Path | None = None, tta: bool = False,
-                 stitch_threshold: float = DEFAULT_STITCH_THRESHOLD) -> StreamRun:
+                 stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
+                 scale: Sequence[float] | None = None) -> StreamRun:
     """Check the options, plan the tiles and open (or reopen) the output: the start shared by
     :func:`predict_to_zarr` and :func:`napari_unet.bigdata.cluster.predict_to_zarr_distributed`."""
     if output not in OUTPUTS:
@@ -279,7 +290,8 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
     if probability_dtype not in PROBABILITY_DTYPES:
         raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}")
     plan = make_plan(image, model, device=device, precision=precision, tile_shape=tile_shape,
-                     halo=halo, max_bytes=max_tile_bytes)
+                     halo=halo, max_bytes=max_tile_bytes, scale=scale)
+    zoom = None if plan.scale is None else model_scale(plan.scale, model.spatial_dims)
     sampling = None
     per_slice = model.spatial_dims == 2 and len(plan.spatial) == 3
     if voxel_size is not None and len(voxel_size) == len(plan.spatial) and (
@@ -287,8 +299,8 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
         sampling = tuple(float(v) for v in voxel_size)
     plane = sampling[-2:] if per_slice and sampling else sampling
     threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size,
-                                                               voxel_size=plane)
-    shape = shape_settings(model, plane)
+                                                               voxel_size=plane, scale=zoom)
+    shape = shape_settings(model, plane, scale=zoom)
     if shape["object_radius"] is None and model.task == "membranes":
         # no stored object size: one fixed radius for all chunks rather than one per chunk
         scale = float(np.prod(plane)) ** (1 / len(plane)) if plane else 1.0
@@ -297,7 +309,8 @@ def start_stream(image: Any, model: SegmentationModel, path: str | Path, *, outp
                               probability_dtype=probability_dtype, threshold=float(threshold),
                               method=method, voxel_size=sampling, min_size=int(min_size),
                               seed_threshold=seed_threshold, tta=bool(tta), per_slice=per_slice,
-                              stitch_threshold=float(stitch_threshold), **shape)
+                              stitch_threshold=float(stitch_threshold), object_scale=zoom,
+                              **shape)
     group, normalizer, resumed, plan = open_stream(
         path, plan=plan, settings=settings, model=model, normalizer=normalizer, image=image,
         overwrite=overwrite, input_path=input_path, voxel_size=voxel_size, unit=unit)

@@ -59,7 +59,7 @@ def _run_measure(args: argparse.Namespace) -> int:
     spacing = args.voxel_size or loaded.voxel_size
     if spacing is not None and len(spacing) != labels.ndim:
         raise UsageError(f"--voxel-size has {len(spacing)} values for {labels.ndim}D labels")
-    unit = args.unit or loaded.unit or "um"
+    unit = args.unit or loaded.unit or ("um" if spacing is not None else "px")  # none: pixels
     table = _drain_with_bar(measure_labels(labels, image, spacing), "measure", unit="object")
     try:
         write_csv(output, table, column_units(labels.ndim, unit, intensity=image is not None))

@@ -64,6 +64,12 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
                         help="instances of a 2D model on a stack: objects of neighbouring slices "
                              "with IoU at least this are one object (default "
                              f"{DEFAULT_STITCH_THRESHOLD}); 0 keeps the objects per slice")
+    parser.add_argument("--object-size", type=_object_size, default=None, metavar="DIAMETER",
+                        help="expected object diameter, e.g. 12 (µm when the image has a voxel "
+                             "size, else pixels), 12px or 12um, or 'auto' (estimated on a first "
+                             "pass); each tile is resampled so objects reach the model at its "
+                             "training size, and labels come back on the image's grid (default: "
+                             "the image's voxel size against the model's, else no resampling)")
     parser.add_argument("--hu-window", type=_parse_window, default=None, metavar="CENTER,WIDTH",
                         help="CT: normalise with this Hounsfield window (e.g. 40,400) instead of the model's setting")
     parser.add_argument("--tta", action="store_true",
@@ -87,6 +93,52 @@ def _stitch_option(args: argparse.Namespace) -> dict:
     """``stitch_threshold`` when given (else the default of :func:`segment`)."""
     value = getattr(args, "stitch_threshold", None)
     return {} if value is None else {"stitch_threshold": float(value)}
+
+
+def _object_size(text: str) -> tuple[float, str | None] | str:
+    """``--object-size``: ``auto`` or ``(diameter, unit)``."""
+    from napari_unet.labels.object_size import parse_object_size
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_object_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _object_scale(args: argparse.Namespace, model, data, voxel_size, unit
+                  ) -> tuple[float, ...] | None:
+    """The zoom of ``--object-size`` (or its default) for ``model`` on ``data`` with
+    ``voxel_size`` in ``unit``; says which."""
+    from napari_unet.engine.resample import scale_for_model
+    from napari_unet.io.formats import voxel_size_um
+
+    voxel_size = voxel_size_um(voxel_size, unit)  # sizes are compared in µm
+
+    size = getattr(args, "object_size", None)
+    if size is not None and getattr(model, "foreign", False):
+        raise UsageError("--object-size needs a napari-unet model (a Zoo model made elsewhere "
+                         "does not store the size of its training objects)")
+    if getattr(model, "foreign", False):
+        return None
+    try:
+        if size == "auto":
+            from napari_unet.engine.estimate import estimate_object_size, zoom_from_estimate
+
+            diameter = drain(estimate_object_size(data, model, voxel_size=voxel_size,
+                                                  device=args.device, precision=args.precision))
+            scale, source = zoom_from_estimate(model, voxel_size, diameter)
+        else:
+            scale, source = scale_for_model(model, voxel_size, size)
+    except ValueError as err:
+        raise UsageError(f"--object-size: {err}") from None
+    if scale is not None:
+        shown = ", ".join(f"{s:.3g}" for s in scale)
+        print(f"napari-unet: resampling tiles x({shown}) for the model: {source}", file=sys.stderr)
+    elif size is not None:
+        print(f"napari-unet: no resampling: {source}", file=sys.stderr)
+    return scale
 
 
 def _parse_window(text: str) -> dict:
@@ -118,6 +170,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     nonfinite = _check_image_values(image, model)
     warnings.filterwarnings("ignore", category=NonFiniteValuesWarning)  # counted exactly above
     normalizer = fit_normalizer(image.data, args.hu_window) if args.hu_window else None
+    scale = _object_scale(args, model, image.data, image.voxel_size, image.unit)
     # a Zoo model made elsewhere runs with blended tiles
     from napari_unet.zoo.predict import segment_model
 
@@ -126,7 +179,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                         max_bytes=_max_tile_bytes(args), batch_size=args.batch_size,
                         threshold=args.threshold, min_size=args.min_size,
                         seed_threshold=args.seed_threshold, voxel_size=image.voxel_size,
-                        normalizer=normalizer, tta=args.tta, **_stitch_option(args))
+                        normalizer=normalizer, tta=args.tta, scale=scale, **_stitch_option(args))
     bar = None
 
     def show(update: Progress) -> None:
@@ -209,7 +262,7 @@ _SETTING_OPTIONS = {
     "model": "--model", "task": "--model", "output": "--output",
     "probabilities": "--save-probabilities", "probability_dtype": "--save-probabilities",
     "threshold": "--threshold", "min_size": "--min-size", "seed_threshold": "--seed-threshold",
-    "tta": "--tta", "voxel_size": "the voxel size", "method": "the instance method",
+    "tta": "--tta", "voxel_size": "the voxel size", "object_scale": "--object-size", "method": "the instance method",
     "settings": "the settings",
 }
 
@@ -297,12 +350,16 @@ def _run_predict_big(args: argparse.Namespace) -> int:
             print(f"dask: scheduler {client.scheduler.address}, {workers} workers", file=sys.stderr)
         try:
             if batch:
+                if args.object_size == "auto":
+                    raise UsageError("--object-size auto is for one image; give the diameter "
+                                     "for a batch run (e.g. 12px)")
                 job = predict_batch(batch_inputs(source), model, target, client=client,
                                     suffix=".zarr" if args.zarr_outputs else ".tif",
                                     output=args.output, threshold=args.threshold,
                                     min_size=args.min_size, device=args.device,
                                     tile_shape=args.tile, overwrite=args.overwrite,
-                                    precision=args.precision, tta=args.tta)
+                                    precision=args.precision, tta=args.tta,
+                                    object_size=args.object_size)
                 written = _drain_with_bar(job, f"{model.label} batch", unit="file")
                 print(f"wrote {len(written)} files to {target}")
                 return 0
@@ -313,6 +370,8 @@ def _run_predict_big(args: argparse.Namespace) -> int:
             if args.max_tile_gb is not None:
                 options["max_tile_bytes"] = _max_tile_bytes(args)
             image = open_lazy(source, allow_channels=allow_channels)
+            options["scale"] = _object_scale(args, model, image.data, image.voxel_size,
+                                             image.unit)
             if client is not None:
                 job = predict_to_zarr_distributed(client, str(source), model, target,
                                                   voxel_size=image.voxel_size, unit=image.unit,

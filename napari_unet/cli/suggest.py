@@ -14,6 +14,7 @@ from napari_unet.cli.common import (
     _int_at_least,
     _parse_ints,
 )
+from napari_unet.cli.predict import _object_scale, _object_size
 from napari_unet.cli.train import _parse_slices
 
 # --- suggest -------------------------------------------------------------------------------
@@ -40,6 +41,8 @@ def _add_suggest(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile", type=_parse_ints, default=None, help="largest tile read at once")
     parser.add_argument("--threshold", type=_finite_float(0, 1), default=None,
                         help="foreground probability threshold (default: the model's, else 0.5)")
+    parser.add_argument("--object-size", type=_object_size, default=None, metavar="DIAMETER",
+                        help="expected object diameter, as for predict (12, 12px, 12um or auto)")
     parser.add_argument("--uncertainty", default=None, metavar="FILE.tif",
                         help="also write the uncertainty map (0..1, float32) to this file")
     parser.set_defaults(handler=_run_suggest)
@@ -67,9 +70,10 @@ def _run_suggest(args: argparse.Namespace) -> int:
     if args.exclude and set(range(depth)) <= set(args.exclude):
         raise UsageError(f"no slices left to suggest: --exclude covers all {depth} slices of "
                          f"{Path(args.input).name}; exclude fewer slices")
+    scale = _object_scale(args, model, image.data, image.voxel_size, image.unit)
     job = suggest(image.data, model, args.n, tta=args.tta, min_gap=args.min_gap,
                   exclude=args.exclude or (), threshold=args.threshold, device=args.device,
-                  precision=args.precision, tile_shape=args.tile)
+                  precision=args.precision, tile_shape=args.tile, scale=scale)
     found = _drain_with_bar(job, model.label)
     if target is not None:
         try:

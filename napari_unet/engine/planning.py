@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import torch
 
 from napari_unet.engine.devices import select_device
+from napari_unet.engine.resample import image_halo, network_length
 from napari_unet.engine.tiling import TilePlan, plan_run
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.precision import PrecisionPolicy, resolve_precision
@@ -76,13 +78,17 @@ def _work_layout(image: Any, network: UNet) -> tuple[bool, bool]:
 def make_plan(image: Any, model: SegmentationModel, *, device: str | torch.device = "cpu",
               precision: str = "auto", tile_shape: Sequence[int] | None = None,
               halo: Sequence[int] | None = None, max_bytes: float | None = None,
-              batch_size: int | None = None) -> TilePlan:
+              batch_size: int | None = None, scale: Sequence[float] | None = None) -> TilePlan:
     """The tile plan for running ``model`` on ``image`` (anything with ``shape``/``ndim``).
 
     Without ``tile_shape`` the planner picks the tiles that compute the fewest voxels per voxel
     written (:func:`napari_unet.engine.tiling.choose_cores`) within the device's memory budget
     (:func:`tile_budget`, at most ``max_bytes``). ``tile_shape`` is per spatial axis of the
     image; for a 2D model on a stack ``(y, x)`` or ``(slices, y, x)``.
+
+    ``scale`` zooms the image per tile before the network (per model axis, e.g. from
+    :func:`napari_unet.labels.object_size.network_scale`; see :mod:`napari_unet.engine.resample`):
+    the halo grows by the zoom, ``tile_shape`` and the memory budget count network voxels.
     """
     network = model.network
     slicewise, has_channels = _work_layout(image, network)
@@ -110,8 +116,60 @@ def make_plan(image: Any, model: SegmentationModel, *, device: str | torch.devic
         tile = tuple(int(t) for t in tile_shape)
         if slicewise and len(tile) == 2:
             tile = (max_slices or 1, *tile)
+    zoom = work_scale(scale, spatial, config.spatial_dims, slicewise)
+    if zoom is not None:
+        return _scaled_plan(spatial, zoom, work_halo, work_div, max_voxels, slicewise,
+                            has_channels, tile, max_slices, batch_size)
     plan = plan_run(spatial, work_halo, work_div, max_voxels=max_voxels, slicewise=slicewise,
                     has_channels=has_channels, tile_shape=tile, max_slices=max_slices)
+    if batch_size is not None and not slicewise:
+        plan = dataclasses.replace(plan, batch_size=int(batch_size))
+    return plan
+
+
+def work_scale(scale: Sequence[float] | None, spatial: Sequence[int], dims: int,
+               slicewise: bool) -> tuple[float, ...] | None:
+    """``scale`` per spatial axis of the image (a 2D model on a stack: z is not zoomed), or
+    None when no axis changes its length."""
+    if scale is None:
+        return None
+    zoom = tuple(float(s) for s in scale)
+    if len(zoom) == 1:
+        zoom = zoom * dims
+    if len(zoom) != dims:
+        raise ValueError(f"scale {zoom} does not match the model's {dims} axes")
+    if not all(math.isfinite(s) and s > 0 for s in zoom):
+        raise ValueError(f"scale factors must be positive, got {zoom}")
+    if slicewise:
+        zoom = (1.0, *zoom)
+    if all(network_length(n, s) == n for n, s in zip(spatial, zoom)):
+        return None
+    return zoom
+
+
+def _scaled_plan(spatial: tuple[int, ...], zoom: tuple[float, ...], net_halo: tuple[int, ...],
+                 net_div: tuple[int, ...], max_voxels: int, slicewise: bool, has_channels: bool,
+                 tile: tuple[int, ...] | None, max_slices: int | None,
+                 batch_size: int | None) -> TilePlan:
+    """The plan of a zoomed run: tiles on the image grid whose network windows fit."""
+    halo, divisor, ratios = [], [], []
+    for n, s, h, d in zip(spatial, zoom, net_halo, net_div):
+        m = network_length(n, s)
+        ratios.append(m / n)
+        if m == n:
+            halo.append(h)
+            divisor.append(d)
+            continue
+        # cores of about the network's divisor at least, and a halo that is a multiple of them
+        step = max(1, math.ceil(d * n / m))
+        divisor.append(step)
+        halo.append(math.ceil(image_halo(h, d, n, s) / step) * step)
+    if tile is not None:  # network voxels -> image voxels
+        tile = tuple(max(1, int(math.ceil(t / r))) for t, r in zip(tile, ratios))
+    image_voxels = max(4096, int(max_voxels / math.prod(ratios)))
+    plan = plan_run(spatial, halo, divisor, max_voxels=image_voxels, slicewise=slicewise,
+                    has_channels=has_channels, tile_shape=tile, max_slices=max_slices)
+    plan = dataclasses.replace(plan, scale=zoom, net_halo=net_halo, net_divisor=net_div)
     if batch_size is not None and not slicewise:
         plan = dataclasses.replace(plan, batch_size=int(batch_size))
     return plan

@@ -22,7 +22,12 @@ from napari_unet.engine.tiling import Tile, TilePlan
 from napari_unet.engine.tta import tta_transforms
 from napari_unet.labels import edits, instances
 from napari_unet.labels.instances import DEFAULT_MIN_SIZE
-from napari_unet.labels.object_size import median_volume, object_radius
+from napari_unet.labels.object_size import (
+    median_volume,
+    object_radius,
+    scaled_radius,
+    scaled_volume,
+)
 from napari_unet.labels.stitch import DEFAULT_STITCH_THRESHOLD, stitch_slices
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.normalization import Normalizer, fit_normalizer
@@ -62,6 +67,7 @@ def predict_probabilities(
     plan: TilePlan | None = None,
     tta: bool = False,
     tta_spread: Any = None,
+    scale: Sequence[float] | None = None,
 ) -> Generator[Progress, None, Any]:
     """Predict per-voxel probabilities tile by tile.
 
@@ -103,6 +109,11 @@ def predict_probabilities(
         With ``tta``: preallocated ``spatial``-shaped output for the disagreement between the
         augmentations (per voxel, the standard deviation of the probabilities, the largest
         over channels; 0..0.5), e.g. for :func:`napari_unet.engine.uncertainty.uncertainty_map`.
+    scale : sequence of float, optional
+        Zoom per model axis (network voxels per image voxel, e.g. from
+        :func:`napari_unet.labels.object_size.network_scale`): each tile is resampled so the
+        objects reach the network at the size it was trained on, and the probabilities come
+        back on the image's grid (same shape; tiling stays exact).
 
     Yields
     ------
@@ -120,7 +131,8 @@ def predict_probabilities(
     policy = resolve_precision(precision, torch_device)
     if plan is None:
         plan = make_plan(image, model, device=torch_device, precision=precision,
-                         tile_shape=tile_shape, halo=halo, max_bytes=max_bytes, batch_size=batch_size)
+                         tile_shape=tile_shape, halo=halo, max_bytes=max_bytes, batch_size=batch_size,
+                         scale=scale)
     spatial = plan.spatial
     if out is None:
         out = np.empty((config.out_channels, *spatial), dtype=dtype)
@@ -164,7 +176,8 @@ def predict_probabilities(
 
 def postprocess_settings(model: SegmentationModel, threshold: float | None = None,
                          min_size: int | None = None, seed_threshold: float | None = None,
-                         voxel_size: Sequence[float] | None = None
+                         voxel_size: Sequence[float] | None = None,
+                         scale: Sequence[float] | None = None
                          ) -> tuple[float, int, float | None]:
     """``(threshold, min_size, seed_threshold)``: the values given, else the model's tuned
     ones (:attr:`SegmentationModel.postprocess`), else the built-in defaults (0.5,
@@ -172,13 +185,17 @@ def postprocess_settings(model: SegmentationModel, threshold: float | None = Non
 
     A tuned ``min_size_fraction`` (of the median training object volume, see
     :mod:`napari_unet.labels.object_size`) wins over a stored ``min_size``: it becomes voxels
-    of an image with ``voxel_size``, so the minimum keeps its physical size."""
+    of an image with ``voxel_size``, so the minimum keeps its physical size; with ``scale``
+    (the zoom that brings the image's objects to the training size) of the image's objects."""
     if threshold is None:
         threshold = float(model.postprocess_default("threshold", 0.5))
     if min_size is None:
         fraction = model.postprocess_default("min_size_fraction", None)
-        volume = median_volume(getattr(model, "object_size", None), voxel_size,
-                               getattr(model, "voxel_size", None))
+        if scale is not None:
+            volume = scaled_volume(getattr(model, "object_size", None), scale)
+        else:
+            volume = median_volume(getattr(model, "object_size", None), voxel_size,
+                                   getattr(model, "voxel_size", None))
         if fraction is not None and volume is not None:
             min_size = int(round(float(fraction) * volume))
         else:
@@ -189,16 +206,26 @@ def postprocess_settings(model: SegmentationModel, threshold: float | None = Non
 
 
 def shape_settings(model: Any, voxel_size: Sequence[float] | None = None,
-                   merge_threshold: float | None = None) -> dict[str, float | None]:
+                   merge_threshold: float | None = None,
+                   scale: Sequence[float] | None = None) -> dict[str, float | None]:
     """``object_radius`` (units of ``voxel_size``, else voxels; ``None``: unknown) and
     ``merge_threshold`` (given, else the model's tuned one, else ``None``) for membrane
     instances."""
     postprocess = getattr(model, "postprocess", {}) or {}
     if merge_threshold is None and postprocess.get("merge_threshold") is not None:
         merge_threshold = float(postprocess["merge_threshold"])
-    radius = object_radius(getattr(model, "object_size", None), voxel_size,
-                           getattr(model, "voxel_size", None))
+    if scale is not None:  # the image's objects: the training ones over the zoom
+        radius = scaled_radius(getattr(model, "object_size", None), scale, voxel_size)
+    else:
+        radius = object_radius(getattr(model, "object_size", None), voxel_size,
+                               getattr(model, "voxel_size", None))
     return {"object_radius": radius, "merge_threshold": merge_threshold}
+
+
+def model_scale(scale: Sequence[float], dims: int) -> tuple[float, ...]:
+    """A zoom per model axis (one value: the same on every axis)."""
+    zoom = tuple(float(s) for s in scale)
+    return zoom * dims if len(zoom) == 1 else zoom[-dims:]
 
 
 def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *,
@@ -245,7 +272,7 @@ def probabilities_to_output(probabilities: np.ndarray, task: str, output: str, *
 def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
             threshold: float | None = None, min_size: int | None = None,
             voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
-            stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
+            stitch_threshold: float = DEFAULT_STITCH_THRESHOLD, scale: Sequence[float] | None = None,
             **predict_options: Any) -> Generator[Progress, None, SegmentationResult]:
     """Predict and post-process: the whole Segment job, as one generator.
 
@@ -253,21 +280,23 @@ def segment(image: Any, model: SegmentationModel, *, output: str = "labels",
     returns a :class:`SegmentationResult`. ``threshold``, ``min_size`` and ``seed_threshold``
     default to the model's tuned values (:func:`postprocess_settings`). A 2D model's
     instances of a stack are made per slice and stitched through z with ``stitch_threshold``
-    (IoU; 0 keeps them per slice).
+    (IoU; 0 keeps them per slice). ``scale``: the per-tile zoom of
+    :func:`predict_probabilities`; sizes of the post-processing follow it.
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-    predictor = predict_probabilities(image, model, **predict_options)
+    predictor = predict_probabilities(image, model, scale=scale, **predict_options)
     return (yield from postprocessed(predictor, model, output=output, threshold=threshold,
                                      min_size=min_size, voxel_size=voxel_size,
                                      seed_threshold=seed_threshold,
-                                     stitch_threshold=stitch_threshold))
+                                     stitch_threshold=stitch_threshold, scale=scale))
 
 
 def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, *, output: str,
                   threshold: float | None = None, min_size: int | None = None,
                   voxel_size: Sequence[float] | None = None, seed_threshold: float | None = None,
-                  stitch_threshold: float = DEFAULT_STITCH_THRESHOLD
+                  stitch_threshold: float = DEFAULT_STITCH_THRESHOLD,
+                  scale: Sequence[float] | None = None
                   ) -> Generator[Progress, None, SegmentationResult]:
     """Drain a probability ``predictor`` (passing its progress on), then post-process its
     result into ``output`` with ``model``'s settings (:func:`postprocess_settings`): the second
@@ -275,8 +304,9 @@ def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, 
     sampling = voxel_size if voxel_size is not None and model.spatial_dims == len(voxel_size) else None
     if voxel_size is not None and model.spatial_dims == 2 and len(voxel_size) == 3:
         sampling = tuple(voxel_size)[-2:]  # a 2D model on a stack: post-processed per slice
+    zoom = None if scale is None else model_scale(scale, model.spatial_dims)
     threshold, min_size, seed_threshold = postprocess_settings(model, threshold, min_size,
-                                                               seed_threshold, sampling)
+                                                               seed_threshold, sampling, zoom)
     messages: list[str] = []
     last: Progress | None = None
 
@@ -293,7 +323,8 @@ def postprocessed(predictor: Generator[Progress, None, np.ndarray], model: Any, 
         yield Progress(done, done + 1, elapsed, message="post-processing", stage="postprocess")
     data = probabilities_to_output(probabilities, model.task, output, threshold=threshold,
                                    min_size=min_size, voxel_size=sampling,
-                                   seed_threshold=seed_threshold, **shape_settings(model, sampling),
+                                   seed_threshold=seed_threshold,
+                                   **shape_settings(model, sampling, scale=zoom),
                                    per_slice=model.spatial_dims == 2 and probabilities.ndim == 4,
                                    stitch_threshold=stitch_threshold)
     return SegmentationResult(data=data, output=output, probabilities=probabilities,

@@ -10,6 +10,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 import torch
 
+from napari_unet.engine.resample import AxisWindow, tile_windows, to_image, to_network
 from napari_unet.engine.threads import ThreadTuner
 from napari_unet.engine.tiling import Tile, TilePlan, plan_tiles
 from napari_unet.engine.tta import (
@@ -62,6 +63,8 @@ class TileRunner:
     on_spread : callable, optional
         With ``tta``: ``on_spread(tile, spread)`` for every core, the per-voxel disagreement
         between the augmentations (the uncertainty map uses it).
+    origin : sequence of int, optional
+        Where ``source`` starts in the plan's coordinates (a dask block); default 0.
 
     :meth:`run` predicts a list of tiles and hands each finished core to a ``write`` callback:
     in-memory runs write into an array, streamed runs into zarr chunks, dask blocks into their
@@ -70,8 +73,11 @@ class TileRunner:
 
     def __init__(self, source: Any, network: UNet, normalizer: Normalizer, device: torch.device,
                  policy: PrecisionPolicy, task: str, plan: TilePlan, tta: bool = False,
-                 on_spread: Callable[[Tile, np.ndarray], None] | None = None):
+                 on_spread: Callable[[Tile, np.ndarray], None] | None = None,
+                 origin: Sequence[int] | None = None):
         self.source, self.network, self.normalizer = source, network, normalizer
+        #: the plan's coordinates of ``source``'s first voxel (a dask block of a larger image)
+        self.origin = tuple(origin) if origin is not None else (0,) * len(plan.spatial)
         self.device, self.policy, self.task, self.plan = device, policy, task, plan
         self.tta = bool(tta)
         #: with TTA, receives ``(tile, spread)`` for every core: the standard deviation of the
@@ -81,12 +87,28 @@ class TileRunner:
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _read(self, tile: Tile) -> np.ndarray:
-        """Network input items ``(n, C, *tile)`` for one tile (``n`` > 1 = slices of a stack)."""
-        index = ((slice(None),) if self.plan.has_channels else ()) + tile.read
+    def _windows(self, tile: Tile) -> tuple[AxisWindow, ...] | None:
+        """With a zoom: the read region, network window and core of every axis of ``tile``."""
+        plan = self.plan
+        if plan.scale is None:
+            return None
+        return tile_windows(tile.write, plan.spatial, plan.scale, plan.net_halo, plan.net_divisor)
+
+    def _read(self, tile: Tile, windows: tuple[AxisWindow, ...] | None = None) -> np.ndarray:
+        """Network input items ``(n, C, *tile)`` for one tile (``n`` > 1 = slices of a stack);
+        with a zoom, the tile resampled to its network window."""
+        region = tile.read if windows is None else tuple(w.read for w in windows)
+        local = tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, self.origin))
+        shape = self.source.shape[-len(local):]
+        if any(s.start < 0 or s.stop > n for s, n in zip(local, shape)):
+            raise RuntimeError(f"tile {region} reaches outside its source {tuple(shape)} "
+                               f"(origin {self.origin}): the halo is too small")
+        index = ((slice(None),) if self.plan.has_channels else ()) + local
         data = self.normalizer(np.asarray(self.source[index]))
         if not self.plan.has_channels:
             data = data[None]
+        if windows is not None:
+            data = to_network(data, windows)
         if self.plan.slicewise:  # (C, z, y, x) -> z items of (C, y, x)
             return np.moveaxis(data, 1, 0)
         return data[None]
@@ -138,7 +160,19 @@ class TileRunner:
             return logits.sigmoid_()
 
     def _run_batch(self, tiles: list[Tile], write: Callable[[Tile, np.ndarray], None]) -> None:
-        items = [self._read(tile) for tile in tiles]
+        windows = [self._windows(tile) for tile in tiles]
+        items = [self._read(tile, w) for tile, w in zip(tiles, windows)]
+        # a zoom can give tiles of one read shape network windows of different shapes
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for number, item in enumerate(items):
+            groups.setdefault(item.shape[1:], []).append(number)
+        for numbers in groups.values():
+            self._run_group([tiles[i] for i in numbers], [items[i] for i in numbers],
+                            [windows[i] for i in numbers], write)
+
+    def _run_group(self, tiles: list[Tile], items: list[np.ndarray],
+                   windows: list[tuple[AxisWindow, ...] | None],
+                   write: Callable[[Tile, np.ndarray], None]) -> None:
         counts = [len(item) for item in items]
         batch = torch.from_numpy(np.concatenate(items) if len(items) > 1 else items[0]).to(self.device)
         del items
@@ -147,7 +181,7 @@ class TileRunner:
         spread = spread.cpu().numpy() if spread is not None else None
         del batch
         start = 0
-        for tile, count in zip(tiles, counts):
+        for tile, count, tile_windows_ in zip(tiles, counts, windows):
             values = probabilities[start:start + count]
             spread_values = spread[start:start + count] if spread is not None else None
             start += count
@@ -160,6 +194,11 @@ class TileRunner:
                 values = values[0]
                 spread_values = spread_values[0] if spread_values is not None else None
                 crop = tile.crop
+            if tile_windows_ is not None:  # back on the image grid, the core only
+                values = to_image(values, tile_windows_)
+                if spread_values is not None:
+                    spread_values = to_image(spread_values, tile_windows_)
+                crop = ()
             if spread_values is not None and self.on_spread is not None:
                 self.on_spread(tile, spread_values[(slice(None), *crop)])
             write(tile, values[(slice(None), *crop)])

@@ -78,13 +78,15 @@ class ThreadTuner:
     probe_interval
         Seconds between probes of the other counts.
     enabled
-        False: the thread count is left as it is and nothing is timed.
+        False: the thread count is left as it is and nothing is timed. With a single choice
+        (e.g. ``TrainingConfig.threads``) that count is used, and nothing is timed.
     """
 
     def __init__(self, choices: Sequence[int] | None = None, *, steps_per_probe: int = 3,
                  probe_interval: float = 8.0, enabled: bool = True) -> None:
         self.choices = list(choices) if choices else thread_choices()
         self.enabled = enabled and len(self.choices) > 1
+        fixed = enabled and len(self.choices) == 1
         self.steps_per_probe = max(1, int(steps_per_probe))
         self.base_interval = float(probe_interval)
         self.interval = self.base_interval
@@ -92,7 +94,7 @@ class ThreadTuner:
         #: the thread count in use for the steps (the chosen one, or the one being probed)
         # one thread first: on a loaded machine a probe of two costs a few slow steps, on a
         # quiet one a probe of one costs little
-        self.current = self.choices[0] if self.enabled else self._saved
+        self.current = self.choices[0] if self.enabled or fixed else self._saved
         self.chosen = self.current
         #: recent step seconds per thread count
         self.times: dict[int, list[float]] = {c: [] for c in self.choices}

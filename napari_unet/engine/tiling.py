@@ -184,6 +184,10 @@ class TilePlan:
     ``tile_shape``, ``halo``, ``divisor``, ``core`` and ``grid`` are per spatial axis of the
     image (for a 2D model on a stack ``z`` has halo 0 and divisor 1, and a tile holds ``core[0]``
     slices run as one batch). ``batch_size`` tiles of the same shape run in one forward pass.
+
+    ``scale`` (per spatial axis; ``None``: none) zooms the image before the network
+    (:mod:`napari_unet.engine.resample`): ``halo`` and ``divisor`` are then those of the image
+    grid (the halo enlarged by the zoom) and ``net_halo`` / ``net_divisor`` the network's.
     """
 
     spatial: tuple[int, ...]
@@ -194,6 +198,9 @@ class TilePlan:
     slicewise: bool
     has_channels: bool
     batch_size: int = 1
+    scale: tuple[float, ...] | None = None
+    net_halo: tuple[int, ...] | None = None
+    net_divisor: tuple[int, ...] | None = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -252,9 +259,16 @@ class TilePlan:
         return sorted(todo, key=distance)
 
     def describe(self) -> str:
-        """One line for a progress message, e.g. ``12 tiles of (64, 256, 256), 1.31 read/written``."""
-        return (f"{self.n_tiles} tile{'s' if self.n_tiles != 1 else ''} of "
+        """One line for a progress message, e.g. ``12 tiles of (64, 256, 256), 1.31 read/written``
+        (with a zoom: ``, resampled x0.5`` or per axis)."""
+        text = (f"{self.n_tiles} tile{'s' if self.n_tiles != 1 else ''} of "
                 f"{tuple(self.tile_shape)}, {self.read_per_written:.2f} read/written")
+        if self.scale is not None:
+            zooms = sorted(set(self.scale))
+            shown = (f"{zooms[0]:.3g}" if len(zooms) == 1
+                     else "(" + ", ".join(f"{s:.3g}" for s in self.scale) + ")")
+            text += f", resampled x{shown}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -104,6 +105,19 @@ class _RawImage:
     spacing: dict[str, float]  # spatial axis letter -> voxel size in `unit`
     unit: str | None
     rgb_like: bool = False  # the 'S' axis holds colour samples (RGB, RGBA, ...)
+
+
+def voxel_size_um(voxel_size: Sequence[float] | None, unit: str | None
+                  ) -> tuple[float, ...] | None:
+    """``voxel_size`` in micrometres (``unit`` None: already µm); None when it is unknown or
+    its unit is not a length."""
+    if voxel_size is None:
+        return None
+    canonical = "um" if unit is None else normalize_unit(unit)
+    factor = _UNIT_IN_UM.get(canonical) if canonical else None
+    if factor is None:
+        return None
+    return tuple(float(v) * factor for v in voxel_size)
 
 
 def normalize_unit(unit: str | None) -> str | None:

@@ -105,6 +105,13 @@ class TrainingConfig:
     #: fine-tuning: weight of the distillation term (:func:`losses.distillation_loss`) that
     #: keeps the start model's output on the voxels nobody annotated; 0 = off
     distillation: float = 1.0
+    #: predict the distillation teacher's output once for the training images before training
+    #: (see :mod:`napari_unet.training.teacher`) instead of running it on every patch: a third
+    #: less work per 3D UNet++ step, but the target is the start model's whole-image output of
+    #: the clean image, not its output of the augmented patch, and in a side-by-side bench_hitl
+    #: A/B (nuclei-3d, 3 slice choices x 4 seeds, 60 iterations) the 3 fine-tunes it kept were
+    #: worse (F1 -0.036, -0.004; Dice -0.006) where the per-patch teacher's 2 gained: off by default
+    predict_teacher: bool = False
     #: fine-tuning with a held-out part: the trained weights replace the start model only when
     #: they score at least this much better on it (one held-out slice is a noisy judge)
     keep_margin: float = KEEP_MARGIN

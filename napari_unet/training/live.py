@@ -403,7 +403,7 @@ class LiveSession:
                 class_weights = (None if data.class_weights is None
                                  else torch.tensor(data.class_weights, device=device))
 
-                def batch_loss(x, t, m, w):
+                def batch_loss(x, t, m, w, _predicted=None):  # (no predicted teacher here)
                     return training_loss(network, x, t, m, w, self.task, pos_weight=pos_weight,
                                          class_weights=class_weights, teacher=teacher,
                                          distillation=config.distillation)

@@ -250,24 +250,27 @@ def unet_weight_map(labels: np.ndarray, w0: float = UNET_W0, sigma: float = UNET
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, annotated: torch.Tensor,
-                      task: str) -> torch.Tensor:
+                      task: str, *, probabilities: bool = False) -> torch.Tensor:
     """Learning without Forgetting (Li and Hoiem 2016) on the voxels nobody annotated.
 
     The student's logits are pulled toward the start model's probabilities (``teacher``
     logits) wherever ``annotated`` is False, so fine-tuning learns the corrections without
     drifting on the rest of the stack. The soft cross-entropy (softmax for ``semantic``, per
     channel sigmoid otherwise), mean over the unannotated voxels (and channels); 0 when every
-    voxel is annotated. ``annotated``: bool ``(B, *spatial)``.
+    voxel is annotated. ``annotated``: bool ``(B, *spatial)``. ``probabilities``: ``teacher``
+    holds the start model's probabilities already (e.g. predicted once before training).
     """
     keep = (~annotated).unsqueeze(1).to(student.dtype)
     count = keep.sum()
     if float(count) == 0:
         return student.sum() * 0.0
     if task == "semantic":
-        term = -(torch.softmax(teacher, dim=1) * torch.log_softmax(student, dim=1)).sum(1, keepdim=True)
+        target = teacher if probabilities else torch.softmax(teacher, dim=1)
+        term = -(target * torch.log_softmax(student, dim=1)).sum(1, keepdim=True)
         channels = 1
     else:
-        term = F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher), reduction="none")
+        target = teacher if probabilities else torch.sigmoid(teacher)
+        term = F.binary_cross_entropy_with_logits(student, target, reduction="none")
         channels = student.shape[1]
     return (term * keep).sum() / (count * channels)
 

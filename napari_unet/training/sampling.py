@@ -34,6 +34,9 @@ class _Item:
     #: a stack annotated on y or x slices (and z ones): its planes (``labels.slices``); None
     #: when its annotation is z slices, a mask or everything
     planes: list | None = None
+    #: the distillation teacher's probabilities ``(heads * channels, *spatial)`` float16, when
+    #: predicted once before training (see :mod:`napari_unet.training.teacher`)
+    teacher: np.ndarray | None = None
 
 
 def _pad_to(array: np.ndarray, shape: Sequence[int], mode: str, lead: int = 0) -> np.ndarray:
@@ -163,20 +166,23 @@ def patch_start(item: _Item, rng: np.random.Generator, patch: Sequence[int],
 def sample_patches(items: Sequence[_Item], probabilities: np.ndarray, patch: Sequence[int], count: int,
                    rng: np.random.Generator, *, augment: bool, settings: AugmentSettings | None,
                    foreground_oversampling: float, anisotropic: bool
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """A batch of ``count`` training patches.
 
     Items are drawn with ``probabilities``, patch centres by :func:`patch_start`. Only each
     patch, with the margin of its elastic deformation, is read and augmented
     (:func:`augment.augment_patch`), straight into the batch arrays: nothing of the images'
-    size is allocated. A weight map moves with the targets (nearest neighbour).
+    size is allocated. A weight map and the teacher's predicted probabilities move with the
+    targets (nearest neighbour).
 
     Returns
     -------
-    images, targets, masks, maps
+    images, targets, masks, maps, teachers
         Images ``(B, 1, *patch)`` float32, targets ``(B, C, *patch)`` (semantic: ``(B,
-        *patch)``), annotation masks ``(B, *patch)`` bool, and loss weight maps ``(B,
-        *patch)`` float32 when the items have them (else None).
+        *patch)``), annotation masks ``(B, *patch)`` bool, loss weight maps ``(B, *patch)``
+        float32 when the items have them (else None), and the teacher's probabilities ``(B, K,
+        *patch)`` float16 when items have them (``_Item.teacher``; zeros for items without,
+        whose voxels are all annotated; else None).
     """
     patch = tuple(patch)
     lead = items[0].target.shape[:items[0].target.ndim - len(patch)]
@@ -185,25 +191,26 @@ def sample_patches(items: Sequence[_Item], probabilities: np.ndarray, patch: Seq
     masks = np.empty((count, *patch), dtype=bool)
     weighted = items[0].weight_map is not None
     maps = np.empty((count, *patch), dtype=np.float32) if weighted else None
+    taught = [item.teacher for item in items if item.teacher is not None]
+    teachers = np.zeros((count, taught[0].shape[0], *patch), dtype=np.float16) if taught else None
     settings = settings or AugmentSettings()
     for b in range(count):
         item = items[int(rng.choice(len(items), p=probabilities))]
         start = patch_start(item, rng, patch, foreground_oversampling)
+        extra = [a for a in (item.mask, item.weight_map if weighted else None, item.teacher) if a is not None]
         if augment:
-            others = [item.target] if item.mask is None else [item.target, item.mask]
-            if weighted:
-                others.append(item.weight_map)
-            image, moved = augment_patch(item.image, others, start, patch, rng,
+            image, moved = augment_patch(item.image, [item.target, *extra], start, patch, rng,
                                          spatial_dims=len(patch), anisotropic=anisotropic,
                                          settings=settings)
-            images[b, 0], targets[b] = image, moved[0]
-            masks[b] = True if item.mask is None else moved[1]
-            if weighted:
-                maps[b] = moved[-1]
         else:
             region = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            images[b, 0], targets[b] = item.image[region], item.target[(Ellipsis, *region)]
-            masks[b] = True if item.mask is None else item.mask[region]
-            if weighted:
-                maps[b] = item.weight_map[region]
-    return images, targets, masks, maps
+            image = item.image[region]
+            moved = [a[(Ellipsis, *region)] for a in (item.target, *extra)]
+        images[b, 0], targets[b] = image, moved[0]
+        moved = moved[1:]
+        masks[b] = True if item.mask is None else moved.pop(0)
+        if weighted:
+            maps[b] = moved.pop(0)
+        if item.teacher is not None:
+            teachers[b] = moved.pop(0)
+    return images, targets, masks, maps, teachers

@@ -14,7 +14,7 @@ from napari_unet.engine.predict import predict_probabilities
 from napari_unet.engine.threads import ThreadTuner, flush_denormals
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.precision import PrecisionPolicy, resolve_precision
-from napari_unet.model.unet import UNet, fuse_for_inference
+from napari_unet.model.unet import UNet
 from napari_unet.training.config import (
     DEFAULT_TIME_LIMIT,
     EVALUATION_SHARE,
@@ -29,19 +29,14 @@ from napari_unet.training.config import (
 from napari_unet.training.data import prepare
 from napari_unet.training.factory import new_model
 from napari_unet.training.guard import decide_weights, tuning_allowed
-from napari_unet.training.losses import LOSSES, training_loss
-from napari_unet.training.optimisation import (
-    DeviceBatch,
-    device_batch,
-    learning_rate_at,
-    optimizer_step,
-    recalibrate_norm,
-    set_train_mode,
-)
+from napari_unet.training.losses import LOSSES, distillation_loss, masked_loss
+from napari_unet.training.optimisation import (DeviceBatch, device_batch, learning_rate_at, new_optimizer,
+                                               optimizer_step, recalibrate_norm, set_train_mode)
 from napari_unet.training.results import build_result, eval_model
 from napari_unet.training.results import clone_state as _clone_state
 from napari_unet.training.results import finite_state as _finite_state
 from napari_unet.training.sampling import _Item, is_anisotropic, sample_patches
+from napari_unet.training.teacher import Teacher, release_teacher, start_teacher
 from napari_unet.training.validation import score, tune_on_held_out, validation_views
 
 if TYPE_CHECKING:
@@ -76,7 +71,7 @@ class Trainer:
             self.config.precision if self.config.amp else "fp32", self.device)
         #: seconds the last :meth:`run` spent per stage: ``sample`` (patches and augmentation),
         #: ``step`` (forward, loss, backward, optimizer), ``validation``, ``preview``,
-        #: ``recalibration`` (batch-norm statistics) and ``total`` (the whole run)
+        #: ``recalibration`` (batch norm), ``teacher`` (its output predicted), ``total`` (all)
         self.timings: dict[str, float] = {}
         #: optimizer steps skipped in the last :meth:`run` because a gradient was not finite
         self.skipped_steps = 0
@@ -102,7 +97,7 @@ class Trainer:
         self.tuning_message = ""
         #: the thread count chosen by timing the steps (see :class:`ThreadTuner`), in words
         self.threads_message = ""
-        self._teacher: UNet | None = None
+        self._teacher: Teacher | None = None
         self.best_iteration: int | None = None
         #: held-out object F1 of the last validation, of the start model and of the best weights
         self._last_f1 = self.start_f1 = self.best_f1 = None
@@ -168,10 +163,9 @@ class Trainer:
         (:meth:`_sample_patches` without the weight maps)."""
         return self._sample_patches(rng)[:3]
 
-    def _sample_patches(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                 np.ndarray | None]:
-        """A batch of ``batch_size`` training patches with their loss weight maps (None
-        without); items drawn in proportion to their annotated voxels, see
+    def _sample_patches(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """A batch of ``batch_size`` training patches with their loss weight maps and teacher
+        probabilities (None without); items drawn in proportion to their annotated voxels, see
         :func:`sampling.sample_patches`."""
         config = self.config
         return sample_patches(self._items, self._item_probabilities, self.patch_shape, self.batch_size,
@@ -272,20 +266,31 @@ class Trainer:
         """Patches per optimizer step: ``batch_size * accumulate_steps``."""
         return int(self.batch_size) * int(self.config.accumulate_steps)
 
-    def _device_batch(self, patches: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
-                      ) -> DeviceBatch:
+    def _device_batch(self, patches: tuple[np.ndarray, ...]) -> DeviceBatch:
         """:meth:`_sample_patches` arrays as tensors on the training device (images in the
         policy's memory layout)."""
         return device_batch(patches, self.policy, self.device)
 
     def _batch_loss(self, network: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
                     w: torch.Tensor | None, pos_weight: torch.Tensor | None,
-                    class_weights: torch.Tensor | None) -> torch.Tensor:
-        """The configured loss of one batch (:func:`losses.training_loss`, with the start
-        model as the distillation teacher when fine-tuning)."""
-        return training_loss(network, x, t, m, w, self.task, loss=self.config.loss, pos_weight=pos_weight,
-                             class_weights=class_weights, teacher=self._teacher,
-                             distillation=self.config.distillation)
+                    class_weights: torch.Tensor | None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured loss of one batch; with deep supervision (``config.deep_supervision``)
+        the mean over the network's full-resolution heads (``forward_heads``); plus the
+        distillation toward the start model (``teacher``: its predicted probabilities of the
+        batch, see :mod:`training.teacher`)."""
+        def loss_of(logits: torch.Tensor) -> torch.Tensor:
+            return masked_loss(logits.float(), t, m, self.task, pos_weight=pos_weight,
+                               class_weights=class_weights, loss=self.config.loss, weight_map=w)
+
+        deep = getattr(network.config, "deep_supervision", False)
+        heads = network.forward_heads(x) if deep else [network(x)]
+        loss = sum(loss_of(h) for h in heads) / len(heads)
+        if self._teacher is not None:
+            targets = self._teacher.targets(x, teacher)
+            loss = loss + self.config.distillation * sum(
+                distillation_loss(h.float(), g, m, self.task, probabilities=True)
+                for h, g in zip(heads, targets)) / len(heads)
+        return loss
 
     def _optimizer_step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: "torch.amp.GradScaler | None", batches: Sequence[DeviceBatch],
@@ -295,8 +300,8 @@ class Trainer:
         :meth:`_device_batch`, see :func:`optimisation.optimizer_step`); a step with a
         non-finite gradient is skipped and counted in :attr:`skipped_steps`. Returns the mean
         loss."""
-        def loss(x, t, m, w):
-            return self._batch_loss(network, x, t, m, w, pos_weight, class_weights)
+        def loss(x, t, m, w, teacher):
+            return self._batch_loss(network, x, t, m, w, pos_weight, class_weights, teacher)
 
         value, skipped = optimizer_step(network, optimizer, scaler, batches, self.policy, loss)
         self.skipped_steps += int(skipped)
@@ -321,19 +326,19 @@ class Trainer:
         policy = self.policy
         network.to(device, memory_format=policy.memory_format(network.spatial_dims))
         self.network = network
-        if self.fine_tune and config.distillation > 0:  # the start model, frozen, batch norm folded
-            teacher = fuse_for_inference(self.parent.network)
-            teacher.to(device, memory_format=policy.memory_format(network.spatial_dims))
-            self._teacher = teacher.requires_grad_(False)
         if config.gradient_checkpointing:
             network.gradient_checkpointing = True
-        optimizer = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=1e-4)
+        optimizer = new_optimizer(network, self.learning_rate)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         scaler = torch.amp.GradScaler(policy.device_type) if policy.needs_grad_scaler else None
         run_start = time.perf_counter()
         self.skipped_steps = 0
         timings = self.timings = dict.fromkeys(
-            ("sample", "step", "validation", "preview", "recalibration", "total"), 0.0)
+            ("sample", "step", "validation", "preview", "recalibration", "teacher", "total"), 0.0)
+        if self.fine_tune and config.distillation > 0:  # the start model's output, kept where unannotated
+            self._teacher = start_teacher(self.parent.network, self._items, self.task, policy, device,
+                                          budget=None if config.predict_teacher else 0)
+            timings["teacher"] = time.perf_counter() - run_start
         pos_weight = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=device)
         class_weights = None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
         time_limit, total = self.time_limit, config.iterations
@@ -432,6 +437,7 @@ class Trainer:
             tuner.close()
             flush.__exit__(None, None, None)
             self._teacher = None
+            release_teacher(self._items)
             self.threads_message = tuner.summary() if tuner.enabled else ""
             if not finished:  # closed: keep the best weights obtainable
                 with self._lock:

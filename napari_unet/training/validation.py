@@ -58,7 +58,7 @@ def validation_views(val_items: Sequence[_Item], config: UNetConfig) -> list[_It
             item, image=item.image[box], target=item.target[(Ellipsis, *box)], valid=item.valid[box],
             mask=None if item.mask is None else item.mask[box],
             labels=None if item.labels is None else item.labels[box],
-            annotated_index=None, foreground_index=None, weight_map=None))
+            annotated_index=None, foreground_index=None, weight_map=None, teacher=None))
     return views
 
 

@@ -128,6 +128,9 @@ def segment_model(image: Any, model: SegmentationModel, **options: Any) -> Gener
     """:func:`napari_unet.engine.predict.segment`, or :func:`segment_foreign` for a Zoo model made
     elsewhere: the one entry point of the CLI and the Segment dock."""
     if isinstance(model, ForeignModel):
+        if options.pop("scale", None) is not None:
+            raise ValueError("a Zoo model made elsewhere does not store the size of its "
+                             "training objects: it cannot be run at another object size")
         return segment_foreign(image, model, **options)
     from napari_unet.engine.predict import segment
 

@@ -168,6 +168,30 @@ def test_training_in_the_worker_thread_preview_updated_in_place(make_napari_view
     assert "New version" in widget.status.text()
 
 
+def test_click_leaves_the_activity_bar_and_the_plot_to_the_timer(make_napari_viewer, qtbot,
+                                                                 registry, model_2d_path):
+    """napari's activity bar (~75 ms) and the loss figure's full redraw (~50 ms) each get
+    their own event-loop pass, after the click (which makes the preview layer)."""
+    from napari_unet._widgets._finetune import PREVIEW_LAYER
+
+    viewer = make_napari_viewer()
+    image, labels = blobs((32, 32))
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="img labels")
+    segment, widget = _docks(viewer)
+    segment.load_model_file(model_2d_path)
+    widget.iterations_spin.setValue(3)
+    widget.time_spin.setValue(0)
+    draws = []
+    widget.plot.canvas.mpl_connect("draw_event", lambda _e: draws.append(1))
+    widget.fine_tune()
+    assert PREVIEW_LAYER in viewer.layers
+    assert widget._pbar is None and not draws  # neither was made in the click
+    qtbot.waitUntil(lambda: widget._pbar is not None or widget.worker is None, timeout=30000)
+    wait_idle(qtbot, widget)
+    assert draws  # the timer redrew the figure for the new run
+
+
 # ---------------------------------------------------------------------------------------------
 # best weights, honestly (issue 9, item 3)
 # ---------------------------------------------------------------------------------------------

@@ -151,3 +151,20 @@ def test_export_also_writes_the_measurements_next_to_the_tiff(make_napari_viewer
     assert [float(v) for v in table["volume [um^3]"]] == [64.0, 450.0, 6.0]
     assert [float(v) for v in table["mean_intensity"]] == [30.0, 70.0, 90.0]
     assert "cells_measurements.csv" in widget.status.text()
+
+
+def test_an_uncalibrated_layer_is_measured_in_pixels(make_napari_viewer, qtbot):
+    from qtpy.QtCore import Qt
+
+    from napari_unet._widgets._measure import MeasureWidget
+
+    viewer = make_napari_viewer()
+    labels = np.zeros((30, 40), dtype=np.uint16)
+    labels[2:12, 5:10] = 3
+    layer = viewer.add_labels(labels, name="plain labels")  # scale 1, napari's unit "pixel"
+    widget = MeasureWidget(viewer)
+    qtbot.addWidget(widget)
+    qtbot.waitUntil(lambda: "label" in layer.features, timeout=30_000)
+    wait_idle(qtbot, widget)
+    headers = [widget.model.headerData(c, Qt.Horizontal) for c in range(widget.model.columnCount())]
+    assert "area [px^2]" in headers and "px^2" in widget.status.text()

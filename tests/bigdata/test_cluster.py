@@ -180,3 +180,17 @@ def test_cli_dask_single_image_needs_zarr_output(client, tmp_path, capsys):
                  "--device", "cpu", "--tile", "12,24,24", "--save-probabilities", "--dask", address]) == 0
     group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
     assert np.abs(group["probabilities"][...] - _reference(image, model)).max() <= 1e-5
+
+
+def test_zoomed_dask_blocks_equal_in_memory():
+    model = tiny_model(3)
+    image = RNG.integers(0, 4000, size=(12, 60, 52)).astype(np.uint16)
+    scale = (1.3, 0.55, 0.7)
+    expected = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                           dtype=np.float32, scale=scale))
+    lazy = da.from_array(image, chunks=(12, 30, 26))
+    probabilities = cluster.predict_dask(lazy, model, tile_shape=(12, 24, 24), precision="fp32",
+                                         scale=scale)
+    assert len(probabilities.chunks[2]) > 1 and len(probabilities.chunks[3]) > 1
+    assert probabilities.shape == (1, *image.shape)
+    assert np.abs(probabilities.compute(scheduler="synchronous") - expected).max() <= 1e-5

@@ -404,3 +404,28 @@ def test_resume_uses_the_stored_plan_with_less_memory_or_another_tile(tmp_path, 
     assert stored_plan(zarr.open_group(str(out))) == first_plan
     assert any("read/written" in n for n in notes) and any("resuming" in n for n in notes)
     assert np.abs(result.arrays["probabilities"][...] - expected).max() <= 1e-5
+
+
+# --- per-tile zoom (object size) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_streamed_zoom_equals_in_memory_zoom(tmp_path, dims):
+    model = tiny_model(dims)
+    image = RNG.integers(0, 4000, size=(10, 40, 44) if dims == 3 else (3, 50, 44)).astype(np.uint16)
+    scale = (1.5, 0.6, 0.8) if dims == 3 else (0.6, 1.4)
+    tile = (10, 32, 32) if dims == 3 else (32, 32)
+    expected = drain(predict_probabilities(image, model, device="cpu", precision="fp32",
+                                           dtype=np.float32, scale=scale))
+    assert expected.shape == (1, *image.shape)
+    out = tmp_path / "out.zarr"
+    options = dict(probabilities=True, precision="fp32", tile_shape=tile, scale=scale)
+    drain(predict_to_zarr(image, model, out, max_tiles=2, **options))  # interrupted
+    with pytest.raises(FileExistsError, match="other settings"):  # another object size
+        drain(predict_to_zarr(image, model, out, **{**options, "scale": (1.0,) * len(scale)}))
+    result = drain(predict_to_zarr(image, model, out, **options))
+    assert result.tiles_skipped == 2 and result.tiles_total > 3
+    assert np.abs(result.arrays["probabilities"][...] - expected).max() <= 1e-5
+    np.testing.assert_array_equal(result.data[...], to_semantic(expected, "foreground"))
+    settings = stream_info(out)["fingerprint"]["settings"]
+    assert settings["object_scale"] == pytest.approx(list(scale)[-dims:])

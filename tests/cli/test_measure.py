@@ -64,3 +64,13 @@ def test_measure_runs_as_a_command(files, tmp_path):
                            "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert read_csv(out)["label"] == ["4", "9"]
+
+
+def test_an_uncalibrated_file_is_measured_in_pixels(tmp_path):
+    labels = np.zeros((30, 40), dtype=np.uint16)
+    labels[2:12, 5:10] = 3
+    write_labels_tiff(tmp_path / "plain.tif", labels)  # no pixel size, no unit
+    out = tmp_path / "plain.csv"
+    assert main(["measure", str(tmp_path / "plain.tif"), "-o", str(out)]) == 0
+    table = read_csv(out)
+    assert [float(v) for v in table["area [px^2]"]] == [50.0]  # not "um^2": nothing says um

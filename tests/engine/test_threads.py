@@ -81,6 +81,18 @@ def test_fixed_or_disabled_tuner_changes_nothing(monkeypatch):
     assert thread_choices(2) == [1, 2] and thread_choices(1) == [1]
 
 
+def test_a_single_given_count_is_used_and_restored():
+    saved = torch.get_num_threads()
+    other = 1 if saved != 1 else 2
+    tuner = ThreadTuner([other])  # e.g. TrainingConfig(threads=...)
+    assert not tuner.enabled and torch.get_num_threads() == other
+    tuner.before_step()
+    tuner.after_step()
+    assert torch.get_num_threads() == other and tuner.summary().startswith(f"{other} thread")
+    tuner.close()
+    assert torch.get_num_threads() == saved
+
+
 def test_flush_denormals_block():
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     with flush_denormals():

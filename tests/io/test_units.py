@@ -27,3 +27,14 @@ def test_pint_units_and_the_default():
     assert length_unit(None, [ureg.millimeter]) == "mm"
     assert length_unit(None, [ureg.pixel], default="nm") == "nm"
     assert length_unit(None, [ureg.dimensionless]) == "um"
+
+
+def test_voxel_size_in_micrometres():
+    from napari_unet.io.formats import voxel_size_um
+
+    assert voxel_size_um((0.5, 0.1), "mm") == pytest.approx((500.0, 100.0))
+    assert voxel_size_um((200.0,), "nm") == pytest.approx((0.2,))
+    assert voxel_size_um((0.3, 0.1), "micron") == (0.3, 0.1)
+    assert voxel_size_um((0.3, 0.1), None) == (0.3, 0.1)
+    assert voxel_size_um((1.0, 1.0), "pixel") is None
+    assert voxel_size_um(None, "um") is None

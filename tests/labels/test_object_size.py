@@ -65,3 +65,48 @@ def test_shipped_models_know_their_object_size():
         size = load_checkpoint(path).object_size
         assert size["diameter_voxels"] > 5, name
         assert (size["diameter_um"] is not None) == (name == "nuclei-3d"), name
+
+
+# --- the data's object size -> the zoom per axis ------------------------------------------------
+
+
+def test_parse_object_size_units_and_errors():
+    from napari_unet.labels.object_size import parse_object_size
+
+    assert parse_object_size("12") == (12.0, None)
+    assert parse_object_size(" 12.5px ") == (12.5, "px")
+    assert parse_object_size("3um") == (3.0, "um") == parse_object_size("3 µm")
+    assert parse_object_size(7) == (7.0, None)
+    for bad in ("0", "-1", "nan", "inf", "12mm", "", "px", "twelve"):
+        with pytest.raises(ValueError):
+            parse_object_size(bad)
+
+
+def test_network_scale_from_sizes_and_voxel_sizes():
+    from napari_unet.labels.object_size import network_scale
+
+    size_2d = {"diameter_voxels": 30.0, "diameter_um": None, "volume_voxels": 700.0}
+    # pixels: the training diameter over the data's, on every axis
+    assert network_scale(size_2d, None, 2, None, (15.0, "px"))[0] == (2.0, 2.0)
+    # a bare number is pixels without a voxel size, µm with one
+    assert network_scale(size_2d, None, 2, None, (15.0, None))[0] == (2.0, 2.0)
+    assert network_scale(size_2d, None, 2, (0.5, 0.5), (15.0, None))[0] == (1.0, 1.0)
+    with pytest.raises(ValueError, match="voxel size"):
+        network_scale(size_2d, None, 2, None, (15.0, "um"))
+    with pytest.raises(ValueError, match="does not store"):
+        network_scale({}, None, 2, None, (15.0, "px"))
+    # a 3D model trained at (0.28, 0.127, 0.127) µm on objects of 2.7 µm
+    size_3d = {"diameter_voxels": 16.0, "diameter_um": 2.7, "volume_voxels": 2000.0}
+    model_voxel = (0.28, 0.127, 0.127)
+    # default: the image's voxel size against the model's, per axis (anisotropy)
+    scale, source = network_scale(size_3d, model_voxel, 3, (0.56, 0.254, 0.127))
+    assert scale == pytest.approx((2.0, 2.0, 1.0)) and "voxel size" in source
+    assert network_scale(size_3d, model_voxel, 3, (0.28, 0.13, 0.127))[0] is None  # within 5%
+    assert network_scale(size_3d, model_voxel, 3, None)[0] is None
+    # objects twice as large in µm on the training voxel size: half the zoom on every axis
+    scale, _ = network_scale(size_3d, model_voxel, 3, model_voxel, (5.4, "um"))
+    assert scale == pytest.approx((0.5, 0.5, 0.5))
+    # in pixels on an anisotropic image: the ratio of diameters, anisotropy kept
+    scale, _ = network_scale(size_3d, model_voxel, 3, (0.56, 0.254, 0.254), (8.0, "px"))
+    assert np.prod(scale) ** (1 / 3) == pytest.approx(2.0)
+    assert scale[1] == pytest.approx(scale[2]) and scale[0] == pytest.approx(scale[1])

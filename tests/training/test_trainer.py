@@ -644,7 +644,7 @@ def test_diverged_weights_are_never_kept(monkeypatch, held_out):
                 trainer.network.head.weight.fill_(float("inf"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("napari_unet.training.losses.masked_loss", diverging)
+    monkeypatch.setattr(trainer_module, "masked_loss", diverging)
     pairs = [TrainingPair(*blobs((32, 32), n=5, seed=s)) for s in range(3 if held_out else 1)]
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, pairs, fast(iterations=5, validation_interval=0.0))
@@ -671,7 +671,7 @@ def test_steps_with_non_finite_gradients_are_skipped(monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) in (2, 4) else loss
 
-    monkeypatch.setattr("napari_unet.training.losses.masked_loss", sometimes_nan)
+    monkeypatch.setattr(trainer_module, "masked_loss", sometimes_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5, seed=0))],
                       fast(iterations=6, validation_fraction=0.0))
@@ -726,7 +726,8 @@ def test_boundary_weight_maps_move_with_the_targets():
     assert trainer._sample_batch(np.random.default_rng(0))[0].shape == (8, 1, 32, 32)
     rng = np.random.default_rng(1)
     for _ in range(3):
-        images, targets, masks, maps = trainer._sample_patches(rng)
+        images, targets, masks, maps, teachers = trainer._sample_patches(rng)
+        assert teachers is None  # nothing distilled: trained from scratch
         assert maps.shape == masks.shape and maps.dtype == np.float32
         inside = (targets[:, 0] == 1) & (targets[:, 1] == 0)
         assert np.all(maps[inside] == w_obj) and np.all(maps[~inside] != w_obj)
@@ -758,7 +759,7 @@ def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
 
 
     # a per-voxel mean (no batch-wide Dice), so the mean over two halves is the whole batch's loss
-    monkeypatch.setattr("napari_unet.training.losses.masked_loss",
+    monkeypatch.setattr(trainer_module, "masked_loss",
                         lambda logits, t, m, task, **kw: F.binary_cross_entropy_with_logits(logits, t.float()))
     image, labels = blobs((48, 48), n=8)
     model = new_model(2, "foreground", **TINY)
@@ -766,7 +767,7 @@ def test_accumulated_steps_give_the_gradient_of_one_large_batch(monkeypatch):
                       fast(batch_size=2, precision="fp32", freeze_norm=True, patch_shape=(32, 32)))
     rng = np.random.default_rng(0)
     halves = [trainer._sample_patches(rng), trainer._sample_patches(rng)]
-    whole = tuple(np.concatenate([a, b]) for a, b in zip(*[h[:3] for h in halves])) + (None,)
+    whole = tuple(np.concatenate([a, b]) for a, b in zip(*[h[:3] for h in halves])) + (None, None)
     grads, losses = {}, {}
     for name, batches in {"accumulated": halves, "whole": [whole]}.items():
         network = copy.deepcopy(model.network)
@@ -790,7 +791,7 @@ def test_accumulation_counts_optimizer_steps_and_still_skips_bad_ones(monkeypatc
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr("napari_unet.training.losses.masked_loss", third_is_nan)
+    monkeypatch.setattr(trainer_module, "masked_loss", third_is_nan)
     parent = new_model(2, "foreground", **TINY)
     trainer = Trainer(parent, [TrainingPair(*blobs((32, 32), n=5))],
                       fast(iterations=3, accumulate_steps=2, validation_fraction=0.0))
@@ -845,7 +846,7 @@ def test_deep_supervision_averages_the_loss_over_the_heads():
     model = SegmentationModel(network=UNet(config), task="foreground", version=0)
     trainer = Trainer(model, [TrainingPair(image, labels)], fast(precision="fp32", validation_fraction=0.0))
     network = model.network.train()
-    x, t, m, w = trainer._device_batch(trainer._sample_patches(np.random.default_rng(0)))
+    x, t, m, w, _ = trainer._device_batch(trainer._sample_patches(np.random.default_rng(0)))
     with torch.no_grad():
         heads = network.forward_heads(x)
         assert len(heads) == 2
