@@ -118,11 +118,13 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         fields.addRow("Background label", self.background_spin)
         box.addLayout(fields)
         self.score_label = status_label("Live: paint corrections and watch the prediction follow.")
-        self.score_label.setToolTip("The live weights' score on held-out corrections, and which "
-                                    "weights Apply and Stop keep")
+        self.score_label.setToolTip("The live weights' score on held-out corrections (and the "
+                                    "start model's), and which weights Apply and Stop keep: the "
+                                    "live ones, or the start model's while it scores better")
         box.addWidget(self.score_label)
         self.clock_label = status_label("")
-        self.clock_label.setToolTip("Time since the live prediction was last updated")
+        self.clock_label.setToolTip("Time since the live prediction was last updated; 'up to "
+                                    "date': it was made by weights trained on your latest paint")
         # texts that change every update keep their height: nothing below them moves (no
         # relayout and repaint of the dock, its loss plot included, while Live runs)
         self.clock_label.setWordWrap(False)
@@ -308,8 +310,7 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             score = f"Held-out score {update.held_out_score:.2f}"
             if update.start_score is not None:
                 score += f" (start model {update.start_score:.2f})"
-        kept = ("Apply and Stop keep the live weights" if update.kept == "live" else
-                "Apply and Stop keep the start model (the live weights do not beat it yet)")
+        kept = "Keeps the live weights" if update.kept == "live" else "Keeps the start model"
         loss = f" · loss {update.loss:.3f}" if update.loss is not None else ""
         self.score_label.setText(f"{score}. {kept}. {update.iteration} steps{loss}.")
 
@@ -326,8 +327,7 @@ class LivePanel(LiveEventsMixin, QGroupBox):
             return
         update = run.update
         latest = update is not None and update.corrections_version >= run.snapshots.version
-        state = ("trained on your latest corrections" if latest else
-                 "training on your latest corrections…")
+        state = "up to date" if latest else "learning your latest…"
         self.clock_label.setText(f"Updated {time.perf_counter() - run.shown_at:.1f} s ago · "
                                  f"{state}")
 
