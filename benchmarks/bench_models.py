@@ -62,6 +62,7 @@ from napari_unet.model.checkpoint import SegmentationModel, save_checkpoint
 from napari_unet.model.normalization import fit_normalizer
 from napari_unet.progress import drain
 from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.augment import PRESETS
 from napari_unet.training.trainer import Trainer, new_model
 
 DATA = Path(os.environ.get("DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -192,11 +193,16 @@ def our_model(key: str, architecture: str, base_channels: int | None = None) -> 
                      voxel_size=spec.voxel_size, description=spec.description, **options)
 
 
+#: the augmentation preset (``--augment``: ``default`` or ``robust``, see
+#: :data:`napari_unet.training.augment.PRESETS`)
+AUGMENT = "default"
+
+
 def training_config(key: str, steps: int, loss: str, seed: int) -> TrainingConfig:
     spec = SPECS[key]
     return TrainingConfig(iterations=steps, batch_size=spec.batch_size, patch_shape=spec.patch,
                           validation_fraction=0, seed=seed, device="cpu", loss=loss,
-                          log_every=50)
+                          log_every=50, augment_settings=PRESETS[AUGMENT])
 
 
 CALIBRATION_STEPS = 10
@@ -365,7 +371,7 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
     model, info = train_ours(key, architecture, loss, budget, seed, splits, base_channels)
     scores = tuned_scores(key, ours_predictor(model), splits)
     entry = {"task": key, "phase": phase, "method": "ours", "architecture": architecture, "loss": loss,
-             "seed": seed, **info, **scores}
+             "seed": seed, "augment": AUGMENT, **info, **scores}
     if base_channels:
         entry["base_channels"] = base_channels
     if save:
@@ -373,6 +379,7 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
             f"the validation split of bench_models.py ({key}: {VALIDATION_TEXT[key]})")
         model.history[-1]["architecture"] = architecture
         model.history[-1]["loss"] = loss
+        model.history[-1]["augment_preset"] = AUGMENT
         suffix = f"-base{base_channels}" if base_channels else ""
         path = WORK / "models" / f"{SPECS[key].name}{suffix}.pt"
         save_checkpoint(model, path)
@@ -401,8 +408,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="train: another width than the task's (an extra candidate, recorded "
                              "as phase final-baseN; choose between candidates on validation)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--augment", default="default", choices=sorted(PRESETS),
+                        help="augmentation preset of select/train/peer runs (robust: wider gamma and "
+                             "intensity, noise, blur, zoom, z rescaling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global AUGMENT
+    AUGMENT = args.augment
     if args.command == "report":
         return report()
     if args.command == "card":
@@ -444,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             (WORK / "models").mkdir(parents=True, exist_ok=True)
             torch.save(trainer.peer.state_dict(), WORK / "models" / f"peer-{key}.pt")
             scores = tuned_scores(key, trainer.predictor(), splits)
-            record({"task": key, "phase": "final", "method": "monai_basicunet", **info, **scores})
+            record({"task": key, "phase": "final", "method": "monai_basicunet", "augment": AUGMENT,
+                    **info, **scores})
         elif args.command == "classical":
             record({"task": key, "phase": "final", **classical(key, load_splits(key))})
     return 0
@@ -525,7 +538,8 @@ def write_card(key: str) -> Path:
              f"python benchmarks/bench_models.py select --task {key} --cpu-seconds {SELECT_CPU}",
              f"python benchmarks/bench_models.py train --task {key} --architecture {ours['architecture']} "
              f"--loss {ours['loss']} --cpu-seconds {FINAL_CPU}"
-             + (f" --base-channels {ours['base_channels']}" if ours.get("base_channels") else ""),
+             + (f" --base-channels {ours['base_channels']}" if ours.get("base_channels") else "")
+             + (f" --augment {ours['augment']}" if ours.get("augment", "default") != "default" else ""),
              f"python benchmarks/bench_models.py peer --task {key} --cpu-seconds {FINAL_CPU}",
              *([f"python benchmarks/bench_models.py classical --task {key}"] if "classical" in final else []),
              "```", "",
