@@ -100,8 +100,9 @@ def score(model, images: list[np.ndarray], truths: list[np.ndarray],
     return 2 * inter / max(total, 1)
 
 
-def variants(name: str):
-    """``(row, images, truths, voxel_size)`` for every check of shipped model ``name``."""
+def variants(name: str, rescaled: bool = True):
+    """``(row, images, truths, voxel_size)`` for every check of shipped model ``name``
+    (``rescaled=False``: without the 0.4x and 2.5x rows)."""
     key = KEYS[name]
     spec = SPECS[key]
     test = load_splits(key)["test"]
@@ -116,7 +117,7 @@ def variants(name: str):
     base = tuple(spec.voxel_size) if getattr(spec, "voxel_size", None) else (1.0,) * axes
     known = getattr(spec, "voxel_size", None) is not None
     yield "unchanged", images, truths, base if known else None
-    for factor in FACTORS:
+    for factor in FACTORS if rescaled else ():
         source = zip(images, truths)
         if factor > 1 and axes == 3:
             source = ((_central_half(i), _central_half(t)) for i, t in source)
@@ -196,7 +197,10 @@ def stitch_rows() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(KEYS))
+    parser.add_argument("--models", nargs="*", default=list(KEYS),
+                        help="shipped model names, or checkpoint files of them (e.g. a retrained "
+                             "nuclei-3d.pt: scored as the model it is named)")
+    parser.add_argument("--no-rescaled", action="store_true", help="skip the 0.4x and 2.5x rows")
     parser.add_argument("--stitch", action="store_true", help="also the z-stitching rows")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -208,11 +212,11 @@ def main() -> int:
         model = load_model(name)
         metric = "Dice" if not SPECS[KEYS[name]].instances else "F1"
         reference = None
-        for row, images, truths, voxel_size in variants(name):
+        for row, images, truths, voxel_size in variants(model.name, not args.no_rescaled):
             t0 = time.perf_counter()
             value = score(model, images, truths, voxel_size)
             reference = value if reference is None else reference
-            print(f"| {name} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
+            print(f"| {name if name in KEYS else f'{model.name} ({name})'} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
                   f"{value - reference:+.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     if args.stitch:
         oracle_stitch_rows()

@@ -416,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     global AUGMENT
     AUGMENT = args.augment
     if args.command == "report":
-        return report()
+        return report(None if args.augment == "default" else args.augment)
     if args.command == "card":
         for key in args.task or list(SPECS):
-            write_card(key)
+            write_card(key, None if args.augment == "default" else args.augment)
         return 0
     if not DATA.is_dir():
         print(f"no data in {DATA}: bench_models needs ../shared/data", file=sys.stderr)
@@ -482,14 +482,20 @@ TODAY = {"em": ("0.776", "0.789", "membrane Dice"), "nuclei2d": ("0.820", "0.871
          "nuclei3d": ("0.706", "0.741", "F1"), "cells3d": ("0.073", "0.361", "F1")}
 
 
+AUGMENT_TEXT = {"robust": "the robust augmentation preset (`napari_unet.training.augment.ROBUST`: "
+                          "gamma 0.4-2.5, intensity scale 0.6-1.6, noise of random strength, blur, "
+                          "zoom 0.6-1.6, and for 3D an extra z scale 0.5-2)"}
+
+
 def _all_rows() -> list[dict[str, Any]]:
-    """Recorded results, the latest one per (task, phase, method, architecture, loss, seed)."""
+    """Recorded results, the latest one per (task, phase, method, architecture, loss, seed,
+    augmentation preset)."""
     path = WORK / "results.jsonl"
     rows = [json.loads(line) for line in open(path)] if path.exists() else []
     latest = {}
     for r in rows:
         latest[(r.get("task"), r.get("phase"), r.get("method"), r.get("architecture"), r.get("loss"),
-                r.get("seed"))] = r
+                r.get("seed"), r.get("augment", "default"))] = r
     return list(latest.values())
 
 
@@ -497,21 +503,25 @@ def _rows(key: str) -> list[dict[str, Any]]:
     return [r for r in _all_rows() if r.get("task") == key and "error" not in r]
 
 
-def shipped_candidate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def shipped_candidate(rows: list[dict[str, Any]], augment: str | None = None) -> dict[str, Any]:
     """Of our final runs of one task (the selected setting, and any extra width), the one with
-    the best validation score: the shipped model (the test part plays no role)."""
-    return max((r for r in rows if r["method"] == "ours" and r["phase"].startswith("final")),
+    the best validation score: the shipped model (the test part plays no role). ``augment``:
+    only the runs with that augmentation preset (the robust models were chosen over the
+    default ones on held-out robustness checks, ``bench_generalize.py``, not on validation)."""
+    return max((r for r in rows if r["method"] == "ours" and r["phase"].startswith("final")
+                and (augment is None or r.get("augment", "default") == augment)),
                key=lambda r: r["val"])
 
 
-def write_card(key: str) -> Path:
-    """The model card of task ``key`` from the recorded results (``$WORK/cards/<name>.md``)."""
+def write_card(key: str, augment: str | None = None) -> Path:
+    """The model card of task ``key`` from the recorded results (``$WORK/cards/<name>.md``);
+    ``augment``: the shipped model is the final run with that augmentation preset."""
     from napari_unet.model.checkpoint import load_checkpoint
 
     spec, rows = SPECS[key], _rows(key)
     final = {r["method"]: r for r in rows if r["phase"] == "final"}
-    ours = shipped_candidate(rows)
-    kept = next((r for r in rows if r["phase"] == "kept"), None)  # old weights, new defaults
+    ours = shipped_candidate(rows, augment)
+    kept = None if augment else next((r for r in rows if r["phase"] == "kept"), None)  # old weights, new defaults
     model = load_checkpoint((kept or ours)["file"])
     cfg = model.config
     metric = "pixel Dice of the membrane mask" if key == "em" else "object F1 at IoU 0.5"
@@ -551,7 +561,7 @@ def write_card(key: str) -> Path:
                 "validation split (which the old weights were trained on: their validation score is "
                 "optimistic).", ""] if kept else []),
              f"Training{' of the candidate' if kept else ''}: {ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
-             f"augmentation, {ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
+             f"{AUGMENT_TEXT.get(ours.get('augment', 'default'), 'augmentation')}, {ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
              f"bf16 autocast, channels-last; {ours.get('skipped_steps', 0)} steps skipped for non-finite "
              f"gradients; trained {ours['when'][:10]}.", "",
              "## Accuracy", "",
@@ -568,7 +578,8 @@ def write_card(key: str) -> Path:
             name = f"MONAI BasicUNet peer ({r['parameters']:,} parameters)"
         else:
             name = f"ours: {r['architecture']}, {r['loss']}" + (
-                f", base {r['base_channels']}" if r.get("base_channels") else "")
+                f", base {r['base_channels']}" if r.get("base_channels") else "") + (
+                f", {r['augment']} augmentation" if r.get("augment", "default") != "default" else "")
         default = r.get("test_default")
         lines.append(f"| {name} | {'selection' if r['phase'] == 'select' else r['phase']} | {r.get('steps', '-')} | "
                      f"{r.get('cpu_seconds', 0):.0f} | {r['val']:.3f} | {r['test']:.3f} | "
@@ -587,7 +598,9 @@ def write_card(key: str) -> Path:
     return path
 
 
-def report() -> int:
+def report(augment: str | None = None) -> int:
+    """Print every result and the summary line; ``augment``: where a task has final runs with
+    that augmentation preset, its shipped model is one of them."""
     rows = sorted(_all_rows(), key=lambda r: (r.get("task", ""), r.get("phase", "") != "select"))
     print("| task | phase | method | architecture | loss | steps | CPU s | val | test | settings |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -597,7 +610,7 @@ def report() -> int:
                   f"{r.get('loss', '')} | - | - | - | - | {r['error'][:60]} |")
             continue
         print(f"| {r['task']} | {r['phase']} | {r['method']} | {r.get('architecture', '')} | "
-              f"{r.get('loss', '')} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
+              f"{r.get('loss', '')}{'' if r.get('augment', 'default') == 'default' else ', ' + r['augment']} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
               f"{r['val']:.3f} | {r['test']:.3f} | {r.get('settings', {})} |")
     final = {}
     for r in rows:  # the latest final result per (task, method)
@@ -608,7 +621,10 @@ def report() -> int:
                and r.get("phase", "").startswith("final")):
             rows_of_key = _rows(key)
             kept = next((r for r in rows_of_key if r["phase"] == "kept"), None)
-            final[(key, "ours")] = kept or shipped_candidate(rows_of_key)
+            chosen = [r for r in rows_of_key if r["method"] == "ours" and r["phase"].startswith("final")
+                      and r.get("augment", "default") == augment]
+            final[(key, "ours")] = (shipped_candidate(chosen) if augment and chosen
+                                    else kept or shipped_candidate(rows_of_key))
     metric = {k: final.get((k, "ours"), {}).get("test", float("nan")) for k in SPECS}
     beats_peer = sum(1 for k in SPECS if (k, "ours") in final and (k, "monai_basicunet") in final
                      and final[(k, "ours")]["test"] >= final[(k, "monai_basicunet")]["test"] + 0.02)
