@@ -379,7 +379,6 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
             f"the validation split of bench_models.py ({key}: {VALIDATION_TEXT[key]})")
         model.history[-1]["architecture"] = architecture
         model.history[-1]["loss"] = loss
-        model.history[-1]["augment_preset"] = AUGMENT
         suffix = f"-base{base_channels}" if base_channels else ""
         path = WORK / "models" / f"{SPECS[key].name}{suffix}.pt"
         save_checkpoint(model, path)

@@ -64,6 +64,12 @@ ROBUST = AugmentSettings(
 PRESETS = {"default": AugmentSettings(), "robust": ROBUST}
 
 
+def preset_name(settings: AugmentSettings | None) -> str:
+    """The name of ``settings`` in :data:`PRESETS` (None: ``default``), else ``custom``."""
+    settings = settings or AugmentSettings()
+    return next((name for name, preset in PRESETS.items() if preset == settings), "custom")
+
+
 def _rot_planes(spatial_dims: int, anisotropic: bool) -> list[tuple[int, int]]:
     """Planes (pairs of spatial axes) in which 90° rotations are allowed."""
     if spatial_dims == 2:

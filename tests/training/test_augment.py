@@ -183,6 +183,9 @@ def test_default_settings_draw_no_zoom_and_the_default_preset_is_the_default():
     assert rng.bit_generator.state == state  # fine-tuning runs draw the same numbers as before
     assert PRESETS["default"] == AugmentSettings() and PRESETS["robust"] is ROBUST
     assert ROBUST.gamma_range[0] <= 0.5 and ROBUST.gamma_range[1] >= 2.0
+    from napari_unet.training.augment import preset_name
+    assert preset_name(None) == "default" and preset_name(ROBUST) == "robust"
+    assert preset_name(AugmentSettings(noise_sigma=0.2)) == "custom"
 
 
 @pytest.mark.parametrize("shape,patch,start", [((60, 70), (24, 24), (18, 23)),
