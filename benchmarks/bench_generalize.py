@@ -210,7 +210,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name in args.models:
         model = load_model(name)
-        metric = "Dice" if not SPECS[KEYS[name]].instances else "F1"
+        metric = "Dice" if not SPECS[KEYS[model.name]].instances else "F1"
         reference = None
         for row, images, truths, voxel_size in variants(model.name, not args.no_rescaled):
             t0 = time.perf_counter()

@@ -198,11 +198,17 @@ def our_model(key: str, architecture: str, base_channels: int | None = None) -> 
 AUGMENT = "default"
 
 
+#: ``train --from``: a trained checkpoint to go on training (with the fine-tuning learning
+#: rate, batch norm trained, no distillation: every voxel is annotated), else None
+START_FROM: str | None = None
+
+
 def training_config(key: str, steps: int, loss: str, seed: int) -> TrainingConfig:
     spec = SPECS[key]
+    more = {"freeze_norm": False, "distillation": 0.0} if START_FROM else {}
     return TrainingConfig(iterations=steps, batch_size=spec.batch_size, patch_shape=spec.patch,
                           validation_fraction=0, seed=seed, device="cpu", loss=loss,
-                          log_every=50, augment_settings=PRESETS[AUGMENT])
+                          log_every=50, augment_settings=PRESETS[AUGMENT], **more)
 
 
 CALIBRATION_STEPS = 10
@@ -220,7 +226,12 @@ def steps_for(budget: float, run_steps: Callable[[int], None]) -> int:
 def train_ours(key: str, architecture: str, loss: str, budget: float, seed: int,
                splits: dict[str, Split], base_channels: int | None = None
                ) -> tuple[SegmentationModel, dict[str, Any]]:
-    model = our_model(key, architecture, base_channels)
+    if START_FROM:
+        from napari_unet.model.checkpoint import load_checkpoint
+
+        model = load_checkpoint(START_FROM)
+    else:
+        model = our_model(key, architecture, base_channels)
     pairs = training_pairs(key, splits["train"])
     steps = steps_for(budget, lambda n: drain(Trainer(model, pairs, training_config(key, n, loss, seed)).run()))
     trainer = Trainer(model, pairs, training_config(key, steps, loss, seed))
@@ -371,7 +382,8 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
     model, info = train_ours(key, architecture, loss, budget, seed, splits, base_channels)
     scores = tuned_scores(key, ours_predictor(model), splits)
     entry = {"task": key, "phase": phase, "method": "ours", "architecture": architecture, "loss": loss,
-             "seed": seed, "augment": AUGMENT, **info, **scores}
+             "seed": seed, "augment": AUGMENT, **({"from": START_FROM} if START_FROM else {}),
+             **info, **scores}
     if base_channels:
         entry["base_channels"] = base_channels
     if save:
@@ -379,7 +391,8 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
             f"the validation split of bench_models.py ({key}: {VALIDATION_TEXT[key]})")
         model.history[-1]["architecture"] = architecture
         model.history[-1]["loss"] = loss
-        suffix = f"-base{base_channels}" if base_channels else ""
+        suffix = (f"-base{base_channels}" if base_channels else "") + (
+            f"-{AUGMENT}" if AUGMENT != "default" else "") + ("-continued" if START_FROM else "")
         path = WORK / "models" / f"{SPECS[key].name}{suffix}.pt"
         save_checkpoint(model, path)
         entry["file"] = str(path)
@@ -407,13 +420,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="train: another width than the task's (an extra candidate, recorded "
                              "as phase final-baseN; choose between candidates on validation)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from", dest="start_from", default=None,
+                        help="train: go on training this checkpoint (e.g. the shipped model) instead "
+                             "of a new network; --architecture/--loss must be its own")
     parser.add_argument("--augment", default="default", choices=sorted(PRESETS),
                         help="augmentation preset of select/train/peer runs (robust: wider gamma and "
                              "intensity, noise, blur, zoom, z rescaling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global AUGMENT
-    AUGMENT = args.augment
+    global AUGMENT, START_FROM
+    AUGMENT, START_FROM = args.augment, args.start_from
     if args.command == "report":
         return report(None if args.augment == "default" else args.augment)
     if args.command == "card":
@@ -440,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                             "loss": loss, "error": str(err)})
         elif args.command == "train":
             run_ours(key, args.architecture, args.loss, args.cpu_seconds, args.seed,
-                     "final" if args.base_channels is None else f"final-base{args.base_channels}", True,
+                     ("final" if args.base_channels is None else f"final-base{args.base_channels}")
+                     + ("-continued" if START_FROM else ""), True,
                      args.base_channels)
         elif args.command == "peer":
             splits = load_splits(key)

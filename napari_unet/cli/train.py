@@ -138,10 +138,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="part of the annotations held out to keep the best weights (default: "
                              "automatic, with 2 or more corrected slices or images; 0 = off)")
     parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--augment", choices=["default", "robust"], default="default",
-                        help="augmentation preset: default, or robust (wider gamma and intensity, "
+    parser.add_argument("--augment", choices=sorted(PRESETS), default="default",
+                        help="augmentation preset: default; robust (wider gamma and intensity, "
                              "noise, blur, zoom 0.6-1.6 and for 3D a z scale: for models that must "
-                             "hold up on other microscopes; slower to converge)")
+                             "hold up on other microscopes; slower to converge); robust-intensity "
+                             "(robust without zoom and z scale)")
     parser.add_argument("--loss", choices=["bce_dice", "focal_dice", "tversky", "boundary_bce"],
                         default="bce_dice",
                         help="bce_dice (default); focal_dice: focal loss + Dice; tversky: BCE + "

@@ -16,6 +16,7 @@ blur, zoom 0.6-1.6 per patch and, in 3D, a separate z scale (another z step). Wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -60,8 +61,12 @@ ROBUST = AugmentSettings(
     blur_probability=0.25, blur_sigma=(0.5, 1.5), zoom_probability=0.5, zoom_range=(0.6, 1.6),
     anisotropy_probability=0.3, anisotropy_range=(0.5, 2.0))
 
+#: :data:`ROBUST` without zoom and z scale: for models whose input is resampled to their
+#: training object size (``--object-size``), where the geometry needs no widening
+ROBUST_INTENSITY = dataclasses.replace(ROBUST, zoom_probability=0.0, anisotropy_probability=0.0)
+
 #: the presets by name (``default``: what fine-tuning uses)
-PRESETS = {"default": AugmentSettings(), "robust": ROBUST}
+PRESETS = {"default": AugmentSettings(), "robust": ROBUST, "robust-intensity": ROBUST_INTENSITY}
 
 
 def preset_name(settings: AugmentSettings | None) -> str:

@@ -186,6 +186,9 @@ def test_default_settings_draw_no_zoom_and_the_default_preset_is_the_default():
     from napari_unet.training.augment import preset_name
     assert preset_name(None) == "default" and preset_name(ROBUST) == "robust"
     assert preset_name(AugmentSettings(noise_sigma=0.2)) == "custom"
+    intensity = PRESETS["robust-intensity"]
+    assert intensity.gamma_range == ROBUST.gamma_range and intensity.noise_sigma == ROBUST.noise_sigma
+    assert _zoom_factors(np.random.default_rng(0), intensity, 3) is None  # no geometry widening
 
 
 @pytest.mark.parametrize("shape,patch,start", [((60, 70), (24, 24), (18, 23)),
