@@ -33,6 +33,12 @@ Commands (every one appends to ``$WORK/results.jsonl``; WORK defaults to
     python benchmarks/bench_models.py report
 
 ``train`` writes ``$WORK/models/<shipped name>.pt`` with its tuned post-processing.
+``--augment robust`` / ``robust-intensity`` trains with a stronger augmentation preset
+(:data:`napari_unet.training.augment.PRESETS`; recorded with the run, and ``card`` / ``report``
+with the same ``--augment`` take the shipped model from those runs); ``train --from FILE``
+goes on training a checkpoint (phase ``final-continued``), e.g. the shipped model with
+``--augment robust-intensity --cpu-seconds 300``. The robustness runs of issue 21 (item 5) are
+in ``benchmarks/results/bench_models_robust.jsonl``.
 ``report`` prints the table of every result and, last, the line
 ``em_dice=X nuclei2d_f1=X nuclei3d_f1=X cells3d_f1=X beats_peer=N/4 beats_classical=N/2``.
 """
@@ -498,7 +504,11 @@ TODAY = {"em": ("0.776", "0.789", "membrane Dice"), "nuclei2d": ("0.820", "0.871
          "nuclei3d": ("0.706", "0.741", "F1"), "cells3d": ("0.073", "0.361", "F1")}
 
 
-AUGMENT_TEXT = {"robust": "the robust augmentation preset (`napari_unet.training.augment.ROBUST`: "
+CONTINUE_CPU = 300  # CPU seconds of a continued (--from) run of the shipped models
+AUGMENT_TEXT = {"robust-intensity": "the robust-intensity augmentation preset (`napari_unet.training."
+                                    "augment.ROBUST_INTENSITY`: gamma 0.4-2.5, intensity scale 0.6-1.6, "
+                                    "shift -0.15-0.25, noise of random strength, blur)",
+                "robust": "the robust augmentation preset (`napari_unet.training.augment.ROBUST`: "
                           "gamma 0.4-2.5, intensity scale 0.6-1.6, noise of random strength, blur, "
                           "zoom 0.6-1.6, and for 3D an extra z scale 0.5-2)"}
 
@@ -537,6 +547,9 @@ def write_card(key: str, augment: str | None = None) -> Path:
     spec, rows = SPECS[key], _rows(key)
     final = {r["method"]: r for r in rows if r["phase"] == "final"}
     ours = shipped_candidate(rows, augment)
+    continued = bool(ours.get("from"))
+    first = next((r for r in rows if r["method"] == "ours" and r["phase"] == "final"
+                  and r.get("augment", "default") == "default"), None) if continued else None
     kept = None if augment else next((r for r in rows if r["phase"] == "kept"), None)  # old weights, new defaults
     model = load_checkpoint((kept or ours)["file"])
     cfg = model.config
@@ -565,7 +578,12 @@ def write_card(key: str, augment: str | None = None) -> Path:
              f"python benchmarks/bench_models.py train --task {key} --architecture {ours['architecture']} "
              f"--loss {ours['loss']} --cpu-seconds {FINAL_CPU}"
              + (f" --base-channels {ours['base_channels']}" if ours.get("base_channels") else "")
-             + (f" --augment {ours['augment']}" if ours.get("augment", "default") != "default" else ""),
+             + (f" --augment {ours['augment']}" if ours.get("augment", "default") != "default"
+                and not continued else ""),
+             *([f"# then, from those weights (shipped before as {spec.name}.pt):",
+                f"python benchmarks/bench_models.py train --task {key} --architecture {ours['architecture']} "
+                f"--loss {ours['loss']} --cpu-seconds {CONTINUE_CPU} --from {ours['from']} "
+                f"--augment {ours['augment']}"] if continued else []),
              f"python benchmarks/bench_models.py peer --task {key} --cpu-seconds {FINAL_CPU}",
              *([f"python benchmarks/bench_models.py classical --task {key}"] if "classical" in final else []),
              "```", "",
@@ -576,7 +594,12 @@ def write_card(key: str, augment: str | None = None) -> Path:
                 "issue asks, it is not shipped. New are the stored post-processing defaults, tuned on the "
                 "validation split (which the old weights were trained on: their validation score is "
                 "optimistic).", ""] if kept else []),
-             f"Training{' of the candidate' if kept else ''}: {ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
+             *([f"Training: {first['steps']} optimizer steps with the default augmentation, "
+                f"{first['cpu_seconds'] / 60:.1f} CPU-minutes, trained {first['when'][:10]}; then continued "
+                "(fine-tuning learning rate, batch norm trained) as below. Together "
+                f"{(first['cpu_seconds'] + ours['cpu_seconds']) / 60:.1f} CPU-minutes.", ""]
+               if continued and first else []),
+             f"Training{' of the candidate' if kept else ''}{', continued' if continued else ''}: {ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
              f"{AUGMENT_TEXT.get(ours.get('augment', 'default'), 'augmentation')}, {ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
              f"bf16 autocast, channels-last; {ours.get('skipped_steps', 0)} steps skipped for non-finite "
              f"gradients; trained {ours['when'][:10]}.", "",
