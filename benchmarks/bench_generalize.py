@@ -216,7 +216,8 @@ def main() -> int:
             t0 = time.perf_counter()
             value = score(model, images, truths, voxel_size)
             reference = value if reference is None else reference
-            print(f"| {name if name in KEYS else f'{model.name} ({name})'} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
+            label = name if name in KEYS else f"{model.name} ({name})"
+            print(f"| {label} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
                   f"{value - reference:+.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     if args.stitch:
         oracle_stitch_rows()

@@ -599,8 +599,10 @@ def write_card(key: str, augment: str | None = None) -> Path:
                 "(fine-tuning learning rate, batch norm trained) as below. Together "
                 f"{(first['cpu_seconds'] + ours['cpu_seconds']) / 60:.1f} CPU-minutes.", ""]
                if continued and first else []),
-             f"Training{' of the candidate' if kept else ''}{', continued' if continued else ''}: {ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
-             f"{AUGMENT_TEXT.get(ours.get('augment', 'default'), 'augmentation')}, {ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
+             f"Training{' of the candidate' if kept else ''}{', continued' if continued else ''}: "
+             f"{ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
+             f"{AUGMENT_TEXT.get(ours.get('augment', 'default'), 'augmentation')}, "
+             f"{ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
              f"bf16 autocast, channels-last; {ours.get('skipped_steps', 0)} steps skipped for non-finite "
              f"gradients; trained {ours['when'][:10]}.", "",
              "## Accuracy", "",
@@ -648,8 +650,9 @@ def report(augment: str | None = None) -> int:
             print(f"| {r['task']} | {r['phase']} | {r['method']} | {r.get('architecture', '')} | "
                   f"{r.get('loss', '')} | - | - | - | - | {r['error'][:60]} |")
             continue
+        preset = "" if r.get("augment", "default") == "default" else ", " + r["augment"]
         print(f"| {r['task']} | {r['phase']} | {r['method']} | {r.get('architecture', '')} | "
-              f"{r.get('loss', '')}{'' if r.get('augment', 'default') == 'default' else ', ' + r['augment']} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
+              f"{r.get('loss', '')}{preset} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
               f"{r['val']:.3f} | {r['test']:.3f} | {r.get('settings', {})} |")
     final = {}
     for r in rows:  # the latest final result per (task, method)
