@@ -126,8 +126,9 @@ def score(model, images: list[np.ndarray], truths: list[np.ndarray],
     return 2 * inter / max(total, 1)
 
 
-def variants(name: str):
-    """``(row, images, truths, voxel_size, factor)`` for every check of shipped model ``name``."""
+def variants(name: str, rescaled: bool = True):
+    """``(row, images, truths, voxel_size, factor)`` for every check of shipped model ``name``
+    (``rescaled=False``: without the 0.4x and 2.5x rows)."""
     key = KEYS[name]
     spec = SPECS[key]
     test = load_splits(key)["test"]
@@ -142,10 +143,10 @@ def variants(name: str):
     base = tuple(spec.voxel_size) if getattr(spec, "voxel_size", None) else (1.0,) * axes
     known = getattr(spec, "voxel_size", None) is not None
     yield "unchanged", images, truths, base if known else None, 1.0
-    if axes == 3:  # the reference of the 2.5x row, which sees only the central half
+    if axes == 3 and rescaled:  # the reference of the 2.5x row, which sees only the central half
         yield (f"unchanged{CENTRAL}", [_central_half(i) for i in images],
                [_central_half(t) for t in truths], base if known else None, 1.0)
-    for factor in FACTORS:
+    for factor in FACTORS if rescaled else ():
         source = zip(images, truths)
         if factor > 1 and axes == 3:
             source = ((_central_half(i), _central_half(t)) for i, t in source)
@@ -232,7 +233,10 @@ def stitch_rows() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(KEYS))
+    parser.add_argument("--models", nargs="*", default=list(KEYS),
+                        help="shipped model names, or checkpoint files of them (e.g. a retrained "
+                             "nuclei-3d.pt: scored as the model it is named)")
+    parser.add_argument("--no-rescaled", action="store_true", help="skip the 0.4x and 2.5x rows")
     parser.add_argument("--stitch", action="store_true", help="also the z-stitching rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--zoom", choices=("none", "given", "auto"), default="given",
@@ -247,16 +251,17 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name in args.models:
         model = load_model(name)
-        metric = "Dice" if not SPECS[KEYS[name]].instances else "F1"
+        metric = "Dice" if not SPECS[KEYS[model.name]].instances else "F1"
         references: dict[bool, float] = {}  # whole, central half: the unchanged scores
-        for row, images, truths, voxel_size, factor in variants(name):
+        for row, images, truths, voxel_size, factor in variants(model.name, not args.no_rescaled):
             if args.rows and not any(row.startswith(r) for r in args.rows):
                 continue
             t0 = time.perf_counter()
             value = score(model, images, truths, voxel_size, factor, args.zoom)
             references.setdefault(CENTRAL in row, value)
             reference = references.get(CENTRAL in row, references[False])
-            print(f"| {name} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
+            label = name if name in KEYS else f"{model.name} ({name})"
+            print(f"| {label} | {row} ({len(images)} image(s)) | {metric} {value:.3f} | "
                   f"{value - reference:+.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
     if args.stitch:
         oracle_stitch_rows()

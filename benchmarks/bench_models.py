@@ -33,6 +33,12 @@ Commands (every one appends to ``$WORK/results.jsonl``; WORK defaults to
     python benchmarks/bench_models.py report
 
 ``train`` writes ``$WORK/models/<shipped name>.pt`` with its tuned post-processing.
+``--augment robust`` / ``robust-intensity`` trains with a stronger augmentation preset
+(:data:`napari_unet.training.augment.PRESETS`; recorded with the run, and ``card`` / ``report``
+with the same ``--augment`` take the shipped model from those runs); ``train --from FILE``
+goes on training a checkpoint (phase ``final-continued``), e.g. the shipped model with
+``--augment robust-intensity --cpu-seconds 300``. The robustness runs of issue 21 (item 5) are
+in ``benchmarks/results/bench_models_robust.jsonl``.
 ``report`` prints the table of every result and, last, the line
 ``em_dice=X nuclei2d_f1=X nuclei3d_f1=X cells3d_f1=X beats_peer=N/4 beats_classical=N/2``.
 """
@@ -62,6 +68,7 @@ from napari_unet.model.checkpoint import SegmentationModel, save_checkpoint
 from napari_unet.model.normalization import fit_normalizer
 from napari_unet.progress import drain
 from napari_unet.training.config import TrainingConfig, TrainingPair
+from napari_unet.training.augment import PRESETS
 from napari_unet.training.trainer import Trainer, new_model
 
 DATA = Path(os.environ.get("DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -192,11 +199,22 @@ def our_model(key: str, architecture: str, base_channels: int | None = None) -> 
                      voxel_size=spec.voxel_size, description=spec.description, **options)
 
 
+#: the augmentation preset (``--augment``: ``default`` or ``robust``, see
+#: :data:`napari_unet.training.augment.PRESETS`)
+AUGMENT = "default"
+
+
+#: ``train --from``: a trained checkpoint to go on training (with the fine-tuning learning
+#: rate, batch norm trained, no distillation: every voxel is annotated), else None
+START_FROM: str | None = None
+
+
 def training_config(key: str, steps: int, loss: str, seed: int) -> TrainingConfig:
     spec = SPECS[key]
+    more = {"freeze_norm": False, "distillation": 0.0} if START_FROM else {}
     return TrainingConfig(iterations=steps, batch_size=spec.batch_size, patch_shape=spec.patch,
                           validation_fraction=0, seed=seed, device="cpu", loss=loss,
-                          log_every=50)
+                          log_every=50, augment_settings=PRESETS[AUGMENT], **more)
 
 
 CALIBRATION_STEPS = 10
@@ -214,7 +232,12 @@ def steps_for(budget: float, run_steps: Callable[[int], None]) -> int:
 def train_ours(key: str, architecture: str, loss: str, budget: float, seed: int,
                splits: dict[str, Split], base_channels: int | None = None
                ) -> tuple[SegmentationModel, dict[str, Any]]:
-    model = our_model(key, architecture, base_channels)
+    if START_FROM:
+        from napari_unet.model.checkpoint import load_checkpoint
+
+        model = load_checkpoint(START_FROM)
+    else:
+        model = our_model(key, architecture, base_channels)
     pairs = training_pairs(key, splits["train"])
     steps = steps_for(budget, lambda n: drain(Trainer(model, pairs, training_config(key, n, loss, seed)).run()))
     trainer = Trainer(model, pairs, training_config(key, steps, loss, seed))
@@ -365,7 +388,8 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
     model, info = train_ours(key, architecture, loss, budget, seed, splits, base_channels)
     scores = tuned_scores(key, ours_predictor(model), splits)
     entry = {"task": key, "phase": phase, "method": "ours", "architecture": architecture, "loss": loss,
-             "seed": seed, **info, **scores}
+             "seed": seed, "augment": AUGMENT, **({"from": START_FROM} if START_FROM else {}),
+             **info, **scores}
     if base_channels:
         entry["base_channels"] = base_channels
     if save:
@@ -373,7 +397,8 @@ def run_ours(key: str, architecture: str, loss: str, budget: float, seed: int, p
             f"the validation split of bench_models.py ({key}: {VALIDATION_TEXT[key]})")
         model.history[-1]["architecture"] = architecture
         model.history[-1]["loss"] = loss
-        suffix = f"-base{base_channels}" if base_channels else ""
+        suffix = (f"-base{base_channels}" if base_channels else "") + (
+            f"-{AUGMENT}" if AUGMENT != "default" else "") + ("-continued" if START_FROM else "")
         path = WORK / "models" / f"{SPECS[key].name}{suffix}.pt"
         save_checkpoint(model, path)
         entry["file"] = str(path)
@@ -401,13 +426,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="train: another width than the task's (an extra candidate, recorded "
                              "as phase final-baseN; choose between candidates on validation)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from", dest="start_from", default=None,
+                        help="train: go on training this checkpoint (e.g. the shipped model) instead "
+                             "of a new network; --architecture/--loss must be its own")
+    parser.add_argument("--augment", default="default", choices=sorted(PRESETS),
+                        help="augmentation preset of select/train/peer runs (robust: wider gamma and "
+                             "intensity, noise, blur, zoom, z rescaling)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global AUGMENT, START_FROM
+    AUGMENT, START_FROM = args.augment, args.start_from
     if args.command == "report":
-        return report()
+        return report(None if args.augment == "default" else args.augment)
     if args.command == "card":
         for key in args.task or list(SPECS):
-            write_card(key)
+            write_card(key, None if args.augment == "default" else args.augment)
         return 0
     if not DATA.is_dir():
         print(f"no data in {DATA}: bench_models needs ../shared/data", file=sys.stderr)
@@ -429,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                             "loss": loss, "error": str(err)})
         elif args.command == "train":
             run_ours(key, args.architecture, args.loss, args.cpu_seconds, args.seed,
-                     "final" if args.base_channels is None else f"final-base{args.base_channels}", True,
+                     ("final" if args.base_channels is None else f"final-base{args.base_channels}")
+                     + ("-continued" if START_FROM else ""), True,
                      args.base_channels)
         elif args.command == "peer":
             splits = load_splits(key)
@@ -444,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             (WORK / "models").mkdir(parents=True, exist_ok=True)
             torch.save(trainer.peer.state_dict(), WORK / "models" / f"peer-{key}.pt")
             scores = tuned_scores(key, trainer.predictor(), splits)
-            record({"task": key, "phase": "final", "method": "monai_basicunet", **info, **scores})
+            record({"task": key, "phase": "final", "method": "monai_basicunet", "augment": AUGMENT,
+                    **info, **scores})
         elif args.command == "classical":
             record({"task": key, "phase": "final", **classical(key, load_splits(key))})
     return 0
@@ -469,14 +504,24 @@ TODAY = {"em": ("0.776", "0.789", "membrane Dice"), "nuclei2d": ("0.820", "0.871
          "nuclei3d": ("0.706", "0.741", "F1"), "cells3d": ("0.073", "0.361", "F1")}
 
 
+CONTINUE_CPU = 300  # CPU seconds of a continued (--from) run of the shipped models
+AUGMENT_TEXT = {"robust-intensity": "the robust-intensity augmentation preset (`napari_unet.training."
+                                    "augment.ROBUST_INTENSITY`: gamma 0.4-2.5, intensity scale 0.6-1.6, "
+                                    "shift -0.15-0.25, noise of random strength, blur)",
+                "robust": "the robust augmentation preset (`napari_unet.training.augment.ROBUST`: "
+                          "gamma 0.4-2.5, intensity scale 0.6-1.6, noise of random strength, blur, "
+                          "zoom 0.6-1.6, and for 3D an extra z scale 0.5-2)"}
+
+
 def _all_rows() -> list[dict[str, Any]]:
-    """Recorded results, the latest one per (task, phase, method, architecture, loss, seed)."""
+    """Recorded results, the latest one per (task, phase, method, architecture, loss, seed,
+    augmentation preset)."""
     path = WORK / "results.jsonl"
     rows = [json.loads(line) for line in open(path)] if path.exists() else []
     latest = {}
     for r in rows:
         latest[(r.get("task"), r.get("phase"), r.get("method"), r.get("architecture"), r.get("loss"),
-                r.get("seed"))] = r
+                r.get("seed"), r.get("augment", "default"))] = r
     return list(latest.values())
 
 
@@ -484,21 +529,28 @@ def _rows(key: str) -> list[dict[str, Any]]:
     return [r for r in _all_rows() if r.get("task") == key and "error" not in r]
 
 
-def shipped_candidate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def shipped_candidate(rows: list[dict[str, Any]], augment: str | None = None) -> dict[str, Any]:
     """Of our final runs of one task (the selected setting, and any extra width), the one with
-    the best validation score: the shipped model (the test part plays no role)."""
-    return max((r for r in rows if r["method"] == "ours" and r["phase"].startswith("final")),
+    the best validation score: the shipped model (the test part plays no role). ``augment``:
+    only the runs with that augmentation preset (the robust models were chosen over the
+    default ones on held-out robustness checks, ``bench_generalize.py``, not on validation)."""
+    return max((r for r in rows if r["method"] == "ours" and r["phase"].startswith("final")
+                and (augment is None or r.get("augment", "default") == augment)),
                key=lambda r: r["val"])
 
 
-def write_card(key: str) -> Path:
-    """The model card of task ``key`` from the recorded results (``$WORK/cards/<name>.md``)."""
+def write_card(key: str, augment: str | None = None) -> Path:
+    """The model card of task ``key`` from the recorded results (``$WORK/cards/<name>.md``);
+    ``augment``: the shipped model is the final run with that augmentation preset."""
     from napari_unet.model.checkpoint import load_checkpoint
 
     spec, rows = SPECS[key], _rows(key)
     final = {r["method"]: r for r in rows if r["phase"] == "final"}
-    ours = shipped_candidate(rows)
-    kept = next((r for r in rows if r["phase"] == "kept"), None)  # old weights, new defaults
+    ours = shipped_candidate(rows, augment)
+    continued = bool(ours.get("from"))
+    first = next((r for r in rows if r["method"] == "ours" and r["phase"] == "final"
+                  and r.get("augment", "default") == "default"), None) if continued else None
+    kept = None if augment else next((r for r in rows if r["phase"] == "kept"), None)  # old weights, new defaults
     model = load_checkpoint((kept or ours)["file"])
     cfg = model.config
     metric = "pixel Dice of the membrane mask" if key == "em" else "object F1 at IoU 0.5"
@@ -525,7 +577,13 @@ def write_card(key: str) -> Path:
              f"python benchmarks/bench_models.py select --task {key} --cpu-seconds {SELECT_CPU}",
              f"python benchmarks/bench_models.py train --task {key} --architecture {ours['architecture']} "
              f"--loss {ours['loss']} --cpu-seconds {FINAL_CPU}"
-             + (f" --base-channels {ours['base_channels']}" if ours.get("base_channels") else ""),
+             + (f" --base-channels {ours['base_channels']}" if ours.get("base_channels") else "")
+             + (f" --augment {ours['augment']}" if ours.get("augment", "default") != "default"
+                and not continued else ""),
+             *([f"# then, from those weights (shipped before as {spec.name}.pt):",
+                f"python benchmarks/bench_models.py train --task {key} --architecture {ours['architecture']} "
+                f"--loss {ours['loss']} --cpu-seconds {CONTINUE_CPU} --from {ours['from']} "
+                f"--augment {ours['augment']}"] if continued else []),
              f"python benchmarks/bench_models.py peer --task {key} --cpu-seconds {FINAL_CPU}",
              *([f"python benchmarks/bench_models.py classical --task {key}"] if "classical" in final else []),
              "```", "",
@@ -536,8 +594,15 @@ def write_card(key: str) -> Path:
                 "issue asks, it is not shipped. New are the stored post-processing defaults, tuned on the "
                 "validation split (which the old weights were trained on: their validation score is "
                 "optimistic).", ""] if kept else []),
-             f"Training{' of the candidate' if kept else ''}: {ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
-             f"augmentation, {ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
+             *([f"Training: {first['steps']} optimizer steps with the default augmentation, "
+                f"{first['cpu_seconds'] / 60:.1f} CPU-minutes, trained {first['when'][:10]}; then continued "
+                "(fine-tuning learning rate, batch norm trained) as below. Together "
+                f"{(first['cpu_seconds'] + ours['cpu_seconds']) / 60:.1f} CPU-minutes.", ""]
+               if continued and first else []),
+             f"Training{' of the candidate' if kept else ''}{', continued' if continued else ''}: "
+             f"{ours['steps']} optimizer steps of {spec.batch_size} patches {spec.patch} with "
+             f"{AUGMENT_TEXT.get(ours.get('augment', 'default'), 'augmentation')}, "
+             f"{ours['cpu_seconds'] / 60:.1f} CPU-minutes ({ours['seconds'] / 60:.1f} min wall), "
              f"bf16 autocast, channels-last; {ours.get('skipped_steps', 0)} steps skipped for non-finite "
              f"gradients; trained {ours['when'][:10]}.", "",
              "## Accuracy", "",
@@ -554,7 +619,8 @@ def write_card(key: str) -> Path:
             name = f"MONAI BasicUNet peer ({r['parameters']:,} parameters)"
         else:
             name = f"ours: {r['architecture']}, {r['loss']}" + (
-                f", base {r['base_channels']}" if r.get("base_channels") else "")
+                f", base {r['base_channels']}" if r.get("base_channels") else "") + (
+                f", {r['augment']} augmentation" if r.get("augment", "default") != "default" else "")
         default = r.get("test_default")
         lines.append(f"| {name} | {'selection' if r['phase'] == 'select' else r['phase']} | {r.get('steps', '-')} | "
                      f"{r.get('cpu_seconds', 0):.0f} | {r['val']:.3f} | {r['test']:.3f} | "
@@ -573,7 +639,9 @@ def write_card(key: str) -> Path:
     return path
 
 
-def report() -> int:
+def report(augment: str | None = None) -> int:
+    """Print every result and the summary line; ``augment``: where a task has final runs with
+    that augmentation preset, its shipped model is one of them."""
     rows = sorted(_all_rows(), key=lambda r: (r.get("task", ""), r.get("phase", "") != "select"))
     print("| task | phase | method | architecture | loss | steps | CPU s | val | test | settings |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -582,8 +650,9 @@ def report() -> int:
             print(f"| {r['task']} | {r['phase']} | {r['method']} | {r.get('architecture', '')} | "
                   f"{r.get('loss', '')} | - | - | - | - | {r['error'][:60]} |")
             continue
+        preset = "" if r.get("augment", "default") == "default" else ", " + r["augment"]
         print(f"| {r['task']} | {r['phase']} | {r['method']} | {r.get('architecture', '')} | "
-              f"{r.get('loss', '')} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
+              f"{r.get('loss', '')}{preset} | {r.get('steps', '')} | {r.get('cpu_seconds', 0):.0f} | "
               f"{r['val']:.3f} | {r['test']:.3f} | {r.get('settings', {})} |")
     final = {}
     for r in rows:  # the latest final result per (task, method)
@@ -594,7 +663,10 @@ def report() -> int:
                and r.get("phase", "").startswith("final")):
             rows_of_key = _rows(key)
             kept = next((r for r in rows_of_key if r["phase"] == "kept"), None)
-            final[(key, "ours")] = kept or shipped_candidate(rows_of_key)
+            chosen = [r for r in rows_of_key if r["method"] == "ours" and r["phase"].startswith("final")
+                      and r.get("augment", "default") == augment]
+            final[(key, "ours")] = (shipped_candidate(chosen) if augment and chosen
+                                    else kept or shipped_candidate(rows_of_key))
     metric = {k: final.get((k, "ours"), {}).get("test", float("nan")) for k in SPECS}
     beats_peer = sum(1 for k in SPECS if (k, "ours") in final and (k, "monai_basicunet") in final
                      and final[(k, "ours")]["test"] >= final[(k, "monai_basicunet")]["test"] + 0.02)

@@ -23,7 +23,7 @@ Training objects (objects cut by a split's border are counted as they are):
 
 Run::
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/set_object_size.py [--dry-run]
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/set_object_size.py [--dry-run] [--models NAME ...]
 """
 
 from __future__ import annotations
@@ -105,12 +105,16 @@ def update_card(path: Path, size: dict, postprocess: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print, do not write")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="only these shipped models (e.g. one just retrained); default: all")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if not DATA.is_dir():
         print(f"no data at {DATA}", file=sys.stderr)
         return 1
     for name, path in list_pretrained().items():
+        if args.models is not None and name not in args.models:
+            continue
         model = load_checkpoint(path)
         before = {k: v.clone() for k, v in model.network.state_dict().items()}
         labels, voxel_size, where = training_labels(name)

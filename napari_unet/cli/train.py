@@ -21,6 +21,7 @@ from napari_unet.cli.common import (
     _progress_bar,
 )
 from napari_unet.progress import drain
+from napari_unet.training.augment import PRESETS
 from napari_unet.training.config import TrainingStats
 
 # --- train ---------------------------------------------------------------------------------
@@ -137,6 +138,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="part of the annotations held out to keep the best weights (default: "
                              "automatic, with 2 or more corrected slices or images; 0 = off)")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--augment", choices=sorted(PRESETS), default="default",
+                        help="augmentation preset: default; robust (wider gamma and intensity, "
+                             "noise, blur, zoom 0.6-1.6 and for 3D a z scale: for models that must "
+                             "hold up on other microscopes; slower to converge); robust-intensity "
+                             "(robust without zoom and z scale)")
     parser.add_argument("--loss", choices=["bce_dice", "focal_dice", "tversky", "boundary_bce"],
                         default="bce_dice",
                         help="bce_dice (default); focal_dice: focal loss + Dice; tversky: BCE + "
@@ -286,6 +292,7 @@ def _run_train(args: argparse.Namespace) -> int:
     config = TrainingConfig(iterations=args.iterations, time_limit=args.time_limit,
                             learning_rate=args.learning_rate, batch_size=args.batch_size,
                             patch_shape=args.patch, augment=not args.no_augment,
+                            augment_settings=PRESETS[args.augment],
                             validation_fraction=args.validation_fraction, seed=args.seed,
                             device=args.device, precision=args.precision, freeze_norm=freeze,
                             loss=args.loss, accumulate_steps=args.accumulate,

@@ -1,16 +1,22 @@
 """Patch augmentation for training, 2D and 3D, numpy only and deterministic given a seed.
 
-Geometric transforms (flips, 90° rotations, elastic deformation) move the image and every
-label-like array (targets, annotation mask) together: the image is interpolated linearly, the
-others with nearest neighbour, so integer labels stay integers. Intensity transforms (scale,
-shift, gamma, noise) touch the image only.
+Geometric transforms (flips, 90° rotations, elastic deformation, zoom, z rescaling) move the
+image and every label-like array (targets, annotation mask) together: the image is interpolated
+linearly, the others with nearest neighbour, so integer labels stay integers. Intensity
+transforms (scale, shift, gamma, blur, noise) touch the image only.
 
-For anisotropic stacks (``anisotropic=True``) rotations stay in the y-x plane and the elastic
-field does not move voxels along z.
+For anisotropic stacks (``anisotropic=True``) rotations stay in the y-x plane, the elastic
+field does not move voxels along z and blur stays in-plane.
+
+:data:`ROBUST` is a stronger preset for training models that must hold up on other
+microscopes (issue 21): wider gamma and intensity scale, noise of random strength, Gaussian
+blur, zoom 0.6-1.6 per patch and, in 3D, a separate z scale (another z step). With the default
+:class:`AugmentSettings` no extra random numbers are drawn: runs are as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -34,7 +40,39 @@ class AugmentSettings:
     shift_range: tuple[float, float] = (-0.1, 0.1)
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_probability: float = 0.3
-    noise_sigma: float = 0.05
+    noise_sigma: float = 0.05  # largest noise standard deviation (drawn uniformly from 0 to it)
+    #: of the patches that get intensity changes, the share that also gets a gamma
+    gamma_probability: float = 0.5
+    blur_probability: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)  # Gaussian sigma in pixels, drawn uniformly
+    zoom_probability: float = 0.0
+    #: zoom factor (> 1: objects bigger), drawn log-uniformly, the same on every axis
+    zoom_range: tuple[float, float] = (0.6, 1.6)
+    anisotropy_probability: float = 0.0
+    #: 3D only: an extra zoom of z alone (another z step), drawn log-uniformly
+    anisotropy_range: tuple[float, float] = (0.5, 2.0)
+
+
+#: stronger augmentation for the shipped models (``bench_models.py --augment robust``,
+#: ``napari-unet train --augment robust``): they must hold up on other microscopes
+ROBUST = AugmentSettings(
+    intensity_probability=0.9, scale_range=(0.6, 1.6), shift_range=(-0.15, 0.25),
+    gamma_range=(0.4, 2.5), gamma_probability=0.6, noise_probability=0.5, noise_sigma=0.15,
+    blur_probability=0.25, blur_sigma=(0.5, 1.5), zoom_probability=0.5, zoom_range=(0.6, 1.6),
+    anisotropy_probability=0.3, anisotropy_range=(0.5, 2.0))
+
+#: :data:`ROBUST` without zoom and z scale: for models whose input is resampled to their
+#: training object size (``--object-size``), where the geometry needs no widening
+ROBUST_INTENSITY = dataclasses.replace(ROBUST, zoom_probability=0.0, anisotropy_probability=0.0)
+
+#: the presets by name (``default``: what fine-tuning uses)
+PRESETS = {"default": AugmentSettings(), "robust": ROBUST, "robust-intensity": ROBUST_INTENSITY}
+
+
+def preset_name(settings: AugmentSettings | None) -> str:
+    """The name of ``settings`` in :data:`PRESETS` (None: ``default``), else ``custom``."""
+    settings = settings or AugmentSettings()
+    return next((name for name, preset in PRESETS.items() if preset == settings), "custom")
 
 
 def _rot_planes(spatial_dims: int, anisotropic: bool) -> list[tuple[int, int]]:
@@ -127,9 +165,17 @@ def augment_patch(image: np.ndarray, others: Sequence[np.ndarray], start: Sequen
             a < 0 or s < 1 or a + s > n for a, s, n in zip(start, shape, spatial)):
         raise ValueError(f"patch at {start} of shape {shape} is not inside the image {spatial}")
 
-    if settings.elastic_probability > 0 and rng.random() < settings.elastic_probability:
-        image, others = _elastic_patch(image, others, start, shape, rng, settings,
-                                       fixed_z=anisotropic and spatial_dims == 3)
+    fixed_z = anisotropic and spatial_dims == 3
+    elastic = settings.elastic_probability > 0 and rng.random() < settings.elastic_probability
+    factors = _zoom_factors(rng, settings, spatial_dims)
+    if factors is not None:
+        displacement = None
+        if elastic:
+            displacement = elastic_displacement(shape, rng, settings.elastic_spacing,
+                                                settings.elastic_magnitude, fixed_z)
+        image, others = _resampled_patch(image, others, start, shape, factors, displacement)
+    elif elastic:
+        image, others = _elastic_patch(image, others, start, shape, rng, settings, fixed_z=fixed_z)
     else:
         region = tuple(slice(a, a + s) for a, s in zip(start, shape))
         image = image[region]
@@ -154,10 +200,66 @@ def augment_patch(image: np.ndarray, others: Sequence[np.ndarray], start: Sequen
     image = np.array(image, dtype=np.float32, order="C")  # a copy: the input is never touched
     if rng.random() < settings.intensity_probability:
         image = _intensity(image, rng, settings)
+    if settings.blur_probability > 0 and rng.random() < settings.blur_probability:
+        sigma = float(rng.uniform(*settings.blur_sigma))
+        image = ndi.gaussian_filter(image, [0.0 if fixed_z and axis == 0 else sigma
+                                            for axis in range(spatial_dims)], mode="reflect")
     if settings.noise_probability > 0 and rng.random() < settings.noise_probability:
         sigma = float(rng.uniform(0, settings.noise_sigma))
         image += sigma * rng.standard_normal(size=image.shape, dtype=np.float32)
     return image, [np.array(o, order="C") for o in others]
+
+
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]))))
+
+
+def _zoom_factors(rng: np.random.Generator, settings: AugmentSettings,
+                  spatial_dims: int) -> tuple[float, ...] | None:
+    """Per-axis zoom of this patch (> 1: objects bigger), or None when it is not zoomed. Draws
+    nothing when both zoom probabilities are 0."""
+    factors = [1.0] * spatial_dims
+    if settings.zoom_probability > 0 and rng.random() < settings.zoom_probability:
+        factors = [_log_uniform(rng, settings.zoom_range)] * spatial_dims
+    if (spatial_dims == 3 and settings.anisotropy_probability > 0
+            and rng.random() < settings.anisotropy_probability):
+        factors[0] *= _log_uniform(rng, settings.anisotropy_range)
+    return None if all(f == 1.0 for f in factors) else tuple(factors)
+
+
+def _mirror(position: np.ndarray, size: int) -> np.ndarray:
+    """Positions folded into ``0 .. size - 1`` by mirroring at the first and last voxel."""
+    if size == 1:
+        return np.zeros_like(position)
+    period = 2 * (size - 1)
+    folded = np.mod(position, period)
+    return np.where(folded > size - 1, period - folded, folded)
+
+
+def _resampled_patch(image: np.ndarray, others: list[np.ndarray], start: tuple[int, ...],
+                     shape: tuple[int, ...], factors: tuple[float, ...],
+                     displacement: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The patch at ``start`` zoomed by ``factors`` about its centre (and warped by
+    ``displacement``): the image linearly, the others with nearest neighbour, at the same points.
+    Points beyond the image are mirrored back into it; only their bounding box is read."""
+    dims = len(shape)
+    coords = np.empty((dims, *shape), dtype=np.float32)
+    for axis in range(dims):
+        centre = start[axis] + shape[axis] / 2
+        position = centre + (np.arange(shape[axis], dtype=np.float64) + 0.5 - shape[axis] / 2) \
+            / factors[axis] - 0.5
+        position = position.reshape([-1 if a == axis else 1 for a in range(dims)])
+        moved = position if displacement is None else displacement[axis] + position
+        coords[axis] = _mirror(np.broadcast_to(moved, shape), image.shape[axis])
+    lo = [int(np.floor(c.min())) for c in coords]
+    hi = [int(np.ceil(c.max())) + 1 for c in coords]
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    for axis in range(dims):
+        coords[axis] -= lo[axis]
+    warped = ndi.map_coordinates(np.asarray(image[crop], dtype=np.float32), coords, order=1,
+                                 mode="nearest", output=np.float32)
+    nearest = tuple(np.rint(c).astype(np.intp) for c in coords)
+    return warped, [o[(Ellipsis, *crop)][(Ellipsis, *nearest)] for o in others]
 
 
 def _elastic_patch(image: np.ndarray, others: list[np.ndarray], start: tuple[int, ...],
@@ -221,8 +323,8 @@ def _spline_matrix(coarse: int, size: int) -> np.ndarray:
 def _intensity(image: np.ndarray, rng: np.random.Generator, settings: AugmentSettings) -> np.ndarray:
     low, high = float(image.min()), float(image.max())
     span = high - low
-    if span > 0 and rng.random() < 0.5:
-        gamma = float(np.exp(rng.uniform(np.log(settings.gamma_range[0]), np.log(settings.gamma_range[1]))))
+    if span > 0 and rng.random() < settings.gamma_probability:
+        gamma = _log_uniform(rng, settings.gamma_range)
         image = ((image - low) / span) ** gamma * span + low
     scale = float(rng.uniform(*settings.scale_range))
     shift = float(rng.uniform(*settings.shift_range))

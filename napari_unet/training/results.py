@@ -11,6 +11,7 @@ import torch
 
 from napari_unet.model.checkpoint import SegmentationModel
 from napari_unet.model.unet import UNet
+from napari_unet.training.augment import preset_name
 
 if TYPE_CHECKING:
     from napari_unet.training.trainer import Trainer
@@ -72,6 +73,7 @@ def build_result(trainer: Trainer, state: dict[str, torch.Tensor], final: bool) 
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "patch_shape": [int(p) for p in trainer.patch_shape],
         "augment": bool(config.augment),
+        "augment_preset": preset_name(config.augment_settings) if config.augment else None,
         "device": trainer.device.type,
         "data": copy.deepcopy(trainer._summary),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

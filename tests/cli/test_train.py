@@ -139,3 +139,15 @@ def test_train_tunes_and_stores_post_processing(tmp_path, capsys):
                        "--dims", "2", "--task", "foreground_boundary", *TINY, "--no-tune", "-o", plain)
     assert code == 0 and "tuned" not in out
     assert load_checkpoint(plain).postprocess == {}
+
+
+def test_train_with_the_robust_augmentation_preset(data, tmp_path, capsys):
+    out_path = tmp_path / "robust.pt"
+    code, out, _ = run(capsys, "train", "--image", data["image"], "--labels", data["labels"], "--dims", "2",
+                       *TINY, "--augment", "robust", "-o", out_path)
+    assert code == 0 and "wrote" in out
+    assert load_checkpoint(out_path).history[-1]["augment_preset"] == "robust"
+    plain = tmp_path / "plain.pt"
+    assert run(capsys, "train", "--image", data["image"], "--labels", data["labels"], "--dims", "2",
+               *TINY, "-o", plain)[0] == 0
+    assert load_checkpoint(plain).history[-1]["augment_preset"] == "default"

@@ -167,3 +167,123 @@ def test_augment_patch_rejects_a_patch_outside_the_image():
     from napari_unet.training.augment import augment_patch
     with pytest.raises(ValueError, match="not inside"):
         augment_patch(np.zeros((20, 20)), [], (10, 0), (16, 16), np.random.default_rng(0), spatial_dims=2)
+
+
+# -- the robust preset: zoom, z rescaling, blur, wider intensity changes ------------------------
+
+ZOOM_ONLY = AugmentSettings(flips=False, rotations=False, elastic_probability=0.0,
+                            intensity_probability=0.0, noise_probability=0.0, zoom_probability=1.0)
+
+
+def test_default_settings_draw_no_zoom_and_the_default_preset_is_the_default():
+    from napari_unet.training.augment import PRESETS, ROBUST, _zoom_factors
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert _zoom_factors(rng, AugmentSettings(), 3) is None
+    assert rng.bit_generator.state == state  # fine-tuning runs draw the same numbers as before
+    assert PRESETS["default"] == AugmentSettings() and PRESETS["robust"] is ROBUST
+    assert ROBUST.gamma_range[0] <= 0.5 and ROBUST.gamma_range[1] >= 2.0
+    from napari_unet.training.augment import preset_name
+    assert preset_name(None) == "default" and preset_name(ROBUST) == "robust"
+    assert preset_name(AugmentSettings(noise_sigma=0.2)) == "custom"
+    intensity = PRESETS["robust-intensity"]
+    assert intensity.gamma_range == ROBUST.gamma_range and intensity.noise_sigma == ROBUST.noise_sigma
+    assert _zoom_factors(np.random.default_rng(0), intensity, 3) is None  # no geometry widening
+
+
+@pytest.mark.parametrize("shape,patch,start", [((60, 70), (24, 24), (18, 23)),
+                                               ((60, 70), (24, 24), (0, 46)),  # at a corner
+                                               ((20, 50, 50), (8, 16, 16), (6, 17, 17))])
+def test_zoom_moves_image_labels_and_mask_together(shape, patch, start):
+    from napari_unet.training.augment import augment_patch
+    grid, image, weights = _coordinate_arrays(shape)
+    mask = (grid.sum(axis=0) % 3) == 0
+    spans = []
+    for seed in range(12):
+        out, (coords, moved_mask) = augment_patch(image, [grid, mask], start, patch,
+                                                  np.random.default_rng(seed), spatial_dims=len(shape),
+                                                  settings=ZOOM_ONLY)
+        assert out.shape == patch and out.dtype == np.float32 and coords.dtype == np.int32
+        assert np.array_equal(moved_mask, mask[tuple(coords)])
+        expected = (coords * weights.reshape((-1,) + (1,) * len(shape))).sum(axis=0)
+        assert np.abs(out - expected).max() <= 0.5 * weights.sum() + 1e-3
+        for axis, n in enumerate(shape):
+            assert 0 <= coords[axis].min() and coords[axis].max() < n  # mirrored into the image
+        # the same zoom on every axis: the patch covers patch / factor source voxels
+        last = coords[-1][(0,) * (len(shape) - 1)]
+        spans.append(abs(int(last[-1]) - int(last[0])) + 1)
+    if start[-1] + patch[-1] < shape[-1]:  # not folded back at the image's edge
+        assert min(spans) < patch[-1] * 0.85 and max(spans) > patch[-1] * 1.2  # in and out
+        assert max(spans) <= patch[-1] / 0.6 + 2
+
+
+def test_anisotropy_rescales_z_alone():
+    from napari_unet.training.augment import augment_patch
+    shape, patch, start = (40, 30, 30), (8, 16, 16), (16, 7, 7)
+    grid, image, _ = _coordinate_arrays(shape)
+    settings = AugmentSettings(flips=False, rotations=False, elastic_probability=0.0,
+                               intensity_probability=0.0, noise_probability=0.0,
+                               anisotropy_probability=1.0, anisotropy_range=(0.5, 2.0))
+    z_spans = set()
+    for seed in range(10):
+        _, (coords,) = augment_patch(image, [grid], start, patch, np.random.default_rng(seed),
+                                     spatial_dims=3, anisotropic=True, settings=settings)
+        # y and x are the patch's own; every z plane of the output is one source plane
+        assert np.array_equal(coords[1], grid[1][start[0]:start[0] + 8, 7:23, 7:23])
+        assert np.array_equal(coords[2], grid[2][start[0]:start[0] + 8, 7:23, 7:23])
+        assert all(len(np.unique(coords[0][z])) == 1 for z in range(patch[0]))
+        z_spans.add(int(coords[0].max() - coords[0].min()) + 1)
+    assert min(z_spans) < 8 < max(z_spans)
+    # 2D patches have no z to rescale
+    out, (coords,) = augment_patch(image[0], [grid[1:, 0]], (7, 7), (16, 16), np.random.default_rng(0),
+                                   spatial_dims=2, settings=settings)
+    assert np.array_equal(coords, grid[1:, 0, 7:23, 7:23])
+
+
+def test_blur_smooths_the_image_and_stays_in_plane_for_anisotropic_stacks():
+    settings = AugmentSettings(flips=False, rotations=False, elastic_probability=0.0,
+                               intensity_probability=0.0, noise_probability=0.0, blur_probability=1.0)
+    rng = np.random.default_rng(0)
+    noise = rng.random((6, 24, 24), dtype=np.float32)
+    labels = (noise > 0.5).astype(np.uint8)
+    out, (lab,) = augment(noise, [labels], np.random.default_rng(1), spatial_dims=3, settings=settings)
+    assert out.std() < 0.6 * noise.std() and np.array_equal(lab, labels)
+    planes = np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 24, 24)).copy()
+    out, _ = augment(planes, [], np.random.default_rng(1), spatial_dims=3, anisotropic=True,
+                     settings=settings)
+    np.testing.assert_allclose(out, planes, atol=1e-5)  # no mixing of z slices
+
+
+def test_robust_preset_is_deterministic_and_keeps_labels_integer():
+    from napari_unet.training.augment import ROBUST, augment_patch
+    rng = np.random.default_rng(0)
+    image = rng.random((20, 40, 40), dtype=np.float32)
+    labels = rng.integers(0, 9, size=image.shape).astype(np.uint16)
+    for seed in range(8):
+        a = augment_patch(image, [labels], (4, 5, 6), (8, 24, 24), np.random.default_rng(seed),
+                          spatial_dims=3, anisotropic=seed % 2 == 0, settings=ROBUST)
+        b = augment_patch(image, [labels], (4, 5, 6), (8, 24, 24), np.random.default_rng(seed),
+                          spatial_dims=3, anisotropic=seed % 2 == 0, settings=ROBUST)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1][0], b[1][0])
+        assert a[0].shape == (8, 24, 24) and a[1][0].dtype == np.uint16
+        assert set(np.unique(a[1][0])) <= set(range(9))
+
+
+def test_robust_preset_covers_a_wider_intensity_range_than_the_default():
+    from napari_unet.training.augment import ROBUST
+    # a background (0.1) with a few darker pixels and a bright square (0.9), as after percentile
+    # normalisation: the background level after augmentation
+    image = np.full((32, 32), 0.1, np.float32)
+    image[0, :4] = 0.0
+    image[8:24, 8:24] = 0.9
+    geometry_off = dict(flips=False, rotations=False, elastic_probability=0.0)
+
+    def background_levels(settings):
+        return np.array([np.median(augment(image, [], np.random.default_rng(s), spatial_dims=2,
+                                           settings=settings)[0][:4]) for s in range(300)])
+
+    default = background_levels(AugmentSettings(**geometry_off))
+    robust = background_levels(AugmentSettings(**{**ROBUST.__dict__, **geometry_off,
+                                                   "zoom_probability": 0.0, "blur_probability": 0.0}))
+    assert robust.max() > default.max() + 0.1  # e.g. gamma 0.5 lifts the background
+    assert np.percentile(robust, 95) > max(0.35, np.percentile(default, 95) + 0.05)
