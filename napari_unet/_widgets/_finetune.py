@@ -153,7 +153,8 @@ class FineTuneWidget(LayerChoices, QWidget):
         self.save_button = button("Save model…", "Write the selected/new model to a .pt file",
                                   self._choose_save_path)
         layout.addWidget(row(self.revert_button, self.save_button))
-        self.live = LivePanel(self, layout)  # Live mode: trains while you paint (see _live)
+        # Live mode (trains while you paint, see _live): in the scrolling part below
+        self.live = LivePanel(self)
 
         self.progress_bar = ProgressBar()
         self.progress_bar.setRange(0, 1000)
@@ -170,7 +171,7 @@ class FineTuneWidget(LayerChoices, QWidget):
         # the free space goes to the status lines, which scroll: a status that wraps to more
         # lines moves nothing above it (no relayout of the whole dock) and, in a narrow and short
         # dock, does not squeeze the form
-        layout.addWidget(scrolled(self.weights_label, self.status), 1)
+        layout.addWidget(scrolled(self.live, self.weights_label, self.status), 1)
 
         # the view (status, progress, loss curve) is redrawn by this timer, not per iteration;
         # it ticks twice per PLOT_INTERVAL: the dock, then napari's activity bar (see _refresh_view)

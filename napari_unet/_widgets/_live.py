@@ -85,7 +85,7 @@ def shown(job: Generator[Any, None, Any], live_layer: LiveLayer) -> Generator[An
 class LivePanel(LiveEventsMixin, QGroupBox):
     """The Live group of the Fine-tune dock: Live toggle, Apply, display, score and clock."""
 
-    def __init__(self, dock: Any, layout: QVBoxLayout):
+    def __init__(self, dock: Any, layout: QVBoxLayout | None = None):
         super().__init__("Live")
         self.dock = dock
         self.viewer = dock.viewer
@@ -139,7 +139,8 @@ class LivePanel(LiveEventsMixin, QGroupBox):
         box.addWidget(self.apply_progress)
         self.apply_status = status_label("")
         box.addWidget(self.apply_status)
-        layout.addWidget(self)
+        if layout is not None:
+            layout.addWidget(self)
 
         self.live_layer = LiveLayer(self.viewer)
         self.display_combo.currentTextChanged.connect(self.live_layer.set_display)

@@ -115,6 +115,21 @@ def test_docks_leave_the_canvas_most_of_a_narrow_window(make_napari_viewer, qtbo
         assert dock.parent().width() >= dock.minimumSizeHint().width(), name
 
 
+def test_the_window_fits_a_1080p_screen(make_napari_viewer, registry):
+    """Tabbed docks share the tallest one's minimum height, and napari's window cannot be
+    shorter: the Fine-tune dock's Live group scrolls with its status lines (it made the window
+    at least 1182 px tall)."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_unet._widgets._launch import launch
+
+    viewer = make_napari_viewer(show=True)
+    launch(None, viewer=viewer, sample="nuclei_3d", show=False)
+    for _ in range(10):
+        QApplication.processEvents()
+    assert viewer.window._qt_window.minimumSizeHint().height() < 1000
+
+
 def test_sample_segment_measurements_csv(make_napari_viewer, qtbot, registry, tmp_path):
     """A new user's path: sample -> Segment -> the Measurements tab fills in -> CSV."""
     from napari_unet._widgets._launch import launch
