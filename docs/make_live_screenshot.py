@@ -13,41 +13,20 @@ Writes docs/live.png (< 300 KB).
 from __future__ import annotations
 
 import argparse
-import time
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from make_screenshots import private_folders, wait, write_png  # docs/ is on sys.path when run as a script
 
 OUT = Path(__file__).resolve().parent / "live.png"
-MAX_BYTES = 300_000
 #: the label id the simulated user paints background with (empty start)
 BACKGROUND = 200
 
 
-def wait(app, condition, timeout: float) -> bool:
-    end = time.perf_counter() + timeout
-    while not condition() and time.perf_counter() < end:
-        app.processEvents()
-        time.sleep(0.01)
-    return condition()
-
-
 def save(viewer, app, path: Path) -> Path:
-    from PIL import Image
-
     wait(app, lambda: False, 0.5)
-    array = viewer.screenshot(canvas_only=False, flash=False)
-    image = Image.fromarray(array[..., :3])
-    scale = 1.0
-    while True:
-        size = (int(image.width * scale), int(image.height * scale))
-        image.resize(size, Image.LANCZOS).quantize(colors=128).save(path, optimize=True)
-        if path.stat().st_size < MAX_BYTES or scale < 0.4:
-            break
-        scale *= 0.85
-    print(f"{path} {path.stat().st_size // 1000} KB")
-    return path
+    return write_png(viewer, path)
 
 
 def paint_objects(layer, truth: np.ndarray, ids: list[int]) -> None:
@@ -72,14 +51,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds of live training")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    import os
-    import tempfile
-
-    # the run's journals and settings stay out of the user's own folders (no restore question
-    # about this run's labels next time napari-unet opens the sample)
-    scratch = tempfile.mkdtemp(prefix="napari-unet-screenshot-")
-    os.environ["NAPARI_UNET_CACHE_DIR"] = os.path.join(scratch, "cache")
-    os.environ["NAPARI_UNET_CONFIG_DIR"] = os.path.join(scratch, "config")
+    private_folders()
 
     import tifffile
     from qtpy.QtWidgets import QApplication

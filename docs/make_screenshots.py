@@ -9,6 +9,8 @@ Opens the window as ``napari-unet gui`` does (the docks tabbed, the canvas the l
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -27,25 +29,20 @@ MEASURE_DOCK_WIDTH = 560
 FINETUNE_SECONDS = 20
 
 
-def wait(app, condition, timeout: float) -> None:
+def wait(app, condition, timeout: float) -> bool:
+    """Run the event loop until ``condition()`` or ``timeout`` seconds; the condition's value."""
     end = time.perf_counter() + timeout
     while not condition() and time.perf_counter() < end:
         app.processEvents()
         time.sleep(0.01)
+    return condition()
 
 
-def save(viewer, app, name: str) -> Path:
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
+def write_png(viewer, path: Path) -> Path:
+    """The whole window as a 128-colour PNG at ``path``, scaled down until < MAX_BYTES."""
     from PIL import Image
 
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # napari's start-up warnings (e.g. PyQt5 deprecated) hide the canvas
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.02)
-    path = OUT / f"{name}.png"
-    array = viewer.screenshot(canvas_only=False, flash=False)
-    image = Image.fromarray(array[..., :3])
+    image = Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)[..., :3])
     scale = 1.0
     while True:
         size = (int(image.width * scale), int(image.height * scale))
@@ -57,12 +54,33 @@ def save(viewer, app, name: str) -> Path:
     return path
 
 
+def save(viewer, app, name: str) -> Path:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # napari's start-up warnings (e.g. PyQt5 deprecated) hide the canvas
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.02)
+    return write_png(viewer, OUT / f"{name}.png")
+
+
+def private_folders() -> None:
+    """This run's journals and settings go to a temporary folder, not the user's: no restore
+    question (a modal dialog that would stop the script) about an earlier run's labels, and
+    nothing of this run left for the user's next session."""
+    scratch = tempfile.mkdtemp(prefix="napari-unet-screenshot-")
+    os.environ["NAPARI_UNET_CACHE_DIR"] = os.path.join(scratch, "cache")
+    os.environ["NAPARI_UNET_CONFIG_DIR"] = os.path.join(scratch, "config")
+
+
 def show(dock) -> None:
     """Bring a tabbed dock to the front."""
     dock.parent().raise_()
 
 
 def main() -> None:
+    private_folders()
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
 
